@@ -1,0 +1,110 @@
+"""`embedding-client`: look up vectors, list tables and check health from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from embedding_client.client import DEFAULT_TARGET, EmbeddingClient, EmbeddingError
+from embedding_client.codec import DTYPE_NAMES
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedding-client", description="Talk to an embedding lookup server."
+    )
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (%(default)s)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    lookup = commands.add_parser("lookup", help="look up the vectors of some ids")
+    lookup.add_argument("--ids", type=_int_list, required=True, help="e.g. 0,2,1,2")
+    lookup.add_argument("--shape", type=_int_list, help="shape of the ids, e.g. 2,2")
+    lookup.add_argument("--table", help="table name (default: the server's default table)")
+    lookup.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    lookup.add_argument("--dense", action="store_true", help="use LookupDense (one-hot matmul)")
+    lookup.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    commands.add_parser("tables", help="list the server's tables")
+    health = commands.add_parser("health", help="grpc.health.v1 status (exit 0 when SERVING)")
+    health.add_argument("--service", default="", help="service name ('' for the whole server)")
+    return parser
+
+
+def _lookup(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    ids = np.asarray(args.ids, dtype=np.int64)
+    if args.shape is not None:
+        if int(np.prod(args.shape)) != ids.size:
+            print(f"error: --shape {args.shape} does not hold {ids.size} ids", file=sys.stderr)
+            return 2
+        ids = ids.reshape(args.shape)
+    result = client.lookup_result(ids, args.table, args.dtype, dense=args.dense)
+    vectors = result.vectors.astype(np.float32)
+    if args.json:
+        payload = {
+            "table": result.table,
+            "version": result.version,
+            "dtype": args.dtype,
+            "shape": list(result.vectors.shape),
+            "vectors": vectors.tolist(),
+        }
+        print(json.dumps(payload))
+        return 0
+    method = "LookupDense" if args.dense else "Lookup"
+    print(
+        f"{method} table={result.table} version={result.version} "
+        f"shape={tuple(result.vectors.shape)} dtype={args.dtype}"
+    )
+    with np.printoptions(precision=6, suppress=True, threshold=1000, linewidth=120):
+        print(vectors)
+    return 0
+
+
+def _tables(client: EmbeddingClient) -> int:
+    header = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "default")
+    rows = [
+        (t.name, t.rows, t.dim, t.dtype, t.device, t.version, t.bytes, "*" if t.is_default else "")
+        for t in client.tables()
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)
+            ).rstrip()
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `embedding-client` command; exit 1 on a failed call."""
+    args = build_parser().parse_args(argv)
+    try:
+        with EmbeddingClient(args.target, timeout=args.timeout) as client:
+            if args.command == "lookup":
+                return _lookup(client, args)
+            if args.command == "tables":
+                return _tables(client)
+            status = client.health(args.service)
+            print(status)
+            return 0 if status == "SERVING" else 1
+    except EmbeddingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Python clients for the embedding lookup service: blocking and asyncio.
+
+Both share request building and response decoding with the server through
+`embedding_client.codec`, retry UNAVAILABLE through gRPC's service config, allow
+large messages, and raise one exception type, `EmbeddingError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedding_client import codec
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.proto import embedding_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_TIMEOUT_S = 30.0
+# 64k ids x 256 dims of float32 is 64 MiB, far over gRPC's 4 MiB default.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+
+
+class EmbeddingError(Exception):
+    """A failed call: the gRPC status code and the server's message.
+
+    Attributes
+    ----------
+    code : grpc.StatusCode
+        INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ...
+    details : str
+        What went wrong, in words a person can act on.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> EmbeddingError:
+        """Convert a grpc.RpcError (sync or aio) into an EmbeddingError."""
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One table the server holds."""
+
+    name: str
+    rows: int
+    dim: int
+    dtype: str
+    device: str
+    version: int
+    bytes: int
+    is_default: bool
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """Vectors with the table and table version that produced them."""
+
+    vectors: np.ndarray
+    table: str
+    version: int
+
+
+def _service_config(max_attempts: int) -> str:
+    retry = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    methods = [{"name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}]}]
+    config: dict[str, Any] = {"methodConfig": [dict(methods[0], retryPolicy=retry)]}
+    return json.dumps(config)
+
+
+def _channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+    ]
+    if max_attempts > 1:
+        options.append(("grpc.service_config", _service_config(max_attempts)))
+    return options
+
+
+def _lookup_request(ids: Any, table: str | None, dtype: str) -> pb.LookupRequest:
+    try:
+        return codec.encode_lookup_request(ids, table, dtype)
+    except codec.WireError as exc:
+        raise EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
+def _lookup_result(response: pb.LookupResponse) -> LookupResult:
+    try:
+        vectors = codec.decode_vectors(response)
+    except codec.WireError as exc:
+        raise EmbeddingError(grpc.StatusCode.INTERNAL, str(exc)) from None
+    return LookupResult(vectors=vectors, table=response.table, version=response.table_version)
+
+
+def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
+    return [
+        TableInfo(
+            name=t.name,
+            rows=t.rows,
+            dim=t.dim,
+            dtype=codec.dtype_name(t.dtype),
+            device=t.device,
+            version=t.version,
+            bytes=t.bytes,
+            is_default=t.is_default,
+        )
+        for t in response.tables
+    ]
+
+
+class _ClientBase:
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None,
+        max_attempts: int,
+        max_message_bytes: int,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._options = _channel_options(max_message_bytes, max_attempts)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+class EmbeddingClient(_ClientBase):
+    """Blocking client for the embedding lookup service.
+
+    Parameters
+    ----------
+    target : str
+        ``host:port`` of the server.
+    timeout : float or None
+        Default deadline of each call in seconds (None: no deadline).
+    max_attempts : int
+        Attempts per call when the server is UNAVAILABLE (1 turns retries off);
+        gRPC backs off exponentially between them.
+    max_message_bytes : int
+        Largest request or response accepted, in bytes.
+
+    Examples
+    --------
+    >>> with EmbeddingClient("localhost:50051") as client:
+    ...     vectors = client.lookup([[0, 2], [1, 2]])  # shape (2, 2, dim)
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        max_attempts: int = 5,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(target, timeout, max_attempts, max_message_bytes)
+        self._channel = grpc.insecure_channel(target, options=self._options)
+        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def lookup(
+        self,
+        ids: Any,
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Look up the vectors of `ids` through the gather path.
+
+        Parameters
+        ----------
+        ids : list, nested list, numpy array or torch tensor of ints, any shape
+        table : str, optional
+            Table name; the server's default table when omitted.
+        dtype : {"float32", "float16", "bfloat16"}
+            Element type of the returned vectors.
+        timeout : float, optional
+            Deadline for this call in seconds, instead of the client's default.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``ids.shape + (dim,)``; a read-only view of the response bytes
+            (``.copy()`` it to write).
+
+        Raises
+        ------
+        EmbeddingError
+            With the gRPC status code and the server's message.
+        """
+        return self.lookup_result(ids, table, dtype, timeout=timeout).vectors
+
+    def lookup_dense(
+        self,
+        ids: Any,
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Like `lookup`, computed as ``one_hot(ids, rows) @ table`` (the debug path)."""
+        return self.lookup_result(ids, table, dtype, dense=True, timeout=timeout).vectors
+
+    def lookup_result(
+        self,
+        ids: Any,
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        dense: bool = False,
+        timeout: float | None = None,
+    ) -> LookupResult:
+        """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
+        request = _lookup_request(ids, table, dtype)
+        method = self._stub.LookupDense if dense else self._stub.Lookup
+        try:
+            response = method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return _lookup_result(response)
+
+    def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
+        """List the server's tables with rows, dim, dtype, device, version and bytes."""
+        try:
+            response = self._stub.ListTables(pb.ListTablesRequest(), timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return _table_infos(response)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = self._health.Check(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        self._channel.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncEmbeddingClient(_ClientBase):
+    """asyncio client for the embedding lookup service; the same API as `EmbeddingClient`.
+
+    Examples
+    --------
+    >>> async with AsyncEmbeddingClient("localhost:50051") as client:
+    ...     vectors = await client.lookup([0, 2, 1, 2])
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        max_attempts: int = 5,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(target, timeout, max_attempts, max_message_bytes)
+        self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def lookup(
+        self,
+        ids: Any,
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Look up the vectors of `ids` through the gather path (see `EmbeddingClient.lookup`)."""
+        return (await self.lookup_result(ids, table, dtype, timeout=timeout)).vectors
+
+    async def lookup_dense(
+        self,
+        ids: Any,
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Like `lookup`, computed as ``one_hot(ids, rows) @ table`` (the debug path)."""
+        result = await self.lookup_result(ids, table, dtype, dense=True, timeout=timeout)
+        return result.vectors
+
+    async def lookup_result(
+        self,
+        ids: Any,
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        dense: bool = False,
+        timeout: float | None = None,
+    ) -> LookupResult:
+        """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
+        request = _lookup_request(ids, table, dtype)
+        method = self._stub.LookupDense if dense else self._stub.Lookup
+        try:
+            response = await method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return _lookup_result(response)
+
+    async def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
+        """List the server's tables with rows, dim, dtype, device, version and bytes."""
+        try:
+            response = await self._stub.ListTables(
+                pb.ListTablesRequest(), timeout=self._timeout(timeout)
+            )
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return _table_infos(response)
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = await self._health.Check(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    async def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncEmbeddingClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,157 @@
+"""The wire format, shared by client and server: ids and vectors <-> protobuf bytes.
+
+Ids travel as raw little-endian int64 (or a packed repeated int64), vectors as one
+raw row-major buffer with its dtype and shape. Everything here is numpy-only, so
+the client never needs torch, and both sides agree on bytes, dtypes and shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from embedding_client.proto import embedding_pb2 as pb
+
+ID_DTYPE = np.dtype("<i8")
+MAX_ID_DIMS = 16
+
+# Wire dtype enum <-> numpy dtype (little-endian). bfloat16 comes from ml_dtypes,
+# the numpy extension JAX and TensorFlow use for it.
+_NUMPY_DTYPES: dict[pb.DType, np.dtype[Any]] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+}
+_DTYPE_NAMES: dict[pb.DType, str] = {
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT16: "float16",
+    pb.DTYPE_BFLOAT16: "bfloat16",
+}
+DTYPE_NAMES = tuple(_DTYPE_NAMES.values())
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format (bad bytes, shape or dtype)."""
+
+
+def dtype_to_wire(name: str) -> pb.DType:
+    """Map a dtype name ("float32", "float16", "bfloat16") to its wire enum value."""
+    for value, known in _DTYPE_NAMES.items():
+        if known == name:
+            return value
+    raise WireError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
+
+
+def dtype_name(value: int) -> str:
+    """Map a wire dtype enum value to its name; unspecified means float32."""
+    if value == pb.DTYPE_UNSPECIFIED:
+        return "float32"
+    try:
+        return _DTYPE_NAMES[value]
+    except KeyError:
+        raise WireError(
+            f"unknown dtype enum value {value}: expected one of "
+            + ", ".join(f"{v} ({n})" for v, n in _DTYPE_NAMES.items())
+        ) from None
+
+
+def numpy_dtype(value: int) -> np.dtype[Any]:
+    """The numpy dtype of vectors sent with wire dtype `value`."""
+    return _NUMPY_DTYPES[dtype_to_wire(dtype_name(value))]
+
+
+def as_id_array(ids: Any) -> np.ndarray:
+    """Turn a list, nested list, numpy array or torch tensor of ints into int64 ids.
+
+    Torch tensors are accepted without importing torch (through `.numpy()`).
+    Raises WireError for non-integer or ragged input and for values that do not
+    fit in int64.
+    """
+    if type(ids).__module__.split(".")[0] == "torch":
+        ids = ids.detach().cpu().numpy()
+    try:
+        array = np.asarray(ids)
+    except ValueError as exc:  # ragged nested lists
+        raise WireError(f"ids must form a rectangular array: {exc}") from None
+    if array.size == 0 and array.dtype.kind == "f":
+        array = array.astype(ID_DTYPE)  # np.asarray([]) is float64
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(ID_DTYPE).max:
+        raise WireError("ids must fit in int64")
+    if array.dtype.kind not in "iu":
+        raise WireError(f"ids must be integers, got dtype {array.dtype}")
+    if array.ndim > MAX_ID_DIMS:
+        raise WireError(f"ids have {array.ndim} dimensions; at most {MAX_ID_DIMS} are supported")
+    return np.ascontiguousarray(array, dtype=ID_DTYPE)
+
+
+def encode_lookup_request(ids: Any, table: str | None, dtype: str) -> pb.LookupRequest:
+    """Build a LookupRequest carrying `ids` as raw bytes plus their exact shape."""
+    array = as_id_array(ids)
+    return pb.LookupRequest(
+        table=table or "",
+        ids=array.tobytes(),
+        ids_shape=pb.Shape(dims=array.shape),
+        dtype=dtype_to_wire(dtype),
+    )
+
+
+def decode_ids(request: pb.LookupRequest) -> np.ndarray:
+    """The request's ids as an int64 array of their declared shape (zero-copy for bytes).
+
+    Raises WireError for a byte length that is not a multiple of 8, both id fields
+    set, or a shape that does not match the number of ids.
+    """
+    if request.ids and request.ids_list:
+        raise WireError("set either ids (bytes) or ids_list, not both")
+    if request.ids:
+        if len(request.ids) % ID_DTYPE.itemsize:
+            raise WireError(
+                f"ids is {len(request.ids)} bytes, not a multiple of 8 "
+                "(ids are little-endian int64)"
+            )
+        flat = np.frombuffer(request.ids, dtype=ID_DTYPE)
+    else:
+        flat = np.asarray(request.ids_list, dtype=ID_DTYPE)
+    if not request.HasField("ids_shape"):
+        return flat
+    dims = tuple(request.ids_shape.dims)
+    if len(dims) > MAX_ID_DIMS:
+        raise WireError(f"ids_shape has {len(dims)} dims; at most {MAX_ID_DIMS} are supported")
+    if any(d < 0 for d in dims):
+        raise WireError(f"ids_shape {list(dims)} has a negative dimension")
+    count = 1
+    for d in dims:
+        count *= d  # Python ints: no overflow on huge shapes
+    if count != flat.size:
+        raise WireError(f"ids_shape {list(dims)} holds {count} ids but {flat.size} were sent")
+    return flat.reshape(dims)
+
+
+def encode_lookup_response(
+    vectors: bytes, dtype: str, shape: tuple[int, ...], table: str, version: int
+) -> pb.LookupResponse:
+    """Wrap raw row-major vector bytes into a LookupResponse."""
+    return pb.LookupResponse(
+        vectors=vectors,
+        dtype=dtype_to_wire(dtype),
+        shape=shape,
+        table=table,
+        table_version=version,
+    )
+
+
+def decode_vectors(response: pb.LookupResponse) -> np.ndarray:
+    """The response's vectors as a read-only numpy view of its bytes (no copy)."""
+    dtype = numpy_dtype(response.dtype)
+    shape = tuple(response.shape)
+    expected = dtype.itemsize
+    for d in shape:
+        expected *= d
+    if len(response.vectors) != expected:
+        raise WireError(
+            f"response holds {len(response.vectors)} bytes; shape {list(shape)} of "
+            f"{dtype_name(response.dtype)} needs {expected}"
+        )
+    return np.frombuffer(response.vectors, dtype=dtype).reshape(shape)

@@ -1,0 +1,204 @@
+"""Server configuration: one typed object built from CLI flags and their environment twins.
+
+Every flag `--some-flag` has a twin `EMBEDDING_SOME_FLAG`; a flag given on the command
+line wins over its environment variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "EMBEDDING_"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table to load: `NAME=PATH` or `NAME=PATH:KEY` (KEY: a tensor inside a checkpoint)."""
+
+    name: str
+    path: Path
+    key: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TableSpec:
+        name, sep, location = text.partition("=")
+        name = name.strip()
+        if not sep or not name or not location:
+            raise ValueError(f"table {text!r} is not NAME=PATH or NAME=PATH:KEY")
+        if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"table name {name!r} may hold only letters, digits, '_', '-', '.'")
+        path, key = Path(location), None
+        # PATH:KEY only when PATH itself is not a file: paths may contain ':'.
+        if not path.exists() and ":" in location:
+            head, _, tail = location.rpartition(":")
+            path, key = Path(head), tail or None
+        return cls(name=name, path=path, key=key)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.path}" + (f":{self.key}" if self.key else "")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to start, with the defaults a fresh machine runs with."""
+
+    tables: tuple[TableSpec, ...] = ()
+    device: str = "auto"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8000
+    max_ids: int = 262_144
+    max_dense_macs: int = 16_000_000_000
+    dense_chunk_cells: int = 16_777_216
+    max_message_bytes: int = 1 << 30
+    workers: int = 16
+    grace_s: float = 10.0
+    demo_rows: int = 100_000
+    demo_dim: int = 128
+    demo_seed: int = 0
+    log_level: str = "INFO"
+
+    def describe(self) -> list[str]:
+        """One `name = value` line per setting, for the start-up log."""
+        lines = []
+        for name, value in asdict(self).items():
+            if name == "tables":
+                value = ", ".join(str(t) for t in self.tables) or "(none: seeded demo table)"
+            lines.append(f"{name} = {value}")
+        return lines
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.replace("_", ""))
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (
+        text.startswith("cuda:") and text.removeprefix("cuda:").isdigit()
+    ):
+        return text
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _tables(text: str) -> tuple[TableSpec, ...]:
+    return tuple(TableSpec.parse(part) for part in text.split(",") if part.strip())
+
+
+# (flag, field, type, help). The env twin of `--some-flag` is EMBEDDING_SOME_FLAG.
+_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--device", "device", _device, "where tables live: auto (CUDA if present), cpu, cuda, cuda:N"),
+    ("--host", "host", str, "address the gRPC server binds"),
+    ("--port", "port", _port, "gRPC port (0 picks a free one)"),
+    ("--metrics-host", "metrics_host", str, "address the Prometheus endpoint binds"),
+    ("--metrics-port", "metrics_port", _port, "Prometheus /metrics port (0 picks a free one)"),
+    ("--max-ids", "max_ids", _positive_int, "most ids one request may carry"),
+    ("--max-dense-macs", "max_dense_macs", _positive_int,
+     "most multiply-adds (ids x rows x dim) one LookupDense call may cost"),
+    ("--dense-chunk-cells", "dense_chunk_cells", _positive_int,
+     "one-hot cells (ids x rows) materialised at once on the dense path"),
+    ("--max-message-bytes", "max_message_bytes", _positive_int,
+     "largest request or response message, in bytes"),
+    ("--workers", "workers", _positive_int, "gRPC handler threads"),
+    ("--grace", "grace_s", _non_negative_float,
+     "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
+    ("--demo-rows", "demo_rows", _positive_int, "rows of the seeded demo table (no --table)"),
+    ("--demo-dim", "demo_dim", _positive_int, "dim of the seeded demo table (no --table)"),
+    ("--demo-seed", "demo_seed", int, "seed of the demo table (numpy default_rng)"),
+    ("--log-level", "log_level", str.upper, "DEBUG, INFO, WARNING or ERROR"),
+)  # fmt: skip
+
+
+def env_name(flag: str) -> str:
+    """The environment variable twin of a flag: --max-ids -> EMBEDDING_MAX_IDS."""
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _argtype(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value").lstrip("_")
+    return parse
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The `embedding-server` argument parser, its defaults taken from `env` where set."""
+    parser = argparse.ArgumentParser(
+        prog="embedding-server",
+        description="Serve embedding tables over gRPC: Lookup (gather) and LookupDense "
+        "(one-hot matmul), with Prometheus metrics.",
+        epilog="Every flag has an environment twin, e.g. --max-ids -> EMBEDDING_MAX_IDS; "
+        "--table's twin EMBEDDING_TABLES takes comma-separated specs. Flags win.",
+    )
+    try:
+        env_tables = _tables(env.get(ENV_PREFIX + "TABLES", ""))
+    except ValueError as exc:
+        parser.error(f"{ENV_PREFIX}TABLES: {exc}")
+    parser.add_argument(
+        "--table",
+        dest="tables",
+        action="append",
+        type=_argtype(TableSpec.parse),
+        metavar="NAME=PATH[:KEY]",
+        help="table from .npy, .safetensors or a torch checkpoint (KEY names a tensor in it); "
+        "repeatable, the first is the default; none: a seeded demo table (env EMBEDDING_TABLES)",
+    )
+    parser.set_defaults(env_tables=env_tables)
+    defaults = ServerConfig()
+    for flag, dest, convert, help_text in _OPTIONS:
+        default = getattr(defaults, dest)
+        text = env.get(env_name(flag))
+        if text is not None:
+            try:
+                default = convert(text)
+            except ValueError as exc:
+                parser.error(f"{env_name(flag)}={text!r}: {exc}")
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=_argtype(convert),
+            default=default,
+            help=f"{help_text} (env {env_name(flag)}, default {getattr(defaults, dest)})",
+        )
+    return parser
+
+
+def load_config(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Build the configuration from flags (`argv`) over environment variables (`env`)."""
+    parser = build_parser(os.environ if env is None else env)
+    values = vars(parser.parse_args(argv))
+    env_tables = values.pop("env_tables")
+    values["tables"] = tuple(values["tables"] or env_tables)
+    names = [t.name for t in values["tables"]]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        parser.error(f"table name given twice: {', '.join(duplicated)}")
+    return ServerConfig(**values)

@@ -1,0 +1,134 @@
+"""The lookup core: validate ids against a table and the limits, run a kernel, return bytes.
+
+Knows tensors, devices and numpy arrays; never protobuf.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embedding_server import kernels
+from embedding_server.errors import InvalidRequest, OverLimit
+from embedding_server.tables import Table, TableStore
+
+# Ids arrive as read-only views of the request bytes; the kernels never write them,
+# so torch's warning about non-writable arrays does not apply.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# bfloat16 has no numpy dtype; its bits leave the device as int16.
+_WIRE_VIEW = {torch.bfloat16: torch.int16}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; past them a request is refused with OverLimit."""
+
+    max_ids: int
+    max_dense_macs: int
+    dense_chunk_cells: int
+    max_response_bytes: int
+
+
+@dataclass(frozen=True)
+class LookupOutput:
+    """Vectors as raw row-major bytes, with what the transport reports about them."""
+
+    vectors: bytes
+    shape: tuple[int, ...]
+    dtype: str
+    table: Table
+    version: int
+    kernel_seconds: float
+
+
+class Lookups:
+    """Runs Lookup (gather) and LookupDense (one-hot matmul) against a TableStore."""
+
+    def __init__(self, store: TableStore, limits: Limits) -> None:
+        self.store = store
+        self.limits = limits
+
+    def lookup(
+        self,
+        table_name: str,
+        ids: np.ndarray,
+        dtype: str,
+        *,
+        dense: bool = False,
+        deadline: float | None = None,
+    ) -> LookupOutput:
+        """W[ids] of table `table_name` in output `dtype`, by gather or (dense) one-hot matmul.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest, OverLimit, DeadlineExceeded
+        """
+        table = self.store.get(table_name)
+        out_dtype = OUTPUT_DTYPES[dtype]
+        self._check_limits(table, ids, out_dtype, dense)
+        _check_range(ids, table.rows)
+        weights, version = table.weights, table.version
+        device_ids = torch.from_numpy(ids).to(weights.device)
+        if dense:
+            kernel = lambda: kernels.one_hot_matmul(  # noqa: E731
+                weights, device_ids, self.limits.dense_chunk_cells, deadline
+            )
+        else:
+            kernel = lambda: kernels.gather(weights, device_ids)  # noqa: E731
+        vectors, seconds = kernels.timed(weights.device, kernel)
+        if vectors.dtype != out_dtype:
+            vectors = vectors.to(out_dtype)
+        host = vectors.view(_WIRE_VIEW.get(out_dtype, out_dtype)).cpu().numpy()
+        return LookupOutput(
+            vectors=host.tobytes(),
+            shape=(*tuple(ids.shape), table.dim),
+            dtype=dtype,
+            table=table,
+            version=version,
+            kernel_seconds=seconds,
+        )
+
+    def _check_limits(self, table: Table, ids: np.ndarray, dtype: torch.dtype, dense: bool) -> None:
+        limits = self.limits
+        if ids.size > limits.max_ids:
+            raise OverLimit(
+                f"{ids.size} ids in one request; this server takes at most {limits.max_ids} "
+                "(--max-ids): split the request"
+            )
+        response_bytes = ids.size * table.dim * dtype.itemsize
+        if response_bytes > limits.max_response_bytes:
+            raise OverLimit(
+                f"the response would be {response_bytes} bytes, over the "
+                f"{limits.max_response_bytes}-byte message limit (--max-message-bytes): "
+                "split the request or ask for float16/bfloat16"
+            )
+        if dense:
+            macs = ids.size * table.rows * table.dim
+            if macs > limits.max_dense_macs:
+                raise OverLimit(
+                    f"LookupDense of {ids.size} ids over table {table.name!r} "
+                    f"({table.rows} x {table.dim}) costs {macs} multiply-adds, over the limit "
+                    f"of {limits.max_dense_macs} (--max-dense-macs): use Lookup, or fewer ids"
+                )
+
+
+def _check_range(ids: np.ndarray, rows: int) -> None:
+    if ids.size == 0:
+        return
+    if int(ids.min()) >= 0 and int(ids.max()) < rows:
+        return
+    flat = ids.reshape(-1)
+    position = int(np.flatnonzero((flat < 0) | (flat >= rows))[0])
+    where = f"position {position}"
+    if ids.ndim > 1:
+        index = tuple(int(i) for i in np.unravel_index(position, ids.shape))
+        where += f" (index {list(index)})"
+    raise InvalidRequest(
+        f"id {int(flat[position])} at {where} is out of range: table has {rows} rows, "
+        f"ids must be in [0, {rows})"
+    )

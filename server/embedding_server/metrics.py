@@ -1,0 +1,114 @@
+"""Every Prometheus metric the server exports, named once here and imported where recorded.
+
+The gRPC ones follow the ecosystem's names (grpc_server_handled_total,
+grpc_server_handling_seconds with grpc_service/grpc_method/grpc_code), so existing
+dashboards and alerts work; the service's own live under `embedding_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Latency buckets from 10 us: a gather is tens of microseconds, a one-hot matmul seconds.
+LATENCY_BUCKETS = (
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+IDS_BUCKETS = tuple(float(4**k) for k in range(11))  # 1 .. 1,048,576
+
+GRPC_STARTED = Counter(
+    "grpc_server_started_total",
+    "RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from receiving an RPC to its answer, as the server sees it.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+    buckets=LATENCY_BUCKETS,
+)
+REQUEST_SECONDS = Histogram(
+    "embedding_request_duration_seconds",
+    "Lookup/LookupDense latency inside the servicer, by table and status code.",
+    ["method", "table", "code"],
+    buckets=LATENCY_BUCKETS,
+)
+REQUEST_IDS = Histogram(
+    "embedding_request_ids",
+    "Ids per Lookup/LookupDense request.",
+    ["method", "table"],
+    buckets=IDS_BUCKETS,
+)
+RESPONSE_BYTES = Counter(
+    "embedding_response_bytes_total",
+    "Vector bytes returned.",
+    ["method", "table"],
+)
+KERNEL_SECONDS = Histogram(
+    "embedding_kernel_seconds",
+    "Device time of the gather or one-hot matmul of one request.",
+    ["kernel", "table", "device"],
+    buckets=LATENCY_BUCKETS,
+)
+INFLIGHT = Gauge(
+    "embedding_inflight_requests",
+    "RPCs being handled right now.",
+    ["method"],
+)
+TABLE_ROWS = Gauge("embedding_table_rows", "Rows of each table.", ["table"])
+TABLE_DIM = Gauge("embedding_table_dim", "Dimension of each table.", ["table"])
+TABLE_BYTES = Gauge(
+    "embedding_table_bytes",
+    "Bytes each table occupies on its device.",
+    ["table", "device", "dtype"],
+)
+TABLE_VERSION = Gauge("embedding_table_version", "Version of each table's contents.", ["table"])
+
+KERNEL_NAMES = {"Lookup": "gather", "LookupDense": "one_hot_matmul"}
+
+
+class DeviceMemoryCollector(Collector):
+    """Accelerator memory as torch's caching allocator sees it, read at scrape time."""
+
+    def __init__(self, devices: Iterable[torch.device]) -> None:
+        self.devices = sorted({d for d in devices if d.type == "cuda"}, key=str)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        allocated = GaugeMetricFamily(
+            "embedding_device_memory_allocated_bytes",
+            "Device memory held by tensors.",
+            labels=["device"],
+        )
+        reserved = GaugeMetricFamily(
+            "embedding_device_memory_reserved_bytes",
+            "Device memory reserved by torch's caching allocator.",
+            labels=["device"],
+        )
+        for device in self.devices:
+            allocated.add_metric([str(device)], torch.cuda.memory_allocated(device))
+            reserved.add_metric([str(device)], torch.cuda.memory_reserved(device))
+        yield allocated
+        yield reserved
+
+
+_device_collector: DeviceMemoryCollector | None = None
+
+
+def watch_devices(devices: Iterable[torch.device]) -> None:
+    """Export memory gauges for these accelerators (replacing an earlier set)."""
+    global _device_collector
+    if _device_collector is not None:
+        REGISTRY.unregister(_device_collector)
+    _device_collector = DeviceMemoryCollector(devices)
+    REGISTRY.register(_device_collector)

@@ -1,0 +1,193 @@
+"""The server process: tables on a device, the gRPC server with health and reflection,
+the Prometheus endpoint, and graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from types import FrameType
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from embedding_client.proto import embedding_pb2_grpc as pb_grpc
+from embedding_server import metrics
+from embedding_server.config import ServerConfig, load_config
+from embedding_server.lookup import Limits, Lookups
+from embedding_server.servicer import SERVICE_NAME, EmbeddingServicer, StatusInterceptor
+from embedding_server.tables import TableLoadError, TableStore, demo_table, load_table
+
+log = logging.getLogger("embedding_server")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why in one line."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; `cuda`/`cuda:N` must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            log.info(
+                "device auto: CUDA is available, using cuda:0 (%s)", torch.cuda.get_device_name(0)
+            )
+            return torch.device("cuda:0")
+        log.info("device auto: CUDA is not available, using cpu")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StartupError(f"--device {name}: CUDA is not available on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise StartupError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        device = torch.device("cuda", index)
+    return device
+
+
+def build_store(config: ServerConfig, device: torch.device) -> TableStore:
+    """Load the configured tables (or the seeded demo table) onto `device`."""
+    store = TableStore()
+    if not config.tables:
+        store.add(demo_table(config.demo_rows, config.demo_dim, config.demo_seed, device))
+    for spec in config.tables:
+        store.add(load_table(spec, device))
+    return store
+
+
+class EmbeddingServer:
+    """A running gRPC server plus its metrics endpoint, over a loaded TableStore."""
+
+    def __init__(self, config: ServerConfig, store: TableStore) -> None:
+        self.config = config
+        self.store = store
+        limits = Limits(
+            max_ids=config.max_ids,
+            max_dense_macs=config.max_dense_macs,
+            dense_chunk_cells=config.dense_chunk_cells,
+            max_response_bytes=config.max_message_bytes,
+        )
+        self.health = health.HealthServicer(
+            experimental_non_blocking=True,
+            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+        )
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            interceptors=[StatusInterceptor()],
+            options=[
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                # A second server on the same port must fail, not share it by accident.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_EmbeddingServiceServicer_to_server(
+            EmbeddingServicer(Lookups(store, limits)), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self._grpc,
+        )  # fmt: skip
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_httpd: object | None = None
+
+    def start(self) -> None:
+        """Bind both ports, publish table gauges, and mark the service SERVING."""
+        config = self.config
+        try:
+            self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError as exc:
+            raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc})") from None
+        try:
+            httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot bind metrics to {config.metrics_host}:{config.metrics_port} "
+                f"({exc.strerror})"
+            ) from None
+        self._metrics_httpd = httpd
+        self.metrics_port = httpd.server_port
+        self._publish_tables()
+        self._grpc.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _publish_tables(self) -> None:
+        metrics.watch_devices(t.weights.device for t in self.store)
+        for table in self.store:
+            metrics.TABLE_ROWS.labels(table.name).set(table.rows)
+            metrics.TABLE_DIM.labels(table.name).set(table.dim)
+            metrics.TABLE_BYTES.labels(table.name, table.device, table.dtype).set(table.nbytes)
+            metrics.TABLE_VERSION.labels(table.name).set(table.version)
+            # Pre-register the series a dashboard reads, so /metrics is full before traffic.
+            for method, kernel in metrics.KERNEL_NAMES.items():
+                metrics.REQUEST_SECONDS.labels(method, table.name, "OK")
+                metrics.REQUEST_IDS.labels(method, table.name)
+                metrics.RESPONSE_BYTES.labels(method, table.name)
+                metrics.KERNEL_SECONDS.labels(kernel, table.name, table.device)
+        for method in ("Lookup", "LookupDense", "ListTables"):
+            metrics.INFLIGHT.labels(method)
+            metrics.GRPC_STARTED.labels("unary", SERVICE_NAME, method)
+            metrics.GRPC_HANDLED.labels("unary", SERVICE_NAME, method, "OK")
+            metrics.GRPC_HANDLING.labels("unary", SERVICE_NAME, method, "OK")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING first, refuse new calls, let in-flight ones
+        finish within `grace` seconds, then close the metrics endpoint."""
+        grace = self.config.grace_s if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self._grpc.stop(grace).wait()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()  # type: ignore[attr-defined]
+            self._metrics_httpd.server_close()  # type: ignore[attr-defined]
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT; the exit status of `embedding-server`."""
+    config = load_config(argv)
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log.info("embedding-server starting with:")
+    for line in config.describe():
+        log.info("  %s", line)
+    try:
+        device = resolve_device(config.device)
+        store = build_store(config, device)
+        server = EmbeddingServer(config, store)
+        server.start()
+    except (StartupError, TableLoadError) as exc:
+        print(f"embedding-server: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    log.info(
+        "serving %s on %s:%d (default table %r); metrics on http://%s:%d/metrics",
+        ", ".join(t.name for t in store), config.host, server.port, store.default_name,
+        config.metrics_host, server.metrics_port,
+    )  # fmt: skip
+    stop.wait()
+    log.info(
+        "shutting down: health NOT_SERVING, in-flight calls get %.1f s to finish", config.grace_s
+    )
+    server.stop()
+    log.info("stopped")
+    return 0

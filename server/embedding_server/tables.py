@@ -1,0 +1,278 @@
+"""Embedding tables: loading from files (or the seeded demo) onto a device, and the store.
+
+Every source is read in row chunks, so loading never holds a second full copy of
+a table in host memory: .npy is memory-mapped, .safetensors is sliced, torch
+checkpoints are opened with mmap. Each chunk is checked for non-finite values
+and has its negative zeros made positive (see `load_table`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedding_server.config import TableSpec
+from embedding_server.errors import TableNotFound
+
+log = logging.getLogger(__name__)
+
+# Storage dtypes a table keeps; float64 files are stored as float32.
+STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+CHUNK_BYTES = 64 << 20
+PROGRESS_EVERY_S = 2.0
+
+
+class TableLoadError(Exception):
+    """A table file that cannot be served; the message names the table and the fix."""
+
+
+@dataclass
+class Table:
+    """One embedding table `weights` of shape [rows, dim] on its device."""
+
+    name: str
+    weights: torch.Tensor
+    source: str
+    version: int = 1
+
+    @property
+    def rows(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.weights.shape[1])
+
+    @property
+    def dtype(self) -> str:
+        return STORAGE_DTYPES[self.weights.dtype]
+
+    @property
+    def device(self) -> str:
+        return str(self.weights.device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.numel() * self.weights.element_size()
+
+
+@dataclass
+class TableStore:
+    """The tables a server holds, by name; the first added is the default."""
+
+    tables: dict[str, Table] = field(default_factory=dict)
+    default_name: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, table: Table) -> None:
+        with self._lock:
+            self.tables[table.name] = table
+            self.default_name = self.default_name or table.name
+
+    def resolve_name(self, name: str) -> str | None:
+        """The name of the table an empty or given `name` selects, None if there is none."""
+        name = name or self.default_name
+        return name if name in self.tables else None
+
+    def get(self, name: str) -> Table:
+        """The table called `name`; the default table for an empty name."""
+        table = self.tables.get(name or self.default_name)
+        if table is None:
+            if not name:
+                raise TableNotFound("no table name given and the server has no default table")
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise TableNotFound(f"unknown table {name!r}; this server holds: {known}")
+        return table
+
+    def __iter__(self) -> Iterator[Table]:
+        return iter(list(self.tables.values()))
+
+
+# A row source: its shape, its dtype, and a reader of rows [start, stop) as a tensor.
+@dataclass
+class _RowSource:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[int, int], torch.Tensor]
+
+
+def _npy_source(path: Path) -> _RowSource:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise TableLoadError(f"{path} is not a plain numeric .npy array ({exc})") from None
+    if array.dtype.kind not in "fiub" or array.dtype.hasobject:
+        raise TableLoadError(f"{path} holds dtype {array.dtype}, not numbers")
+    if array.dtype.kind != "f":
+        raise TableLoadError(
+            f"{path} holds {array.dtype} values; tables must be floating point "
+            "(float16, float32 or float64)"
+        )
+    dtype = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}.get(
+        array.dtype.newbyteorder("="), torch.float64
+    )
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        # np.array copies out of the mapping into native byte order.
+        return torch.from_numpy(np.array(array[start:stop], dtype=array.dtype.newbyteorder("=")))
+
+    return _RowSource(tuple(array.shape), dtype, read)
+
+
+def _safetensors_source(path: Path, key: str | None) -> _RowSource:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TableLoadError(f"{path} is not a readable .safetensors file ({exc})") from None
+    keys = list(handle.keys())
+    key = _pick_key(path, key, keys)
+    tensor_slice = handle.get_slice(key)
+    shape = tuple(tensor_slice.get_shape())
+    probe = tensor_slice[0:0] if shape else handle.get_tensor(key)
+    return _RowSource(shape, probe.dtype, lambda start, stop: tensor_slice[start:stop])
+
+
+def _torch_source(path: Path, key: str | None) -> _RowSource:
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Checkpoints in the legacy (non-zip) format cannot be memory-mapped.
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise TableLoadError(
+            f"{path} is not a loadable torch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    if isinstance(loaded, torch.Tensor):
+        if key:
+            raise TableLoadError(f"{path} holds a single tensor; drop ':{key}'")
+        tensor = loaded
+    elif isinstance(loaded, dict):
+        tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        tensor = tensors[_pick_key(path, key, list(tensors))]
+    else:
+        raise TableLoadError(f"{path} holds a {type(loaded).__name__}, not a tensor or state dict")
+    return _RowSource(tuple(tensor.shape), tensor.dtype, lambda start, stop: tensor[start:stop])
+
+
+def _pick_key(path: Path, key: str | None, keys: list[str]) -> str:
+    if key is not None:
+        if key not in keys:
+            shown = ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+            raise TableLoadError(f"{path} has no tensor {key!r}; it holds: {shown or 'nothing'}")
+        return key
+    if len(keys) == 1:
+        return keys[0]
+    shown = ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+    raise TableLoadError(
+        f"{path} holds {len(keys)} tensors; name one as PATH:KEY (it holds: {shown or 'nothing'})"
+    )
+
+
+def _open_source(spec: TableSpec) -> _RowSource:
+    path = spec.path
+    if not path.exists():
+        raise TableLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise TableLoadError(f"{path}: not a file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise TableLoadError(f"{path}: cannot read ({exc.strerror})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        if spec.key:
+            raise TableLoadError(f"{path} is a single .npy array; drop ':{spec.key}'")
+        return _npy_source(path)
+    if suffix == ".safetensors":
+        return _safetensors_source(path, spec.key)
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return _torch_source(path, spec.key)
+    raise TableLoadError(
+        f"{path}: unknown table format {suffix or '(no suffix)'!r}; "
+        "use .npy, .safetensors or a torch checkpoint (.pt, .pth, .bin, .ckpt)"
+    )
+
+
+def load_table(spec: TableSpec, device: torch.device) -> Table:
+    """Load the table `spec` names onto `device`, checking it on the way.
+
+    Float64 is stored as float32. Non-finite values are refused (inf or NaN would make
+    LookupDense differ from Lookup: 0 * inf is NaN). Negative zeros become +0.0, the
+    same value, so the one-hot matmul, which sums +0.0 terms, agrees bit for bit.
+
+    Raises
+    ------
+    TableLoadError
+        For a missing, unreadable, wrongly shaped, non-float or non-finite table.
+    """
+    try:
+        source = _open_source(spec)
+    except TableLoadError as exc:
+        raise TableLoadError(f"table {spec.name!r}: {exc}") from None
+    return _materialise(spec.name, str(spec), source, device)
+
+
+def _materialise(name: str, origin: str, source: _RowSource, device: torch.device) -> Table:
+    if len(source.shape) != 2:
+        raise TableLoadError(
+            f"table {name!r}: expected a 2-D [rows, dim] table, got shape {list(source.shape)}"
+        )
+    rows, dim = source.shape
+    if rows == 0 or dim == 0:
+        raise TableLoadError(f"table {name!r}: shape {list(source.shape)} has no rows or no dim")
+    if not source.dtype.is_floating_point:
+        raise TableLoadError(
+            f"table {name!r}: holds {source.dtype} values; tables must be floating point"
+        )
+    dtype = source.dtype if source.dtype in STORAGE_DTYPES else torch.float32
+    if dtype != source.dtype:
+        log.info("table %r: stored as float32 (file holds %s)", name, source.dtype)
+    weights = torch.empty((rows, dim), dtype=dtype, device=device)
+    chunk_rows = max(1, CHUNK_BYTES // (dim * weights.element_size()))
+    started = last_report = time.monotonic()
+    for start in range(0, rows, chunk_rows):
+        stop = min(rows, start + chunk_rows)
+        chunk = source.read(start, stop).to(dtype=dtype, copy=True)
+        finite = torch.isfinite(chunk)
+        if not bool(finite.all()):
+            row, col = (int(i) for i in (~finite).nonzero()[0])
+            raise TableLoadError(
+                f"table {name!r}: row {start + row}, column {col} holds "
+                f"{chunk[row, col].item()}; tables must be finite"
+            )
+        chunk.add_(0.0)  # -0.0 + 0.0 == +0.0: one sign of zero on both RPC paths
+        weights[start:stop].copy_(chunk)
+        now = time.monotonic()
+        if now - last_report >= PROGRESS_EVERY_S:
+            log.info("table %r: loaded %d / %d rows (%.0f%%)", name, stop, rows, 100 * stop / rows)
+            last_report = now
+    log.info(
+        "table %r: %d x %d %s on %s (%.1f MiB) from %s in %.2f s",
+        name, rows, dim, STORAGE_DTYPES[dtype], device, weights.numel() * weights.element_size()
+        / 2**20, origin, time.monotonic() - started,
+    )  # fmt: skip
+    return Table(name=name, weights=weights, source=origin)
+
+
+def demo_table(rows: int, dim: int, seed: int, device: torch.device) -> Table:
+    """The seeded demo table `demo`: np.random.default_rng(seed).standard_normal((rows, dim)).
+
+    Anyone can rebuild it with numpy alone to check what the server returns.
+    """
+    values = np.random.default_rng(seed).standard_normal((rows, dim), dtype=np.float32)
+    source = _RowSource(
+        (rows, dim), torch.float32, lambda start, stop: torch.from_numpy(values[start:stop])
+    )
+    return _materialise("demo", f"seeded demo (seed {seed})", source, device)
