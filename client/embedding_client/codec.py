@@ -7,7 +7,7 @@ the client never needs torch, and both sides agree on bytes, dtypes and shapes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import ml_dtypes
 import numpy as np
@@ -19,12 +19,12 @@ MAX_ID_DIMS = 16
 
 # Wire dtype enum <-> numpy dtype (little-endian). bfloat16 comes from ml_dtypes,
 # the numpy extension JAX and TensorFlow use for it.
-_NUMPY_DTYPES: dict[pb.DType, np.dtype[Any]] = {
+_NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
-_DTYPE_NAMES: dict[pb.DType, str] = {
+_DTYPE_NAMES: dict[int, str] = {
     pb.DTYPE_FLOAT32: "float32",
     pb.DTYPE_FLOAT16: "float16",
     pb.DTYPE_BFLOAT16: "bfloat16",
@@ -40,7 +40,7 @@ def dtype_to_wire(name: str) -> pb.DType:
     """Map a dtype name ("float32", "float16", "bfloat16") to its wire enum value."""
     for value, known in _DTYPE_NAMES.items():
         if known == name:
-            return value
+            return cast(pb.DType, value)
     raise WireError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
 
 
@@ -83,18 +83,17 @@ def as_id_array(ids: Any) -> np.ndarray:
         raise WireError(f"ids must be integers, got dtype {array.dtype}")
     if array.ndim > MAX_ID_DIMS:
         raise WireError(f"ids have {array.ndim} dimensions; at most {MAX_ID_DIMS} are supported")
-    return np.ascontiguousarray(array, dtype=ID_DTYPE)
+    # Not np.ascontiguousarray: it turns a scalar into shape (1,).
+    return np.require(array, dtype=ID_DTYPE, requirements="C")
 
 
 def encode_lookup_request(ids: Any, table: str | None, dtype: str) -> pb.LookupRequest:
     """Build a LookupRequest carrying `ids` as raw bytes plus their exact shape."""
     array = as_id_array(ids)
-    return pb.LookupRequest(
-        table=table or "",
-        ids=array.tobytes(),
-        ids_shape=pb.Shape(dims=array.shape),
-        dtype=dtype_to_wire(dtype),
-    )
+    request = pb.LookupRequest(table=table or "", ids=array.tobytes(), dtype=dtype_to_wire(dtype))
+    request.ids_shape.SetInParent()  # present even with no dims: a scalar id
+    request.ids_shape.dims.extend(array.shape)
+    return request
 
 
 def decode_ids(request: pb.LookupRequest) -> np.ndarray:

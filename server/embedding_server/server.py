@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -52,6 +53,21 @@ def resolve_device(name: str) -> torch.device:
             )
         device = torch.device("cuda", index)
     return device
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Fail fast, before a long table load, when a port is taken (port 0: any free one)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise StartupError(f"cannot bind {what} to {host}:{port}: {exc.strerror}") from None
 
 
 def build_store(config: ServerConfig, device: torch.device) -> TableStore:
@@ -164,6 +180,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     for line in config.describe():
         log.info("  %s", line)
     try:
+        check_port_free(config.host, config.port, "gRPC")
+        check_port_free(config.metrics_host, config.metrics_port, "metrics")
         device = resolve_device(config.device)
         store = build_store(config, device)
         server = EmbeddingServer(config, store)

@@ -1,0 +1,122 @@
+"""Shared fixtures: random tables, an in-process server on a free port, a client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedding_client import EmbeddingClient
+from embedding_server.config import ServerConfig
+from embedding_server.server import EmbeddingServer
+from embedding_server.tables import Table, TableStore
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# The seed's worked example.
+WORKED_WEIGHTS = np.array(
+    [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 0.0, 0.1, 0.2]], dtype=np.float32
+)
+
+TEST_CONFIG = ServerConfig(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
+
+
+def random_table(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+
+
+def make_store(tables: dict[str, np.ndarray | torch.Tensor]) -> TableStore:
+    store = TableStore()
+    for name, weights in tables.items():
+        tensor = weights if isinstance(weights, torch.Tensor) else torch.from_numpy(weights.copy())
+        store.add(Table(name=name, weights=tensor, source="test"))
+    return store
+
+
+ServerFactory = Callable[..., EmbeddingServer]
+
+
+@pytest.fixture
+def start_server() -> Iterator[ServerFactory]:
+    """Start in-process servers on free loopback ports; all stop at teardown."""
+    servers: list[EmbeddingServer] = []
+
+    def start(tables: dict[str, np.ndarray | torch.Tensor], **overrides: object) -> EmbeddingServer:
+        server = EmbeddingServer(replace(TEST_CONFIG, **overrides), make_store(tables))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def tables() -> dict[str, np.ndarray]:
+    return {
+        "main": random_table(1000, 16, seed=1),
+        "odd": random_table(37, 3, seed=2),
+        "worked": WORKED_WEIGHTS,
+        "half": random_table(50, 8, seed=3).astype(np.float16),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tables: dict[str, np.ndarray]) -> Iterator[EmbeddingServer]:
+    """One server for a module's read-only tests."""
+    store = make_store(tables)
+    store.add(
+        Table(name="bf16", weights=torch.from_numpy(random_table(40, 5, seed=4)).bfloat16(),
+              source="test")
+    )  # fmt: skip
+    instance = EmbeddingServer(
+        replace(TEST_CONFIG, max_ids=10_000, max_dense_macs=50_000_000), store
+    )
+    instance.start()
+    yield instance
+    instance.stop(grace=0)
+
+
+@pytest.fixture
+def client(server: EmbeddingServer) -> Iterator[EmbeddingClient]:
+    with EmbeddingClient(f"127.0.0.1:{server.port}", timeout=30, max_attempts=1) as instance:
+        yield instance
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(target: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    """Wait until a server process answers health SERVING (or fail with its log)."""
+    deadline = time.monotonic() + timeout
+    with EmbeddingClient(target, timeout=1, max_attempts=1) as probe:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited early:\n{process.communicate()[0]}")
+            try:
+                if probe.health() == "SERVING":
+                    return
+            except Exception:
+                time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"server not SERVING after {timeout} s:\n{process.communicate()[0]}")
+
+
+def server_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDING_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

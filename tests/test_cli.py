@@ -1,0 +1,199 @@
+"""The console scripts as a user runs them: a real server process, the CLI, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedding_client import EmbeddingClient, EmbeddingError
+
+from .conftest import BIN, WORKED_WEIGHTS, free_port, random_table, server_env, wait_serving
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-host", "127.0.0.1", "--metrics-port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
+    )  # fmt: skip
+    target = f"127.0.0.1:{port}"
+    wait_serving(target, process)
+    return process, target
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    folder = tmp_path_factory.mktemp("tables")
+    np.save(folder / "worked.npy", WORKED_WEIGHTS)
+    process, target = _start(["--table", f"worked={folder / 'worked.npy'}"])
+    yield target, folder
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=30)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "embedding-client"), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_lookup_both_paths(served: tuple[str, Path]) -> None:
+    target, _ = served
+    for extra in ([], ["--dense"]):
+        done = _cli("--target", target, "lookup", "--ids", "0,2,1,2", "--json", *extra)
+        assert done.returncode == 0, done.stderr
+        payload = json.loads(done.stdout)
+        assert payload["table"] == "worked"
+        assert payload["shape"] == [4, 4]
+        np.testing.assert_array_equal(
+            np.asarray(payload["vectors"], dtype=np.float32), WORKED_WEIGHTS[[0, 2, 1, 2]]
+        )
+    done = _cli("--target", target, "lookup", "--ids", "0,2,1,2", "--shape", "2,2")
+    assert done.returncode == 0
+    assert done.stdout.startswith("Lookup table=worked version=1 shape=(2, 2, 4) dtype=float32")
+    assert "0.9" in done.stdout
+
+
+def test_cli_tables_and_health(served: tuple[str, Path]) -> None:
+    target, _ = served
+    done = _cli("--target", target, "tables")
+    assert done.returncode == 0
+    header, row = done.stdout.splitlines()
+    assert header.split() == [
+        "name",
+        "rows",
+        "dim",
+        "dtype",
+        "device",
+        "version",
+        "bytes",
+        "default",
+    ]
+    assert row.split() == ["worked", "3", "4", "float32", "cpu", "1", "48", "*"]
+    done = _cli("--target", target, "health")
+    assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
+
+
+def test_cli_reports_errors_in_one_line(served: tuple[str, Path]) -> None:
+    target, _ = served
+    done = _cli("--target", target, "lookup", "--ids", "0,3")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "error: INVALID_ARGUMENT: id 3 at position 1 is out of range: "
+        "table has 3 rows, ids must be in [0, 3)"
+    )
+    done = _cli("--target", f"127.0.0.1:{free_port()}", "--timeout", "2", "health")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: UNAVAILABLE")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--table", "t=/nonexistent/t.npy"], "table 't': /nonexistent/t.npy: no such file"),
+        (["--table", "t={folder}/bad.npy"], "is not a plain numeric .npy array"),
+        (["--table", "t={folder}/inf.npy"], "row 1, column 0 holds inf; tables must be finite"),
+        (["--table", "t={folder}/1d.npy"], "expected a 2-D [rows, dim] table"),
+        (["--device", "cuda:3"], "--device cuda:3: CUDA is not available"),
+        (["--port", "{busy}"], "cannot bind gRPC to 127.0.0.1:{busy}: Address already in use"),
+    ],
+)
+def test_startup_errors_stop_with_one_clear_line(
+    served: tuple[str, Path], args: list[str], message: str
+) -> None:
+    target, folder = served
+    (folder / "bad.npy").write_bytes(b"garbage")
+    np.save(folder / "inf.npy", np.array([[1.0], [np.inf]], dtype=np.float32))
+    np.save(folder / "1d.npy", np.zeros(3, dtype=np.float32))
+    busy = target.rsplit(":", 1)[1]
+    args = [a.format(folder=folder, busy=busy) for a in args]
+    if "cuda" in message:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    done = subprocess.run(
+        [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--metrics-port", "0",
+         "--port", "0", *args],
+        capture_output=True, text=True, timeout=60, env=server_env(),
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == [lines[-1]], done.stderr  # one error line, and it is the last
+    assert errors[0].startswith("embedding-server: error: ")
+    assert message.format(busy=busy) in errors[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:
+    """Health goes NOT_SERVING first, a slow in-flight call completes, new calls are refused."""
+    weights = random_table(20_000, 64, seed=11)
+    np.save(tmp_path / "t.npy", weights)
+    process, target = _start(
+        [
+            "--table",
+            f"t={tmp_path / 't.npy'}",
+            "--grace",
+            "20",
+            "--dense-chunk-cells",
+            "20000",
+            "--max-dense-macs",
+            "100000000000",
+        ]
+    )
+    statuses: list[str] = []
+    channel = grpc.insecure_channel(target)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+
+    def follow() -> None:
+        try:
+            for update in watch:
+                statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(update.status))
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=follow, daemon=True).start()
+    ids = np.random.default_rng(1).integers(0, 20_000, size=12_000)
+    results: list[object] = []
+
+    def slow_call() -> None:
+        with EmbeddingClient(target, max_attempts=1, timeout=60) as client:
+            try:
+                results.append(client.lookup_dense(ids))
+            except EmbeddingError as exc:
+                results.append(exc)
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    time.sleep(0.5)  # the dense call is in flight
+    assert caller.is_alive(), f"the dense call ended too fast to test draining: {results}"
+    process.send_signal(signal.SIGTERM)
+    caller.join(timeout=60)
+    assert len(results) == 1 and isinstance(results[0], np.ndarray), results
+    np.testing.assert_array_equal(results[0], weights[ids])
+
+    with (
+        EmbeddingClient(target, max_attempts=1, timeout=5) as client,
+        pytest.raises(EmbeddingError) as raised,
+    ):
+        client.lookup([1])
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    watch.cancel()
+    channel.close()
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses, statuses
+    assert "received SIGTERM" in output and "stopped" in output

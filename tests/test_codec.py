@@ -1,0 +1,124 @@
+"""The wire format: ids in, vectors out, and every malformed message refused."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from embedding_client import codec
+from embedding_client.proto import embedding_pb2 as pb
+
+
+@pytest.mark.parametrize(
+    ("ids", "shape"),
+    [
+        ([0, 2, 1, 2], (4,)),
+        ([[0, 1], [2, 3]], (2, 2)),
+        (7, ()),
+        ([], (0,)),
+        (np.arange(6, dtype=np.int32).reshape(2, 3), (2, 3)),
+        (np.arange(4, dtype=np.uint16), (4,)),
+        (torch.arange(6).reshape(3, 2), (3, 2)),
+        (torch.tensor(5), ()),
+    ],
+)
+def test_ids_round_trip_through_a_request(ids: object, shape: tuple[int, ...]) -> None:
+    request = pb.LookupRequest.FromString(
+        codec.encode_lookup_request(ids, "t", "float32").SerializeToString()
+    )
+    decoded = codec.decode_ids(request)
+    expected = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+    assert decoded.shape == shape
+    assert decoded.dtype == np.dtype("<i8")
+    np.testing.assert_array_equal(decoded, expected.reshape(shape))
+
+
+def test_ids_travel_as_little_endian_int64_bytes() -> None:
+    request = codec.encode_lookup_request([1, 256], None, "float16")
+    assert request.ids == (1).to_bytes(8, "little") + (256).to_bytes(8, "little")
+    assert request.table == ""
+    assert request.dtype == pb.DTYPE_FLOAT16
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([0.5, 1.0], "must be integers"),
+        (["a"], "must be integers"),
+        ([[0, 1], [2]], "rectangular"),
+        (np.array([2**64 - 1], dtype=np.uint64), "fit in int64"),
+    ],
+)
+def test_bad_ids_are_refused_before_sending(ids: object, message: str) -> None:
+    with pytest.raises(codec.WireError, match=message):
+        codec.encode_lookup_request(ids, None, "float32")
+
+
+def test_unknown_dtype_name_is_refused() -> None:
+    with pytest.raises(codec.WireError, match="unknown dtype 'int8'"):
+        codec.dtype_to_wire("int8")
+
+
+def test_unknown_dtype_enum_value_is_refused() -> None:
+    with pytest.raises(codec.WireError, match="unknown dtype enum value 99"):
+        codec.dtype_name(99)
+    assert codec.dtype_name(pb.DTYPE_UNSPECIFIED) == "float32"
+
+
+def test_ids_list_path_decodes_like_bytes() -> None:
+    request = pb.LookupRequest(ids_list=[3, 1, 4, 1, 5, 9], ids_shape=pb.Shape(dims=[2, 3]))
+    np.testing.assert_array_equal(codec.decode_ids(request), [[3, 1, 4], [1, 5, 9]])
+
+
+def test_absent_shape_means_one_dimension() -> None:
+    request = pb.LookupRequest(ids=np.arange(5, dtype="<i8").tobytes())
+    assert codec.decode_ids(request).shape == (5,)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.LookupRequest(ids=b"\x00" * 12), "12 bytes, not a multiple of 8"),
+        (pb.LookupRequest(ids=b"\x00" * 8, ids_list=[1]), "not both"),
+        (
+            pb.LookupRequest(ids=b"\x00" * 16, ids_shape=pb.Shape(dims=[3])),
+            r"holds 3 ids but 2 were sent",
+        ),
+        (
+            pb.LookupRequest(ids=b"\x00" * 16, ids_shape=pb.Shape(dims=[-1, -2])),
+            "negative dimension",
+        ),
+        (
+            pb.LookupRequest(ids=b"\x00" * 16, ids_shape=pb.Shape(dims=[2**62, 2**62])),
+            "ids but 2 were sent",
+        ),
+        (
+            pb.LookupRequest(ids=b"", ids_shape=pb.Shape(dims=[1] * 17)),
+            "at most 16",
+        ),
+    ],
+)
+def test_malformed_requests_are_refused(request_: pb.LookupRequest, message: str) -> None:
+    with pytest.raises(codec.WireError, match=message):
+        codec.decode_ids(request_)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "numpy_dtype"),
+    [("float32", np.float32), ("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16)],
+)
+def test_vectors_decode_without_copy(dtype: str, numpy_dtype: type) -> None:
+    values = np.arange(24, dtype=np.float32).reshape(2, 3, 4).astype(numpy_dtype)
+    response = codec.encode_lookup_response(values.tobytes(), dtype, (2, 3, 4), "t", 3)
+    decoded = codec.decode_vectors(response)
+    assert decoded.dtype == np.dtype(numpy_dtype)
+    np.testing.assert_array_equal(decoded, values)
+    assert not decoded.flags.writeable  # a view of the message bytes, not a copy
+
+
+def test_vectors_of_the_wrong_length_are_refused() -> None:
+    response = codec.encode_lookup_response(b"\x00" * 10, "float32", (2, 2), "t", 1)
+    with pytest.raises(codec.WireError, match="needs 16"):
+        codec.decode_vectors(response)

@@ -1,0 +1,77 @@
+"""Configuration: flags, their environment twins, precedence and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedding_server.config import ServerConfig, TableSpec, env_name, load_config
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    config = load_config([], env={})
+    assert config == ServerConfig()
+    assert (config.port, config.metrics_port, config.device) == (50051, 8000, "auto")
+
+
+def test_flags_set_every_field() -> None:
+    config = load_config(
+        ["--table", "a=/x/a.npy", "--table", "b=/x/b.pt:emb.weight", "--device", "cuda:1",
+         "--port", "1234", "--metrics-port", "0", "--max-ids", "10", "--max-dense-macs", "99",
+         "--grace", "2.5", "--log-level", "debug"],
+        env={},
+    )  # fmt: skip
+    assert config.tables == (
+        TableSpec("a", Path("/x/a.npy")),
+        TableSpec("b", Path("/x/b.pt"), "emb.weight"),
+    )
+    assert (config.device, config.port, config.metrics_port) == ("cuda:1", 1234, 0)
+    assert (config.max_ids, config.max_dense_macs, config.grace_s) == (10, 99, 2.5)
+    assert config.log_level == "DEBUG"
+
+
+def test_environment_twins_apply_and_flags_win() -> None:
+    env = {
+        "EMBEDDING_PORT": "6000",
+        "EMBEDDING_MAX_IDS": "5",
+        "EMBEDDING_TABLES": "a=/a.npy,b=/b.npy",
+    }
+    config = load_config(["--max-ids", "7"], env=env)
+    assert config.port == 6000
+    assert config.max_ids == 7
+    assert [t.name for t in config.tables] == ["a", "b"]
+    assert [t.name for t in load_config(["--table", "c=/c.npy"], env=env).tables] == ["c"]
+
+
+def test_env_names_follow_the_flags() -> None:
+    assert env_name("--max-dense-macs") == "EMBEDDING_MAX_DENSE_MACS"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--port", "70000"], {}, "port must be in 0..65535"),
+        (["--device", "tpu"], {}, "device must be auto, cpu, cuda or cuda:N"),
+        (["--max-ids", "0"], {}, "must be positive"),
+        (["--table", "nameonly"], {}, "is not NAME=PATH"),
+        (["--table", "a b=/x.npy"], {}, "may hold only letters"),
+        (["--table", "a=/x.npy", "--table", "a=/y.npy"], {}, "given twice: a"),
+        ([], {"EMBEDDING_PORT": "http"}, "EMBEDDING_PORT='http'"),
+        ([], {"EMBEDDING_TABLES": "oops"}, "EMBEDDING_TABLES"),
+    ],
+)
+def test_bad_settings_stop_with_a_clear_message(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        load_config(argv, env=env)
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_describe_lists_every_setting() -> None:
+    lines = ServerConfig().describe()
+    assert "tables = (none: seeded demo table)" in lines
+    assert "port = 50051" in lines
+    assert len(lines) == len(ServerConfig.__dataclass_fields__)

@@ -1,0 +1,74 @@
+"""Kernels against independent references: numpy indexing and torch.nn.functional."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from embedding_server import kernels
+from embedding_server.errors import DeadlineExceeded
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _table(rows: int, dim: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, dim, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (17,), (4, 5), (2, 3, 4)])
+@pytest.mark.parametrize("dim", [1, 3, 16, 127, 1025])
+def test_gather_equals_numpy_indexing(shape: tuple[int, ...], dim: int) -> None:
+    table = _table(50, dim, torch.float32)
+    ids = np.random.default_rng(dim).integers(0, 50, size=shape)
+    out = kernels.gather(table, torch.from_numpy(ids))
+    assert out.shape == (*shape, dim)
+    np.testing.assert_array_equal(out.numpy(), table.numpy()[ids])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_cells", [1, 7, 100, 1 << 24])
+def test_one_hot_matmul_equals_gather_bit_for_bit(dtype: torch.dtype, chunk_cells: int) -> None:
+    table = _table(23, 5, dtype, seed=1)
+    ids = torch.from_numpy(np.random.default_rng(2).integers(0, 23, size=(3, 7)))
+    dense = kernels.one_hot_matmul(table, ids, chunk_cells)
+    gathered = torch.nn.functional.embedding(ids, table)
+    assert dense.shape == gathered.shape == (3, 7, 5)
+    assert dense.dtype == dtype
+    # Bit for bit, not approximately.
+    assert torch.equal(
+        dense.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        gathered.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
+
+
+def test_one_hot_matmul_of_no_ids_and_of_a_scalar() -> None:
+    table = _table(10, 4, torch.float32)
+    assert kernels.one_hot_matmul(table, torch.zeros(0, dtype=torch.int64), 64).shape == (0, 4)
+    scalar = kernels.one_hot_matmul(table, torch.tensor(3), 64)
+    assert torch.equal(scalar, table[3])
+
+
+def test_negative_zero_rows_differ_on_the_dense_path() -> None:
+    # Why the loader turns -0.0 into +0.0: the one-hot sum cannot keep the sign.
+    table = torch.tensor([[-0.0, 1.0], [2.0, 3.0]])
+    dense = kernels.one_hot_matmul(table, torch.tensor([0]), 64)
+    assert torch.signbit(table[0, 0]) and not torch.signbit(dense[0, 0])
+
+
+def test_one_hot_matmul_stops_at_the_deadline() -> None:
+    table = _table(100, 4, torch.float32)
+    with pytest.raises(DeadlineExceeded):
+        kernels.one_hot_matmul(table, torch.arange(100), 10, deadline=time.monotonic() - 1)
+
+
+def test_timed_reports_a_positive_duration() -> None:
+    table = _table(1000, 64, torch.float32)
+    out, seconds = kernels.timed(
+        torch.device("cpu"), lambda: kernels.gather(table, torch.arange(1000))
+    )
+    assert out.shape == (1000, 64)
+    assert 0 < seconds < 10
