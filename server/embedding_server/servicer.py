@@ -10,11 +10,13 @@ under the gRPC ecosystem's standard metric names.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
@@ -32,6 +34,7 @@ from embedding_server.lookup import Lookups
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -128,7 +131,33 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 class StatusInterceptor(grpc.ServerInterceptor):
-    """Maps core errors to status codes, logs unexpected ones as INTERNAL, records gRPC metrics."""
+    """Maps core errors to status codes, logs unexpected ones as INTERNAL, records gRPC metrics,
+    and drains: once `drain()` is called, new calls (but health checks) get UNAVAILABLE while
+    the calls already running finish."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._draining = False
+        self._idle = threading.Condition()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls and wait up to `timeout` s for running ones; True when none is left."""
+        with self._idle:
+            self._draining = True
+            return self._idle.wait_for(lambda: self._running == 0, timeout=timeout)
+
+    def _enter(self, service: str) -> bool:
+        with self._idle:
+            if self._draining and service != HEALTH_SERVICE:
+                return False
+            self._running += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.notify_all()
 
     def intercept_service(
         self,
@@ -143,6 +172,9 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             metrics.GRPC_STARTED.labels("unary", service, method).inc()
+            if not self._enter(service):
+                metrics.GRPC_HANDLED.labels("unary", service, method, "UNAVAILABLE").inc()
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             inflight = metrics.INFLIGHT.labels(method)
             inflight.inc()
             started = time.perf_counter()
@@ -162,6 +194,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
                 code = grpc.StatusCode.INTERNAL
                 context.abort(code, f"internal error ({type(exc).__name__}); see the server log")
             finally:
+                self._leave()
                 inflight.dec()
                 metrics.GRPC_HANDLED.labels("unary", service, method, code.name).inc()
                 metrics.GRPC_HANDLING.labels("unary", service, method, code.name).observe(
