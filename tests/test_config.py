@@ -54,6 +54,7 @@ def test_env_names_follow_the_flags() -> None:
         (["--port", "70000"], {}, "port must be in 0..65535"),
         (["--device", "tpu"], {}, "device must be auto, cpu, cuda or cuda:N"),
         (["--max-ids", "0"], {}, "must be positive"),
+        (["--log-level", "loud"], {}, "log level must be DEBUG"),
         (["--table", "nameonly"], {}, "is not NAME=PATH"),
         (["--table", "a b=/x.npy"], {}, "may hold only letters"),
         (["--table", "a=/x.npy", "--table", "a=/y.npy"], {}, "given twice: a"),

@@ -103,12 +103,19 @@ def _device(text: str) -> str:
     raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
 
 
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
+    return level
+
+
 def _tables(text: str) -> tuple[TableSpec, ...]:
     return tuple(TableSpec.parse(part) for part in text.split(",") if part.strip())
 
 
 # (flag, field, type, help). The env twin of `--some-flag` is EMBEDDING_SOME_FLAG.
-_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--device", "device", _device, "where tables live: auto (CUDA if present), cpu, cuda, cuda:N"),
     ("--host", "host", str, "address the gRPC server binds"),
     ("--port", "port", _port, "gRPC port (0 picks a free one)"),
@@ -127,7 +134,7 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--demo-rows", "demo_rows", _positive_int, "rows of the seeded demo table (no --table)"),
     ("--demo-dim", "demo_dim", _positive_int, "dim of the seeded demo table (no --table)"),
     ("--demo-seed", "demo_seed", int, "seed of the demo table (numpy default_rng)"),
-    ("--log-level", "log_level", str.upper, "DEBUG, INFO, WARNING or ERROR"),
+    ("--log-level", "log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
 )  # fmt: skip
 
 
@@ -171,7 +178,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.set_defaults(env_tables=env_tables)
     defaults = ServerConfig()
-    for flag, dest, convert, help_text in _OPTIONS:
+    for flag, dest, convert, help_text in OPTIONS:
         default = getattr(defaults, dest)
         text = env.get(env_name(flag))
         if text is not None:
