@@ -53,3 +53,15 @@ def test_client_does_not_pull_in_torch_or_the_server() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_torch_is_only_a_server_dependency() -> None:
+    from importlib.metadata import requires
+
+    requirements = requires("embedding-service") or []
+    torch_lines = [r for r in requirements if r.startswith("torch")]
+    assert torch_lines and all('extra == "server"' in r for r in torch_lines), torch_lines
+    base = [r for r in requirements if "extra ==" not in r]
+    assert {r.split(">")[0].split("<")[0].split("=")[0] for r in base} == {
+        "grpcio", "grpcio-health-checking", "protobuf", "numpy", "ml-dtypes"
+    }  # fmt: skip

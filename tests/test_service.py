@@ -328,3 +328,43 @@ def test_unknown_table_names_do_not_become_metric_labels(start_server: ServerFac
     ):
         client.lookup([1], table="attacker-chosen-name")
     assert "attacker-chosen-name" not in _scrape(server)
+
+
+class _FlakyServicer(pb_grpc.EmbeddingServiceServicer):
+    """Answers UNAVAILABLE to the first `failures` calls, then a fixed response."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return pb.LookupResponse(
+            vectors=np.ones(2, "<f4").tobytes(), dtype=pb.DTYPE_FLOAT32, shape=[1, 2]
+        )
+
+
+@pytest.mark.parametrize(("max_attempts", "succeeds"), [(5, True), (1, False)])
+def test_client_retries_unavailable_by_service_config(max_attempts: int, succeeds: bool) -> None:
+    from concurrent import futures
+
+    servicer = _FlakyServicer(failures=2)
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with EmbeddingClient(f"127.0.0.1:{port}", max_attempts=max_attempts) as client:
+            if succeeds:
+                np.testing.assert_array_equal(client.lookup([0]), [[1.0, 1.0]])
+                assert servicer.calls == 3
+            else:
+                with pytest.raises(EmbeddingError) as raised:
+                    client.lookup([0])
+                assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+                assert raised.value.details == "warming up"
+                assert servicer.calls == 1
+    finally:
+        server.stop(0)
