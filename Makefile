@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 # instead of a multi-GB CUDA download; see constraints.txt.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: help venv run test lint format proto clean
+COMPOSE := docker compose -f docker/docker-compose.yml
+
+.PHONY: help venv system-deps run test lint format proto lock clean \
+	compose-up compose-up-cpu compose-down smoke screenshot
 
 help:
 	@echo "make run     start the server on the seeded demo table (gRPC :50051, metrics :8000)"
@@ -15,6 +18,9 @@ help:
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make format  ruff format and ruff check --fix"
 	@echo "make proto   regenerate client/embedding_client/proto from protos/"
+	@echo "make compose-up / compose-up-cpu / compose-down   server + Prometheus + Grafana"
+	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
+	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
 	@echo "make clean   remove .venv and caches"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -24,10 +30,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# Debian's prometheus (with promtool) for the observability tests, when missing.
+system-deps:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	else echo "warning: prometheus not installed and not root: tests needing it will skip"; fi
+
 run: $(STAMP)
 	$(BIN)/embedding-server $(ARGS)
 
-test: lint
+test: lint system-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -41,6 +54,28 @@ format: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+lock: $(STAMP)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -c constraints.txt '.[server]'
+	{ sed -n '1,2p' docker/requirements.lock; .venv-lock/bin/pip freeze --exclude embedding-service \
+		| sed 's/+cpu//'; } > docker/requirements.lock.new && mv docker/requirements.lock.new docker/requirements.lock
+	rm -rf .venv-lock
+
+compose-up:
+	$(COMPOSE) up -d --build
+
+compose-up-cpu:
+	$(COMPOSE) -f docker/docker-compose.cpu.yml up -d --build
+
+compose-down:
+	$(COMPOSE) down
+
+smoke: $(STAMP)
+	docker/smoke.sh
+
+screenshot: $(STAMP)
+	docker/screenshot.sh docs/prometheus-p99.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -318,6 +318,7 @@ def test_metrics_show_traffic(start_server: ServerFactory) -> None:
     assert _sample(after, "embedding_response_bytes_total", method="Lookup", table="m") == 3 * 48
     assert _sample(after, "embedding_inflight_requests", method="Lookup") == 0
     assert _sample(after, "process_resident_memory_bytes") > 0
+    assert _sample(after, "embedding_device_memory_allocated_bytes", device="cpu") >= 1600
 
 
 def test_unknown_table_names_do_not_become_metric_labels(start_server: ServerFactory) -> None:

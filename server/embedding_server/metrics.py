@@ -7,7 +7,7 @@ dashboards and alerts work; the service's own live under `embedding_`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -82,25 +82,38 @@ KERNEL_NAMES = {"Lookup": "gather", "LookupDense": "one_hot_matmul"}
 
 
 class DeviceMemoryCollector(Collector):
-    """Accelerator memory as torch's caching allocator sees it, read at scrape time."""
+    """Memory of each device that holds tables, read at scrape time.
 
-    def __init__(self, devices: Iterable[torch.device]) -> None:
-        self.devices = sorted({d for d in devices if d.type == "cuda"}, key=str)
+    CUDA: what torch's caching allocator holds (allocated) and reserves. CPU: the bytes
+    of the tables held there (the process's RSS is process_resident_memory_bytes).
+    """
+
+    def __init__(self, tables: Callable[[], Iterable[tuple[torch.device, int]]]) -> None:
+        self.tables = tables
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         allocated = GaugeMetricFamily(
             "embedding_device_memory_allocated_bytes",
-            "Device memory held by tensors.",
+            "Device memory held: by tensors on CUDA, by tables on the CPU.",
             labels=["device"],
         )
         reserved = GaugeMetricFamily(
             "embedding_device_memory_reserved_bytes",
-            "Device memory reserved by torch's caching allocator.",
+            "Device memory reserved by torch's caching allocator (CUDA only).",
             labels=["device"],
         )
-        for device in self.devices:
+        cpu_bytes: dict[str, int] = {}
+        cuda_devices: set[torch.device] = set()
+        for device, nbytes in self.tables():
+            if device.type == "cuda":
+                cuda_devices.add(device)
+            else:
+                cpu_bytes[str(device)] = cpu_bytes.get(str(device), 0) + nbytes
+        for device in sorted(cuda_devices, key=str):
             allocated.add_metric([str(device)], torch.cuda.memory_allocated(device))
             reserved.add_metric([str(device)], torch.cuda.memory_reserved(device))
+        for name, nbytes in sorted(cpu_bytes.items()):
+            allocated.add_metric([name], nbytes)
         yield allocated
         yield reserved
 
@@ -108,10 +121,10 @@ class DeviceMemoryCollector(Collector):
 _device_collector: DeviceMemoryCollector | None = None
 
 
-def watch_devices(devices: Iterable[torch.device]) -> None:
-    """Export memory gauges for these accelerators (replacing an earlier set)."""
+def watch_devices(tables: Callable[[], Iterable[tuple[torch.device, int]]]) -> None:
+    """Export memory gauges for the devices `tables()` reports (replacing an earlier set)."""
     global _device_collector
     if _device_collector is not None:
         REGISTRY.unregister(_device_collector)
-    _device_collector = DeviceMemoryCollector(devices)
+    _device_collector = DeviceMemoryCollector(tables)
     REGISTRY.register(_device_collector)

@@ -151,7 +151,7 @@ class EmbeddingServer:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def _publish_tables(self) -> None:
-        metrics.watch_devices(t.weights.device for t in self.store)
+        metrics.watch_devices(lambda: [(t.weights.device, t.nbytes) for t in self.store])
         for table in self.store:
             metrics.TABLE_ROWS.labels(table.name).set(table.rows)
             metrics.TABLE_DIM.labels(table.name).set(table.dim)
