@@ -63,6 +63,15 @@ class ServerConfig:
     demo_dim: int = 128
     demo_seed: int = 0
     log_level: str = "INFO"
+    max_inflight: int = 256
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_tokens_file: str = ""
+    reflection: bool = True
+    # Not a flag (secrets stay out of argv): read from --auth-tokens-file and the
+    # EMBEDDING_AUTH_TOKENS environment variable.
+    auth_tokens: tuple[str, ...] = ()
 
     def describe(self) -> list[str]:
         """One `name = value` line per setting, for the start-up log."""
@@ -70,6 +79,8 @@ class ServerConfig:
         for name, value in asdict(self).items():
             if name == "tables":
                 value = ", ".join(str(t) for t in self.tables) or "(none: seeded demo table)"
+            elif name == "auth_tokens":
+                value = f"({len(self.auth_tokens)} tokens)" if self.auth_tokens else "(none)"
             lines.append(f"{name} = {value}")
         return lines
 
@@ -110,6 +121,15 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def _tables(text: str) -> tuple[TableSpec, ...]:
     return tuple(TableSpec.parse(part) for part in text.split(",") if part.strip())
 
@@ -135,6 +155,16 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--demo-dim", "demo_dim", _positive_int, "dim of the seeded demo table (no --table)"),
     ("--demo-seed", "demo_seed", int, "seed of the demo table (numpy default_rng)"),
     ("--log-level", "log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    ("--max-inflight", "max_inflight", _positive_int,
+     "most RPCs in flight (running or queued); past it calls get RESOURCE_EXHAUSTED at once"),
+    ("--tls-cert", "tls_cert", str, "PEM server certificate (chain): turns TLS on"),
+    ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
+    ("--tls-client-ca", "tls_client_ca", str,
+     "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"),
+    ("--auth-tokens-file", "auth_tokens_file", str,
+     "file of bearer tokens, one per line: every RPC but health needs one "
+     "(EMBEDDING_AUTH_TOKENS adds comma-separated tokens)"),
+    ("--reflection", "reflection", _bool, "serve gRPC reflection (true/false)"),
 )  # fmt: skip
 
 
@@ -200,12 +230,30 @@ def load_config(
     argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 ) -> ServerConfig:
     """Build the configuration from flags (`argv`) over environment variables (`env`)."""
-    parser = build_parser(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    parser = build_parser(env)
     values = vars(parser.parse_args(argv))
     env_tables = values.pop("env_tables")
     values["tables"] = tuple(values["tables"] or env_tables)
+    values["auth_tokens"] = _auth_tokens(parser, values["auth_tokens_file"], env)
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        parser.error("--tls-cert and --tls-key go together")
+    if values["tls_client_ca"] and not values["tls_cert"]:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     names = [t.name for t in values["tables"]]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         parser.error(f"table name given twice: {', '.join(duplicated)}")
     return ServerConfig(**values)
+
+
+def _auth_tokens(
+    parser: argparse.ArgumentParser, path: str, env: Mapping[str, str]
+) -> tuple[str, ...]:
+    tokens = [t.strip() for t in env.get(ENV_PREFIX + "AUTH_TOKENS", "").split(",")]
+    if path:
+        try:
+            tokens += [line.strip() for line in Path(path).read_text().splitlines()]
+        except OSError as exc:
+            parser.error(f"--auth-tokens-file {path}: {exc.strerror}")
+    return tuple(t for t in tokens if t and not t.startswith("#"))

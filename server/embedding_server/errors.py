@@ -19,3 +19,11 @@ class OverLimit(RequestError):
 
 class DeadlineExceeded(RequestError):
     """The caller's deadline passed before the work finished: DEADLINE_EXCEEDED."""
+
+
+class Unauthenticated(RequestError):
+    """No credential, or a wrong one: UNAUTHENTICATED."""
+
+
+class PermissionDenied(RequestError):
+    """A caller this RPC is not open to: PERMISSION_DENIED."""

@@ -8,11 +8,15 @@ dashboards and alerts work; the service's own live under `embedding_`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from embedding_server.tables import Table
 
 # `_created` series double the exposition and no dashboard reads them.
 disable_created_metrics()
@@ -78,7 +82,25 @@ TABLE_BYTES = Gauge(
 )
 TABLE_VERSION = Gauge("embedding_table_version", "Version of each table's contents.", ["table"])
 
+TABLE_RELOADS = Counter(
+    "embedding_table_reloads_total", "Table reloads, by result (ok, failed).", ["table", "result"]
+)
+
 KERNEL_NAMES = {"Lookup": "gather", "LookupDense": "one_hot_matmul"}
+_table_bytes_labels: dict[str, tuple[str, str, str]] = {}
+
+
+def publish_table(table: Table) -> None:
+    """Set one table's gauges (rows, dim, bytes, version), replacing earlier label sets."""
+    metrics_labels = (table.name, table.device, table.dtype)
+    previous = _table_bytes_labels.get(table.name)
+    if previous is not None and previous != metrics_labels:
+        TABLE_BYTES.remove(*previous)
+    _table_bytes_labels[table.name] = metrics_labels
+    TABLE_ROWS.labels(table.name).set(table.rows)
+    TABLE_DIM.labels(table.name).set(table.dim)
+    TABLE_BYTES.labels(*metrics_labels).set(table.nbytes)
+    TABLE_VERSION.labels(table.name).set(table.version)
 
 
 class DeviceMemoryCollector(Collector):

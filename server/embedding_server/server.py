@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -21,11 +22,14 @@ from prometheus_client import start_http_server
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
+from embedding_server.auth import Authenticator
 from embedding_server.config import ServerConfig, load_config
 from embedding_server.lookup import Limits, Lookups
 from embedding_server.servicer import (
+    ADMIN_SERVICE,
     HEALTH_SERVICE,
     SERVICE_NAME,
+    EmbeddingAdminServicer,
     EmbeddingServicer,
     StatusInterceptor,
 )
@@ -90,6 +94,18 @@ def build_store(config: ServerConfig, device: torch.device) -> TableStore:
     return store
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files (None: plaintext)."""
+    if not config.tls_cert:
+        return None
+    key = Path(config.tls_key).read_bytes()
+    chain = Path(config.tls_cert).read_bytes()
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 class EmbeddingServer:
     """A running gRPC server plus its metrics endpoint, over a loaded TableStore."""
 
@@ -106,10 +122,16 @@ class EmbeddingServer:
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
         )
-        self._interceptor = StatusInterceptor()
+        self.authenticator = Authenticator(
+            config.auth_tokens, mutual_tls=bool(config.tls_client_ca)
+        )
+        self._interceptor = StatusInterceptor(self.authenticator)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
             interceptors=[self._interceptor],
+            # Backpressure: past this many RPCs running or queued, grpc answers
+            # RESOURCE_EXHAUSTED at once instead of queueing without bound.
+            maximum_concurrent_rpcs=config.max_inflight,
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -120,11 +142,12 @@ class EmbeddingServer:
         pb_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(Lookups(store, limits)), self._grpc
         )
+        pb_grpc.add_EmbeddingAdminServicer_to_server(EmbeddingAdminServicer(store), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME),
-            self._grpc,
-        )  # fmt: skip
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._grpc
+            )
         self.port = 0
         self.metrics_port = 0
         self._metrics_httpd: object | None = None
@@ -132,8 +155,15 @@ class EmbeddingServer:
     def start(self) -> None:
         """Bind both ports, publish table gauges, and mark the service SERVING."""
         config = self.config
+        address = f"{config.host}:{config.port}"
         try:
-            self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+            credentials = server_credentials(config)
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, credentials)
+        except OSError as exc:
+            raise StartupError(f"cannot read TLS files: {exc}") from None
         except RuntimeError as exc:
             raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc})") from None
         try:
@@ -153,10 +183,9 @@ class EmbeddingServer:
     def _publish_tables(self) -> None:
         metrics.watch_devices(lambda: [(t.weights.device, t.nbytes) for t in self.store])
         for table in self.store:
-            metrics.TABLE_ROWS.labels(table.name).set(table.rows)
-            metrics.TABLE_DIM.labels(table.name).set(table.dim)
-            metrics.TABLE_BYTES.labels(table.name, table.device, table.dtype).set(table.nbytes)
-            metrics.TABLE_VERSION.labels(table.name).set(table.version)
+            metrics.publish_table(table)
+            metrics.TABLE_RELOADS.labels(table.name, "ok")
+            metrics.TABLE_RELOADS.labels(table.name, "failed")
             # Pre-register the series a dashboard reads, so /metrics is full before traffic.
             for method, kernel in metrics.KERNEL_NAMES.items():
                 metrics.REQUEST_SECONDS.labels(method, table.name, "OK")
@@ -168,6 +197,22 @@ class EmbeddingServer:
             metrics.GRPC_STARTED.labels("unary", SERVICE_NAME, method)
             metrics.GRPC_HANDLED.labels("unary", SERVICE_NAME, method, "OK")
             metrics.GRPC_HANDLING.labels("unary", SERVICE_NAME, method, "OK")
+
+    def reload_all(self) -> None:
+        """Re-read every table that came from a file (SIGHUP); failures keep the old version."""
+        for table in self.store:
+            if table.spec is None:
+                continue
+            try:
+                new = self.store.reload(table.name)
+            except Exception as exc:
+                metrics.TABLE_RELOADS.labels(table.name, "failed").inc()
+                log.error("reload of table %r failed, still serving version %d: %s",
+                          table.name, table.version, exc)  # fmt: skip
+                continue
+            metrics.TABLE_RELOADS.labels(new.name, "ok").inc()
+            metrics.publish_table(new)
+            log.info("table %r reloaded: version %d from %s", new.name, new.version, new.source)
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING first, refuse new calls, let in-flight ones
@@ -213,8 +258,13 @@ def serve(argv: Sequence[str] | None = None) -> int:
         log.info("received %s", signal.Signals(signum).name)
         stop.set()
 
+    def request_reload(signum: int, frame: FrameType | None) -> None:
+        log.info("received SIGHUP: reloading tables from their files")
+        threading.Thread(target=server.reload_all, name="reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     log.info(
         "serving %s on %s:%d (default table %r); metrics on http://%s:%d/metrics",
         ", ".join(t.name for t in store), config.host, server.port, store.default_name,

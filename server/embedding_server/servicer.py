@@ -22,21 +22,29 @@ from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
+from embedding_server.auth import Authenticator
 from embedding_server.errors import (
     DeadlineExceeded,
     InvalidRequest,
     OverLimit,
+    PermissionDenied,
     RequestError,
     TableNotFound,
+    Unauthenticated,
 )
 from embedding_server.lookup import Lookups
+from embedding_server.tables import Table, TableLoadError, TableStore
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    TableLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     TableNotFound: grpc.StatusCode.NOT_FOUND,
@@ -71,21 +79,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self, request: pb.ListTablesRequest, context: grpc.ServicerContext
     ) -> pb.ListTablesResponse:
         store = self.lookups.store
-        return pb.ListTablesResponse(
-            tables=[
-                pb.TableInfo(
-                    name=t.name,
-                    rows=t.rows,
-                    dim=t.dim,
-                    dtype=codec.dtype_to_wire(t.dtype),
-                    device=t.device,
-                    version=t.version,
-                    bytes=t.nbytes,
-                    is_default=t.name == store.default_name,
-                )
-                for t in store
-            ]
-        )
+        return pb.ListTablesResponse(tables=[table_info(t, store) for t in store])
 
     def _lookup(
         self, method: str, request: pb.LookupRequest, context: grpc.ServicerContext
@@ -121,6 +115,43 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             )
 
 
+def table_info(table: Table, store: TableStore) -> pb.TableInfo:
+    """A table as the wire describes it."""
+    return pb.TableInfo(
+        name=table.name,
+        rows=table.rows,
+        dim=table.dim,
+        dtype=codec.dtype_to_wire(table.dtype),
+        device=table.device,
+        version=table.version,
+        bytes=table.nbytes,
+        is_default=table.name == store.default_name,
+    )
+
+
+class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
+    """embedding.v1.EmbeddingAdmin: table reloads."""
+
+    def __init__(self, store: TableStore) -> None:
+        self.store = store
+
+    def ReloadTable(
+        self, request: pb.ReloadTableRequest, context: grpc.ServicerContext
+    ) -> pb.ReloadTableResponse:
+        started = time.perf_counter()
+        name = self.store.resolve_name(request.table) or ""
+        try:
+            table = self.store.reload(request.table, request.source)
+        except Exception:
+            metrics.TABLE_RELOADS.labels(name, "failed").inc()
+            raise
+        metrics.TABLE_RELOADS.labels(table.name, "ok").inc()
+        metrics.publish_table(table)
+        seconds = time.perf_counter() - started
+        log.info("table %r reloaded: version %d from %s", table.name, table.version, table.source)
+        return pb.ReloadTableResponse(table=table_info(table, self.store), load_seconds=seconds)
+
+
 def _deadline(context: grpc.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     if remaining is None:
@@ -130,12 +161,38 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
-class StatusInterceptor(grpc.ServerInterceptor):
-    """Maps core errors to status codes, logs unexpected ones as INTERNAL, records gRPC metrics,
-    and drains: once `drain()` is called, new calls (but health checks) get UNAVAILABLE while
-    the calls already running finish."""
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the call gets INVALID_ARGUMENT
+    instead of grpc's own INTERNAL ("Exception deserializing request!")."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf raises DecodeError and others
+            return _Malformed(exc)
+
+    return parse
+
+
+class StatusInterceptor(grpc.ServerInterceptor):
+    """The one place every RPC passes: authentication, status codes, metrics, draining.
+
+    Maps core errors to status codes, turns anything unexpected into a logged INTERNAL,
+    answers unparseable requests with INVALID_ARGUMENT, records the gRPC metrics, checks
+    credentials (all RPCs but health), and drains: once `drain()` is called, new calls
+    (health checks excepted) get UNAVAILABLE while running ones finish.
+    """
+
+    def __init__(self, authenticator: Authenticator | None = None) -> None:
+        self.authenticator = authenticator or Authenticator()
         self._running = 0
         self._draining = False
         self._idle = threading.Condition()
@@ -159,15 +216,23 @@ class StatusInterceptor(grpc.ServerInterceptor):
             if self._running == 0:
                 self._idle.notify_all()
 
+    def _authenticate(self, service: str, context: grpc.ServicerContext) -> None:
+        if service != HEALTH_SERVICE:
+            self.authenticator.check(
+                context.invocation_metadata(), admin=service == ADMIN_SERVICE, peer=context.peer()
+            )
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming RPCs (health Watch, reflection) pass through
+        if handler is None:
+            return None
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if handler.unary_unary is None:
+            return self._streaming(handler, service)
         behavior = handler.unary_unary
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
@@ -180,8 +245,13 @@ class StatusInterceptor(grpc.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                self._authenticate(service, context)
+                if isinstance(request, _Malformed):
+                    raise codec.WireError(
+                        f"the request is not a valid {service}/{method} message: {request.error}"
+                    )
                 return behavior(request, context)
-            except (RequestError, codec.WireError) as exc:
+            except (RequestError, codec.WireError, TableLoadError) as exc:
                 code = status_code(exc)
                 context.abort(code, str(exc))
             except Exception as exc:
@@ -203,6 +273,27 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    def _streaming(self, handler: grpc.RpcMethodHandler, service: str) -> grpc.RpcMethodHandler:
+        """Streaming RPCs (health Watch, reflection): credentials checked, not measured."""
+        if service == HEALTH_SERVICE:
+            return handler
+        if handler.stream_stream is not None:
+            behavior = handler.stream_stream
+
+            def checked(requests: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    self._authenticate(service, context)
+                except RequestError as exc:
+                    context.abort(status_code(exc), str(exc))
+                yield from behavior(requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                checked,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -9,6 +9,7 @@ and has its negative zeros made positive (see `load_table`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from embedding_server.config import TableSpec
-from embedding_server.errors import TableNotFound
+from embedding_server.errors import InvalidRequest, OverLimit, TableNotFound
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Table:
     weights: torch.Tensor
     source: str
     version: int = 1
+    # The file it came from, for reloads; None for the demo table and tables made in code.
+    spec: TableSpec | None = None
 
     @property
     def rows(self) -> int:
@@ -70,11 +73,63 @@ class TableStore:
     tables: dict[str, Table] = field(default_factory=dict)
     default_name: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, table: Table) -> None:
         with self._lock:
             self.tables[table.name] = table
             self.default_name = self.default_name or table.name
+
+    def reload(self, name: str, source: str = "") -> Table:
+        """Load a new version of table `name` (from `source`, PATH[:KEY], or its own file)
+        and swap it in; calls already running finish on the version they started with.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest
+            No such table; no file to reload from.
+        TableLoadError
+            The new file cannot be served (the old version keeps serving).
+        OverLimit
+            The device has no room for the new copy beside the serving one.
+        """
+        with self._reload_lock:
+            old = self.get(name)
+            if source:
+                try:
+                    spec = TableSpec.parse(f"{old.name}={source}")
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
+            elif old.spec is not None:
+                spec = old.spec
+            else:
+                raise InvalidRequest(
+                    f"table {old.name!r} was not loaded from a file; give a source to reload from"
+                )
+            try:
+                opened = _open_source(spec)
+            except TableLoadError as exc:
+                raise TableLoadError(f"table {old.name!r}: {exc}") from None
+            _check_shape(old.name, opened)
+            if opened.shape[1] != old.dim:
+                raise TableLoadError(
+                    f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "
+                    f"serves dim {old.dim}; callers depend on it, so a reload keeps the dim"
+                )
+            device = old.weights.device
+            needed = _storage_bytes(opened) + CHUNK_BYTES
+            free = available_bytes(device)
+            if needed > free:
+                raise OverLimit(
+                    f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {device} "
+                    f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
+                    f"{free / 2**20:.0f} MiB are free"
+                )
+            new = _materialise(old.name, str(spec), opened, device)
+            new.version, new.spec = old.version + 1, spec
+            with self._lock:
+                self.tables[old.name] = new
+            return new
 
     def resolve_name(self, name: str) -> str | None:
         """The name of the table an empty or given `name` selects, None if there is none."""
@@ -221,10 +276,38 @@ def load_table(spec: TableSpec, device: torch.device) -> Table:
         source = _open_source(spec)
     except TableLoadError as exc:
         raise TableLoadError(f"table {spec.name!r}: {exc}") from None
-    return _materialise(spec.name, str(spec), source, device)
+    _check_shape(spec.name, source)
+    table = _materialise(spec.name, str(spec), source, device)
+    table.spec = spec
+    return table
 
 
-def _materialise(name: str, origin: str, source: _RowSource, device: torch.device) -> Table:
+def available_bytes(device: torch.device) -> int:
+    """Bytes a new table could take on `device` now (CUDA: free plus torch's unused cache;
+    CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _storage_dtype(source: _RowSource) -> torch.dtype:
+    return source.dtype if source.dtype in STORAGE_DTYPES else torch.float32
+
+
+def _storage_bytes(source: _RowSource) -> int:
+    rows, dim = source.shape
+    return rows * dim * _storage_dtype(source).itemsize
+
+
+def _check_shape(name: str, source: _RowSource) -> None:
     if len(source.shape) != 2:
         raise TableLoadError(
             f"table {name!r}: expected a 2-D [rows, dim] table, got shape {list(source.shape)}"
@@ -236,7 +319,11 @@ def _materialise(name: str, origin: str, source: _RowSource, device: torch.devic
         raise TableLoadError(
             f"table {name!r}: holds {source.dtype} values; tables must be floating point"
         )
-    dtype = source.dtype if source.dtype in STORAGE_DTYPES else torch.float32
+
+
+def _materialise(name: str, origin: str, source: _RowSource, device: torch.device) -> Table:
+    rows, dim = source.shape
+    dtype = _storage_dtype(source)
     if dtype != source.dtype:
         log.info("table %r: stored as float32 (file holds %s)", name, source.dtype)
     weights = torch.empty((rows, dim), dtype=dtype, device=device)

@@ -81,3 +81,19 @@ class ListTablesResponse(_message.Message):
     TABLES_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
+
+class ReloadTableRequest(_message.Message):
+    __slots__ = ("table", "source")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    source: str
+    def __init__(self, table: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ReloadTableResponse(_message.Message):
+    __slots__ = ("table", "load_seconds")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    table: TableInfo
+    load_seconds: float
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., load_seconds: _Optional[float] = ...) -> None: ...

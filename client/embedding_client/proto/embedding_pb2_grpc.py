@@ -186,3 +186,85 @@ class EmbeddingService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EmbeddingAdminStub:
+    """Operations on the server's tables. When auth is on it needs a credential like every
+    other RPC; when auth is off only loopback callers may use it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReloadTable = channel.unary_unary(
+                '/embedding.v1.EmbeddingAdmin/ReloadTable',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableResponse.FromString,
+                _registered_method=True)
+
+
+class EmbeddingAdminServicer:
+    """Operations on the server's tables. When auth is on it needs a credential like every
+    other RPC; when auth is off only loopback callers may use it.
+    """
+
+    def ReloadTable(self, request, context):
+        """Load a new version of a table and swap it in atomically: calls see the old version
+        or the new one, never a mix. A file that cannot be served (missing, corrupt, wrong
+        shape or dim, non-finite) is refused and the old version keeps serving. Refused with
+        RESOURCE_EXHAUSTED when the device has no room for a second copy during the swap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EmbeddingAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReloadTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadTable,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'embedding.v1.EmbeddingAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('embedding.v1.EmbeddingAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class EmbeddingAdmin:
+    """Operations on the server's tables. When auth is on it needs a credential like every
+    other RPC; when auth is off only loopback callers may use it.
+    """
+
+    @staticmethod
+    def ReloadTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingAdmin/ReloadTable',
+            embedding_dot_v1_dot_embedding__pb2.ReloadTableRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.ReloadTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
