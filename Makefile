@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down smoke screenshot
+	compose-up compose-up-cpu compose-down smoke screenshot soak
 
 help:
 	@echo "make run     start the server on the seeded demo table (gRPC :50051, metrics :8000)"
@@ -21,6 +21,7 @@ help:
 	@echo "make compose-up / compose-up-cpu / compose-down   server + Prometheus + Grafana"
 	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
+	@echo "make soak    60 s at 64 concurrent calls: errors, latency percentiles, RSS"
 	@echo "make clean   remove .venv and caches"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -61,6 +62,10 @@ lock: $(STAMP)
 	{ sed -n '1,2p' docker/requirements.lock; .venv-lock/bin/pip freeze --exclude embedding-service \
 		| sed 's/+cpu//'; } > docker/requirements.lock.new && mv docker/requirements.lock.new docker/requirements.lock
 	rm -rf .venv-lock
+
+# 60 s at 64 concurrent calls against a real server: calls, errors, latency, RSS.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --seconds 60 --concurrency 64
 
 compose-up:
 	$(COMPOSE) up -d --build

@@ -10,7 +10,15 @@ from embedding_client.client import (
     EmbeddingClient,
     EmbeddingError,
     LookupResult,
+    Security,
     TableInfo,
 )
 
-__all__ = ["AsyncEmbeddingClient", "EmbeddingClient", "EmbeddingError", "LookupResult", "TableInfo"]
+__all__ = [
+    "AsyncEmbeddingClient",
+    "EmbeddingClient",
+    "EmbeddingError",
+    "LookupResult",
+    "Security",
+    "TableInfo",
+]

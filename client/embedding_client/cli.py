@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-from embedding_client.client import DEFAULT_TARGET, EmbeddingClient, EmbeddingError
+from embedding_client.client import DEFAULT_TARGET, EmbeddingClient, EmbeddingError, Security
 from embedding_client.codec import DTYPE_NAMES
 
 
@@ -28,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (%(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("EMBEDDING_TOKEN"),
+        help="bearer token (default: $EMBEDDING_TOKEN; prefer the variable: argv is visible)",
+    )
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's CAs")
+    parser.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (TLS)")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", help="PEM client key (mutual TLS)")
+    parser.add_argument("--server-name", help="name to check the server's certificate for")
     commands = parser.add_subparsers(dest="command", required=True)
 
     lookup = commands.add_parser("lookup", help="look up the vectors of some ids")
@@ -39,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     commands.add_parser("tables", help="list the server's tables")
+    reload = commands.add_parser("reload", help="load a new version of a table (admin)")
+    reload.add_argument("--table", help="table name (default: the server's default table)")
+    reload.add_argument(
+        "--source", default="", help="PATH[:KEY] on the server (default: the table's own file)"
+    )
     health = commands.add_parser("health", help="grpc.health.v1 status (exit 0 when SERVING)")
     health.add_argument("--service", default="", help="service name ('' for the whole server)")
     return parser
@@ -93,11 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one `embedding-client` command; exit 1 on a failed call."""
     args = build_parser().parse_args(argv)
     try:
-        with EmbeddingClient(args.target, timeout=args.timeout) as client:
+        security = Security.from_files(
+            args.token, args.tls_ca, args.tls_cert, args.tls_key, args.server_name, args.tls
+        )
+    except OSError as exc:
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        with EmbeddingClient(args.target, timeout=args.timeout, security=security) as client:
             if args.command == "lookup":
                 return _lookup(client, args)
             if args.command == "tables":
                 return _tables(client)
+            if args.command == "reload":
+                info = client.reload_table(args.table, args.source)
+                print(f"reloaded {info.name}: version {info.version}, {info.rows} x {info.dim}")
+                return 0
             status = client.health(args.service)
             print(status)
             return 0 if status == "SERVING" else 1

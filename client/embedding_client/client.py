@@ -129,6 +129,61 @@ def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
     ]
 
 
+@dataclass(frozen=True)
+class Security:
+    """How the client proves who it is and checks the server.
+
+    Attributes
+    ----------
+    token : bearer token sent as ``authorization: Bearer <token>`` on every call.
+    tls : use TLS (implied by any of the certificate options).
+    root_certificates : PEM CA bundle that signed the server's certificate (None: system roots).
+    client_certificate, client_key : PEM client certificate chain and key (mutual TLS).
+    server_name : name to check the server's certificate against, when it differs from
+        the target's host.
+    """
+
+    token: str | None = None
+    tls: bool = False
+    root_certificates: bytes | None = None
+    client_certificate: bytes | None = None
+    client_key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        token: str | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        server_name: str | None = None,
+        tls: bool = False,
+    ) -> Security:
+        """Build from PEM file paths (None: not given)."""
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as handle:
+                return handle.read()
+
+        return cls(token, tls, read(ca), read(cert), read(key), server_name)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or any(
+            x is not None for x in (self.root_certificates, self.client_certificate)
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.uses_tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.client_key, self.client_certificate
+        )
+
+
 class _ClientBase:
     def __init__(
         self,
@@ -136,13 +191,25 @@ class _ClientBase:
         timeout: float | None,
         max_attempts: int,
         max_message_bytes: int,
+        security: Security | None,
+        wait_for_ready: bool,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.security = security or Security()
+        self.wait_for_ready = wait_for_ready
         self._options = _channel_options(max_message_bytes, max_attempts)
+        if self.security.server_name:
+            self._options.append(("grpc.ssl_target_name_override", self.security.server_name))
+        token = self.security.token
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _call(self, timeout: float | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self._metadata,
+            "wait_for_ready": self.wait_for_ready or None,
+        }
 
 
 class EmbeddingClient(_ClientBase):
@@ -159,6 +226,11 @@ class EmbeddingClient(_ClientBase):
         gRPC backs off exponentially between them.
     max_message_bytes : int
         Largest request or response accepted, in bytes.
+    security : Security, optional
+        Bearer token and TLS settings; plaintext without a token when omitted.
+    wait_for_ready : bool
+        Wait (within the deadline) for an unreachable server to come up instead of
+        failing fast with UNAVAILABLE: rides out restarts.
 
     Examples
     --------
@@ -173,10 +245,17 @@ class EmbeddingClient(_ClientBase):
         timeout: float | None = DEFAULT_TIMEOUT_S,
         max_attempts: int = 5,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: Security | None = None,
+        wait_for_ready: bool = False,
     ) -> None:
-        super().__init__(target, timeout, max_attempts, max_message_bytes)
-        self._channel = grpc.insecure_channel(target, options=self._options)
+        super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
+        credentials = self.security.channel_credentials()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=self._options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def lookup(
@@ -236,7 +315,7 @@ class EmbeddingClient(_ClientBase):
         request = _lookup_request(ids, table, dtype)
         method = self._stub.LookupDense if dense else self._stub.Lookup
         try:
-            response = method(request, timeout=self._timeout(timeout))
+            response = method(request, **self._call(timeout))
         except grpc.RpcError as exc:
             raise EmbeddingError.from_rpc_error(exc) from None
         return _lookup_result(response)
@@ -244,16 +323,28 @@ class EmbeddingClient(_ClientBase):
     def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""
         try:
-            response = self._stub.ListTables(pb.ListTablesRequest(), timeout=self._timeout(timeout))
+            response = self._stub.ListTables(pb.ListTablesRequest(), **self._call(timeout))
         except grpc.RpcError as exc:
             raise EmbeddingError.from_rpc_error(exc) from None
         return _table_infos(response)
+
+    def reload_table(
+        self, table: str | None = None, source: str = "", *, timeout: float | None = None
+    ) -> TableInfo:
+        """Load a new version of `table` from `source` (PATH[:KEY] on the server; empty: its
+        own file) and swap it in atomically (admin RPC). Returns the table as it now serves."""
+        request = pb.ReloadTableRequest(table=table or "", source=source)
+        try:
+            response = self._admin.ReloadTable(request, **self._call(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return _table_infos(pb.ListTablesResponse(tables=[response.table]))[0]
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response = self._health.Check(request, timeout=self._timeout(timeout))
+            response = self._health.Check(request, **self._call(timeout))
         except grpc.RpcError as exc:
             raise EmbeddingError.from_rpc_error(exc) from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -285,10 +376,17 @@ class AsyncEmbeddingClient(_ClientBase):
         timeout: float | None = DEFAULT_TIMEOUT_S,
         max_attempts: int = 5,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: Security | None = None,
+        wait_for_ready: bool = False,
     ) -> None:
-        super().__init__(target, timeout, max_attempts, max_message_bytes)
-        self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
+        credentials = self.security.channel_credentials()
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def lookup(
@@ -327,7 +425,7 @@ class AsyncEmbeddingClient(_ClientBase):
         request = _lookup_request(ids, table, dtype)
         method = self._stub.LookupDense if dense else self._stub.Lookup
         try:
-            response = await method(request, timeout=self._timeout(timeout))
+            response = await method(request, **self._call(timeout))
         except grpc.RpcError as exc:
             raise EmbeddingError.from_rpc_error(exc) from None
         return _lookup_result(response)
@@ -335,18 +433,27 @@ class AsyncEmbeddingClient(_ClientBase):
     async def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""
         try:
-            response = await self._stub.ListTables(
-                pb.ListTablesRequest(), timeout=self._timeout(timeout)
-            )
+            response = await self._stub.ListTables(pb.ListTablesRequest(), **self._call(timeout))
         except grpc.RpcError as exc:
             raise EmbeddingError.from_rpc_error(exc) from None
         return _table_infos(response)
+
+    async def reload_table(
+        self, table: str | None = None, source: str = "", *, timeout: float | None = None
+    ) -> TableInfo:
+        """Load a new version of `table` and swap it in (see `EmbeddingClient.reload_table`)."""
+        request = pb.ReloadTableRequest(table=table or "", source=source)
+        try:
+            response = await self._admin.ReloadTable(request, **self._call(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+        return _table_infos(pb.ListTablesResponse(tables=[response.table]))[0]
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response = await self._health.Check(request, timeout=self._timeout(timeout))
+            response = await self._health.Check(request, **self._call(timeout))
         except grpc.RpcError as exc:
             raise EmbeddingError.from_rpc_error(exc) from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

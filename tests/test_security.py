@@ -1,0 +1,176 @@
+"""Who may call: TLS, mutual TLS, bearer tokens, admin policy, reflection switch."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from embedding_client import EmbeddingClient, EmbeddingError, Security
+from embedding_server.auth import Authenticator
+from embedding_server.config import ServerConfig
+from embedding_server.errors import PermissionDenied, Unauthenticated
+
+from .certs import issue, make_ca
+from .conftest import ServerFactory, random_table
+
+TOKENS = ("s3cret-token-alpha", "s3cret-token-beta")
+TABLE = random_table(50, 6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, ca_cert, ca_key = make_ca(folder)
+    other, other_cert, other_key = make_ca(folder, "other-ca")
+    return SimpleNamespace(
+        ca=ca,
+        other_ca=other,
+        server=issue(folder, "server", ca_cert, ca_key, server=True),
+        client=issue(folder, "client", ca_cert, ca_key, server=False),
+        stranger=issue(folder, "stranger", other_cert, other_key, server=False),
+    )
+
+
+def _client(port: int, **security: object) -> EmbeddingClient:
+    return EmbeddingClient(
+        f"localhost:{port}", timeout=5, max_attempts=1, security=Security.from_files(**security)
+    )
+
+
+def _code(port: int, **security: object) -> grpc.StatusCode | None:
+    with _client(port, **security) as client:
+        try:
+            client.lookup([1, 2])
+        except EmbeddingError as exc:
+            return exc.code
+    return None
+
+
+def test_tls_serves_trusting_clients_only(
+    start_server: ServerFactory, pki: SimpleNamespace
+) -> None:
+    server = start_server({"t": TABLE}, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
+    with _client(server.port, ca=str(pki.ca.cert)) as client:
+        np.testing.assert_array_equal(client.lookup([1, 2]), TABLE[[1, 2]])
+        assert client.health() == "SERVING"
+    assert _code(server.port) == grpc.StatusCode.UNAVAILABLE  # plaintext: no handshake
+    assert _code(server.port, ca=str(pki.other_ca.cert)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_needs_a_client_certificate_from_the_ca(
+    start_server: ServerFactory, pki: SimpleNamespace
+) -> None:
+    server = start_server(
+        {"t": TABLE},
+        tls_cert=str(pki.server.cert),
+        tls_key=str(pki.server.key),
+        tls_client_ca=str(pki.ca.cert),
+    )
+    ca = str(pki.ca.cert)
+    assert _code(server.port, ca=ca, cert=str(pki.client.cert), key=str(pki.client.key)) is None
+    assert _code(server.port, ca=ca) == grpc.StatusCode.UNAVAILABLE  # refused at the handshake
+    stranger = {"cert": str(pki.stranger.cert), "key": str(pki.stranger.key)}
+    assert _code(server.port, ca=ca, **stranger) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_tokens_guard_every_rpc_but_health(start_server: ServerFactory) -> None:
+    server = start_server({"t": TABLE}, auth_tokens=TOKENS)
+    with _client(server.port) as anonymous:
+        assert anonymous.health() == "SERVING"  # probes need no token
+        for call in (
+            lambda: anonymous.lookup([1]),
+            lambda: anonymous.lookup_dense([1]),
+            anonymous.tables,
+            lambda: anonymous.reload_table("t"),
+        ):
+            with pytest.raises(EmbeddingError) as raised:
+                call()
+            assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "Bearer <token>" in raised.value.details
+    with (
+        _client(server.port, token="s3cret-token-wrong") as wrong,
+        pytest.raises(EmbeddingError) as raised,
+    ):
+        wrong.lookup([1])
+    assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+    for token in TOKENS:
+        with _client(server.port, token=token) as client:
+            np.testing.assert_array_equal(client.lookup([3]), TABLE[[3]])
+            with pytest.raises(EmbeddingError) as raised:
+                client.reload_table("t")  # authorised; the table has no file to reload
+            assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        pytest.raises(grpc.RpcError) as raised_rpc,
+    ):
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert raised_rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tokens_never_reach_logs_or_metrics(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = start_server({"t": TABLE}, auth_tokens=TOKENS)
+    for token in (*TOKENS, "s3cret-token-wrong"):
+        with _client(server.port, token=token) as client, contextlib.suppress(EmbeddingError):
+            client.lookup([1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:
+        exposition = response.read().decode()
+    described = "\n".join(ServerConfig(auth_tokens=TOKENS).describe())
+    for text in (caplog.text, exposition, described):
+        assert "s3cret" not in text
+    assert "auth_tokens = (2 tokens)" in described
+
+
+def test_reflection_can_be_turned_off(start_server: ServerFactory) -> None:
+    server = start_server({"t": TABLE}, reflection=False)
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_admin_policy() -> None:
+    open_server = Authenticator()
+    open_server.check([], admin=True, peer="ipv4:127.0.0.1:5555")
+    open_server.check([], admin=True, peer="ipv6:[::1]:5555")
+    open_server.check([], admin=False, peer="ipv4:10.1.2.3:5555")
+    with pytest.raises(PermissionDenied, match="admin RPCs from other hosts need auth"):
+        open_server.check([], admin=True, peer="ipv4:10.1.2.3:5555")
+    mutual = Authenticator(mutual_tls=True)  # the certificate was checked at the handshake
+    mutual.check([], admin=True, peer="ipv4:10.1.2.3:5555")
+    tokens = Authenticator(TOKENS)
+    tokens.check(
+        [("authorization", "Bearer s3cret-token-beta")], admin=True, peer="ipv4:10.1.2.3:1"
+    )
+    for metadata in (
+        [],
+        [("authorization", "Bearer ")],
+        [("authorization", "Basic s3cret-token-beta")],
+        [("authorization", "Bearer s3cret-token-bet")],
+    ):
+        with pytest.raises(Unauthenticated):
+            tokens.check(metadata, admin=False, peer="ipv4:127.0.0.1:1")
+
+
+def test_tokens_file_and_env(tmp_path: Path) -> None:
+    from embedding_server.config import load_config
+
+    (tmp_path / "tokens").write_text("# comment\nfrom-file\n\n")
+    config = load_config(
+        ["--auth-tokens-file", str(tmp_path / "tokens")], env={"EMBEDDING_AUTH_TOKENS": "a,b"}
+    )
+    assert config.auth_tokens == ("a", "b", "from-file")
