@@ -184,6 +184,14 @@ class Security:
         )
 
 
+def _reloaded(response: pb.ReloadTableResponse) -> TableInfo:
+    return _table_infos(pb.ListTablesResponse(tables=[response.table]))[0]
+
+
+def _status_name(response: health_pb2.HealthCheckResponse) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
 class _ClientBase:
     def __init__(
         self,
@@ -258,6 +266,12 @@ class EmbeddingClient(_ClientBase):
         self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    def _invoke(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, **self._call(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+
     def lookup(
         self,
         ids: Any,
@@ -312,21 +326,12 @@ class EmbeddingClient(_ClientBase):
         timeout: float | None = None,
     ) -> LookupResult:
         """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
-        request = _lookup_request(ids, table, dtype)
         method = self._stub.LookupDense if dense else self._stub.Lookup
-        try:
-            response = method(request, **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return _lookup_result(response)
+        return _lookup_result(self._invoke(method, _lookup_request(ids, table, dtype), timeout))
 
     def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""
-        try:
-            response = self._stub.ListTables(pb.ListTablesRequest(), **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return _table_infos(response)
+        return _table_infos(self._invoke(self._stub.ListTables, pb.ListTablesRequest(), timeout))
 
     def reload_table(
         self, table: str | None = None, source: str = "", *, timeout: float | None = None
@@ -334,20 +339,12 @@ class EmbeddingClient(_ClientBase):
         """Load a new version of `table` from `source` (PATH[:KEY] on the server; empty: its
         own file) and swap it in atomically (admin RPC). Returns the table as it now serves."""
         request = pb.ReloadTableRequest(table=table or "", source=source)
-        try:
-            response = self._admin.ReloadTable(request, **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return _table_infos(pb.ListTablesResponse(tables=[response.table]))[0]
+        return _reloaded(self._invoke(self._admin.ReloadTable, request, timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response = self._health.Check(request, **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return _status_name(self._invoke(self._health.Check, request, timeout))
 
     def close(self) -> None:
         """Close the channel; the client cannot be used afterwards."""
@@ -389,6 +386,12 @@ class AsyncEmbeddingClient(_ClientBase):
         self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    async def _invoke(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, **self._call(timeout))
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+
     async def lookup(
         self,
         ids: Any,
@@ -422,41 +425,26 @@ class AsyncEmbeddingClient(_ClientBase):
         timeout: float | None = None,
     ) -> LookupResult:
         """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
-        request = _lookup_request(ids, table, dtype)
         method = self._stub.LookupDense if dense else self._stub.Lookup
-        try:
-            response = await method(request, **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return _lookup_result(response)
+        request = _lookup_request(ids, table, dtype)
+        return _lookup_result(await self._invoke(method, request, timeout))
 
     async def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""
-        try:
-            response = await self._stub.ListTables(pb.ListTablesRequest(), **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return _table_infos(response)
+        request = pb.ListTablesRequest()
+        return _table_infos(await self._invoke(self._stub.ListTables, request, timeout))
 
     async def reload_table(
         self, table: str | None = None, source: str = "", *, timeout: float | None = None
     ) -> TableInfo:
         """Load a new version of `table` and swap it in (see `EmbeddingClient.reload_table`)."""
         request = pb.ReloadTableRequest(table=table or "", source=source)
-        try:
-            response = await self._admin.ReloadTable(request, **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return _table_infos(pb.ListTablesResponse(tables=[response.table]))[0]
+        return _reloaded(await self._invoke(self._admin.ReloadTable, request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response = await self._health.Check(request, **self._call(timeout))
-        except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        return _status_name(await self._invoke(self._health.Check, request, timeout))
 
     async def close(self) -> None:
         """Close the channel; the client cannot be used afterwards."""
