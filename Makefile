@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down smoke screenshot soak
+	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service
 
 help:
 	@echo "make run     start the server on the seeded demo table (gRPC :50051, metrics :8000)"
@@ -22,11 +22,12 @@ help:
 	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
 	@echo "make soak    60 s at 64 concurrent calls: errors, latency percentiles, RSS"
+	@echo "make bench   kernel and service benchmarks: markdown tables and plots in bench/results/"
 	@echo "make clean   remove .venv and caches"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[server,dev]'
+	$(PIP_INSTALL) -e '.[server,dev,bench]'
 	touch $@
 
 venv: $(STAMP)
@@ -62,6 +63,17 @@ lock: $(STAMP)
 	{ sed -n '1,2p' docker/requirements.lock; .venv-lock/bin/pip freeze --exclude embedding-service \
 		| sed 's/+cpu//'; } > docker/requirements.lock.new && mv docker/requirements.lock.new docker/requirements.lock
 	rm -rf .venv-lock
+
+# Benchmarks print markdown tables and write plots under bench/results/.
+bench: bench-kernels bench-service
+
+bench-kernels: $(STAMP)
+	$(BIN)/python bench/kernels.py
+
+bench-service: $(STAMP)
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq redis-server >/dev/null; } \
+		|| echo "warning: redis-server not installed: the Redis comparison is skipped"
+	$(BIN)/python bench/service.py
 
 # 60 s at 64 concurrent calls against a real server: calls, errors, latency, RSS.
 soak: $(STAMP)

@@ -87,7 +87,7 @@ def test_sigterm_under_load_loses_no_call(tmp_path: Path) -> None:
     assert before > 20 and load.wrong == 0
     # Every failure is a refusal of a call that never ran, never a call cut off mid-way.
     for error in load.errors:
-        assert error.code == grpc.StatusCode.UNAVAILABLE, error
+        assert error.code == grpc.StatusCode.UNAVAILABLE, (error, [str(e) for e in load.errors])
         assert "reset" not in error.details.lower() and "removed" not in error.details.lower(), (
             error
         )

@@ -69,6 +69,7 @@ class ServerConfig:
     tls_client_ca: str = ""
     auth_tokens_file: str = ""
     reflection: bool = True
+    malloc_tune: bool = False
     # Not a flag (secrets stay out of argv): read from --auth-tokens-file and the
     # EMBEDDING_AUTH_TOKENS environment variable.
     auth_tokens: tuple[str, ...] = ()
@@ -165,6 +166,9 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "file of bearer tokens, one per line: every RPC but health needs one "
      "(EMBEDDING_AUTH_TOKENS adds comma-separated tokens)"),
     ("--reflection", "reflection", _bool, "serve gRPC reflection (true/false)"),
+    ("--malloc-tune", "malloc_tune", _bool,
+     "experimental: raise glibc's mmap/trim thresholds so freed response buffers are "
+     "reused (true/false; not a measured win yet, see docs/performance.md)"),
 )  # fmt: skip
 
 

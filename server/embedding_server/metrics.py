@@ -7,8 +7,9 @@ dashboards and alerts work; the service's own live under `embedding_`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -87,6 +88,16 @@ TABLE_RELOADS = Counter(
 )
 
 KERNEL_NAMES = {"Lookup": "gather", "LookupDense": "one_hot_matmul"}
+
+
+@functools.cache
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: the hot path records ~8 series per call and
+    prometheus-client's labels() costs a lock and a dict build each time (bounded here,
+    since labels are methods, resolved table names and status codes)."""
+    return metric.labels(*labels)
+
+
 _table_bytes_labels: dict[str, tuple[str, str, str]] = {}
 
 

@@ -98,11 +98,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 dense=method == "LookupDense",
                 deadline=_deadline(context),
             )
-            metrics.REQUEST_IDS.labels(method, table).observe(ids.size)
-            metrics.RESPONSE_BYTES.labels(method, table).inc(len(out.vectors))
-            metrics.KERNEL_SECONDS.labels(
-                metrics.KERNEL_NAMES[method], table, out.table.device
-            ).observe(out.kernel_seconds)
+            metrics.child(metrics.REQUEST_IDS, method, table).observe(ids.size)
+            metrics.child(metrics.RESPONSE_BYTES, method, table).inc(len(out.vectors))
+            kernel = metrics.KERNEL_NAMES[method]
+            metrics.child(metrics.KERNEL_SECONDS, kernel, table, out.table.device).observe(
+                out.kernel_seconds
+            )
             return codec.encode_lookup_response(
                 out.vectors, out.dtype, out.shape, out.table.name, out.version
             )
@@ -110,7 +111,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             code = status_code(exc)
             raise
         finally:
-            metrics.REQUEST_SECONDS.labels(method, table, code.name).observe(
+            metrics.child(metrics.REQUEST_SECONDS, method, table, code.name).observe(
                 time.perf_counter() - started
             )
 
@@ -196,6 +197,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
         self._running = 0
         self._draining = False
         self._idle = threading.Condition()
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def drain(self, timeout: float) -> bool:
         """Refuse new calls and wait up to `timeout` s for running ones; True when none is left."""
@@ -227,20 +229,28 @@ class StatusInterceptor(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        # Handlers are fixed per method, so each is wrapped once, not on every call.
+        wrapped = self._wrapped.get(handler_call_details.method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrap(handler, handler_call_details.method)
+            self._wrapped[handler_call_details.method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        service, _, method = full_method.lstrip("/").rpartition("/")
         if handler.unary_unary is None:
             return self._streaming(handler, service)
         behavior = handler.unary_unary
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            metrics.GRPC_STARTED.labels("unary", service, method).inc()
+            metrics.child(metrics.GRPC_STARTED, "unary", service, method).inc()
             if not self._enter(service):
                 metrics.GRPC_HANDLED.labels("unary", service, method, "UNAVAILABLE").inc()
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-            inflight = metrics.INFLIGHT.labels(method)
+            inflight = metrics.child(metrics.INFLIGHT, method)
             inflight.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -260,14 +270,14 @@ class StatusInterceptor(grpc.ServerInterceptor):
                 if aborted not in (None, grpc.StatusCode.OK):
                     code = aborted  # the handler aborted the call itself
                     raise
-                log.exception("%s failed on an unexpected error", handler_call_details.method)
+                log.exception("%s failed on an unexpected error", full_method)
                 code = grpc.StatusCode.INTERNAL
                 context.abort(code, f"internal error ({type(exc).__name__}); see the server log")
             finally:
                 self._leave()
                 inflight.dec()
-                metrics.GRPC_HANDLED.labels("unary", service, method, code.name).inc()
-                metrics.GRPC_HANDLING.labels("unary", service, method, code.name).observe(
+                metrics.child(metrics.GRPC_HANDLED, "unary", service, method, code.name).inc()
+                metrics.child(metrics.GRPC_HANDLING, "unary", service, method, code.name).observe(
                     time.perf_counter() - started
                 )
 

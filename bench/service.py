@@ -1,0 +1,356 @@
+"""Service benchmark: the embedding server against a raw-gRPC ceiling and Redis MGET.
+
+Every figure comes from one run on one machine, so the ratios compare like with like:
+
+- `Lookup`, `LookupDense`: a real `embedding-server` process (demo table V x 128 float32);
+- `ceiling`: a bare grpc server in the same framework with no service logic at all
+  (ids bytes in, `table[ids].tobytes()` out), the limit of one Python gRPC process;
+- `redis`: Debian's `redis-server` on loopback, rows stored as packed float32 values,
+  fetched with MGET: what users would pick instead.
+
+Load comes from separate client processes (asyncio, many calls in flight each), for a
+bounded time per cell, on loopback only. Prints a markdown table, writes it and a plot.
+
+    .venv/bin/python bench/service.py                       (make bench-service)
+    .venv/bin/python bench/service.py --batch 1,1024 --concurrency 1,32 --seconds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+
+DIM = 128
+BIN = Path(sys.executable).parent
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(float(part)) for part in text.split(",") if part]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def demo_table(rows: int) -> np.ndarray:
+    # The server's seeded demo table, rebuilt with numpy alone.
+    return np.random.default_rng(0).standard_normal((rows, DIM), dtype=np.float32)
+
+
+# ---------------------------------------------------------------- the raw-gRPC ceiling
+
+
+def ceiling_server(port: int, rows: int, workers: int) -> None:
+    """A grpc server with no service logic: raw ids bytes in, table[ids] bytes out."""
+    import grpc
+
+    table = demo_table(rows)
+
+    def lookup(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return table[np.frombuffer(request, dtype="<i8")].tobytes()
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[("grpc.max_send_message_length", 1 << 30),
+                 ("grpc.max_receive_message_length", 1 << 30), ("grpc.so_reuseport", 0)],
+    )  # fmt: skip
+    handler = grpc.unary_unary_rpc_method_handler(lookup)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("ceiling", {"Lookup": handler}),)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    server.wait_for_termination()
+
+
+# ---------------------------------------------------------------- load generator (client side)
+
+
+def _caller(target: str, kind: str, batch: int, rows: int) -> Callable[..., object]:
+    """An async function doing one call of `kind`, plus what it needs (made in the process)."""
+    if kind == "redis":
+        import redis.asyncio as redis
+
+        host, port = target.rsplit(":", 1)
+        client = redis.Redis(host=host, port=int(port), max_connections=512)
+
+        async def call(ids: np.ndarray) -> object:
+            values = await client.mget([f"r{i}" for i in ids.tolist()])
+            return np.frombuffer(b"".join(values), dtype="<f4")
+
+        return call
+    import grpc
+
+    options = [
+        ("grpc.max_receive_message_length", 1 << 30),
+        ("grpc.max_send_message_length", 1 << 30),
+    ]
+    channel = grpc.aio.insecure_channel(target, options=options)
+    if kind == "ceiling":
+        method = channel.unary_unary("/ceiling/Lookup")
+
+        async def call(ids: np.ndarray) -> object:
+            return np.frombuffer(await method(ids.tobytes(), timeout=60), dtype="<f4")
+
+        return call
+    from embedding_client import codec
+    from embedding_client.proto import embedding_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.EmbeddingServiceStub(channel)
+    rpc = stub.LookupDense if kind == "LookupDense" else stub.Lookup
+
+    async def call(ids: np.ndarray) -> object:
+        request = codec.encode_lookup_request(ids, None, "float32")
+        return codec.decode_vectors(await rpc(request, timeout=60))
+
+    return call
+
+
+def client_process(target: str, kind: str, batch: int, rows: int, inflight: int,
+                   start_at: float, seconds: float, seed: int, out: mp.Queue) -> None:  # fmt: skip
+    async def run() -> np.ndarray:
+        call = _caller(target, kind, batch, rows)
+        rng = np.random.default_rng(seed)
+        id_sets = [rng.integers(0, rows, size=batch, dtype=np.int64) for _ in range(64)]
+        await call(id_sets[0])  # connect and warm up before the clock starts
+        latencies: list[float] = []
+        end = start_at + seconds
+
+        async def worker(offset: int) -> None:
+            n = offset
+            while time.time() < end:
+                began = time.perf_counter()
+                await call(id_sets[n % len(id_sets)])
+                if time.time() <= end:
+                    latencies.append(time.perf_counter() - began)
+                n += 1
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await asyncio.gather(*(worker(i) for i in range(inflight)))
+        return np.asarray(latencies)
+
+    try:
+        out.put(("ok", asyncio.run(run())))
+    except Exception as exc:  # report, do not hang the parent
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def measure(target: str, kind: str, batch: int, rows: int, concurrency: int, seconds: float,
+            processes: int) -> dict[str, float]:  # fmt: skip
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    procs = min(processes, concurrency)
+    share = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    start_at = time.time() + 2.5  # spawned clients import and connect first
+    workers = [
+        ctx.Process(target=client_process,
+                    args=(target, kind, batch, rows, share[i], start_at, seconds, i, queue))
+        for i in range(procs)
+    ]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    errors = [r[1] for r in results if r[0] == "error"]
+    if errors:
+        raise RuntimeError(f"{kind} B={batch} C={concurrency}: {errors[0]}")
+    latencies = np.concatenate([r[1] for r in results]) * 1e3
+    rps = len(latencies) / seconds
+    p50, p99, p999 = np.percentile(latencies, [50, 99, 99.9]) if len(latencies) else (0, 0, 0)
+    return {"req_s": rps, "rows_s": rps * batch, "mb_s": rps * batch * DIM * 4 / 1e6,
+            "p50": p50, "p99": p99, "p999": p999, "calls": len(latencies)}  # fmt: skip
+
+
+# ---------------------------------------------------------------- targets (server side)
+
+
+def wait_port(
+    port: int, process: subprocess.Popen | mp.Process | None = None, timeout: float = 60
+) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def start_redis(rows: int, workdir: Path) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
+    import redis
+
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_port(port)
+    client = redis.Redis(port=port)
+    table = demo_table(rows)
+    pipe = client.pipeline(transaction=False)
+    for i in range(rows):
+        pipe.set(f"r{i}", table[i].tobytes())
+        if i % 10_000 == 9_999:
+            pipe.execute()
+    pipe.execute()
+    return process, port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=_numbers, default=_numbers("1,64,1024,16384"))
+    parser.add_argument("--concurrency", type=_numbers, default=_numbers("1,8,32,128"))
+    parser.add_argument("--kinds", default="Lookup,LookupDense,ceiling,redis")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows of the demo table")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
+    parser.add_argument("--processes", type=int, default=2, help="client processes per cell")
+    parser.add_argument("--workers", type=int, default=16, help="server handler threads")
+    parser.add_argument("--max-dense-batch", type=int, default=64,
+                        help="largest batch sent to LookupDense (it is ~1e4x slower)")  # fmt: skip
+    parser.add_argument("--server-args", default="", help="extra embedding-server flags")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    processes: list[subprocess.Popen | mp.Process] = []  # type: ignore[type-arg]
+    targets: dict[str, str] = {}
+    try:
+        if {"Lookup", "LookupDense"} & set(kinds):
+            port = free_port()
+            server = subprocess.Popen(
+                [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
+                 "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--demo-rows", str(args.rows),
+                 "--workers", str(args.workers), "--log-level", "WARNING", *args.server_args.split()],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+            processes.append(server)
+            wait_port(port)
+            targets["Lookup"] = targets["LookupDense"] = f"127.0.0.1:{port}"
+        if "ceiling" in kinds:
+            port = free_port()
+            ceiling = mp.get_context("spawn").Process(
+                target=ceiling_server, args=(port, args.rows, args.workers), daemon=True
+            )
+            ceiling.start()
+            processes.append(ceiling)
+            wait_port(port)
+            targets["ceiling"] = f"127.0.0.1:{port}"
+        if "redis" in kinds:
+            if shutil.which("redis-server") is None:
+                print("redis-server not installed (apt-get install redis-server): skipping redis")
+                kinds.remove("redis")
+            else:
+                redis_process, port = start_redis(args.rows, work)
+                processes.append(redis_process)
+                targets["redis"] = f"127.0.0.1:{port}"
+        time.sleep(1.0)  # let the servers settle (the embedding server builds its demo table)
+        print(f"service benchmark on {os.cpu_count()} cores, demo table {args.rows} x {DIM} float32, "
+              f"{args.seconds:.0f} s per cell, {args.processes} client processes", flush=True)  # fmt: skip
+        results: list[dict[str, object]] = []
+        for batch in args.batch:
+            for concurrency in args.concurrency:
+                for kind in kinds:
+                    if kind == "LookupDense" and batch > args.max_dense_batch:
+                        continue
+                    row = measure(targets[kind], kind, batch, args.rows, concurrency,
+                                  args.seconds, args.processes)  # fmt: skip
+                    results.append(
+                        {"kind": kind, "batch": batch, "concurrency": concurrency, **row}
+                    )
+                    print(f"  {kind:11} B={batch:>6} C={concurrency:>4}: {row['req_s']:9.0f} req/s "
+                          f"{row['rows_s']:12,.0f} rows/s  p50 {row['p50']:8.2f} ms  "
+                          f"p99 {row['p99']:8.2f} ms", flush=True)  # fmt: skip
+    finally:
+        for process in processes:
+            if isinstance(process, subprocess.Popen):
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            else:
+                process.terminate()
+                process.join(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, args)
+    return 0
+
+
+def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
+    ceiling = {
+        (r["batch"], r["concurrency"]): r["rows_s"] for r in results if r["kind"] == "ceiling"
+    }
+    lines = [
+        f"Service benchmark: {os.cpu_count()} cores, demo table {args.rows} x {DIM} float32, "
+        f"{args.seconds:.0f} s per cell, {args.processes} client processes (asyncio).",
+        "",
+        "| target | B | in flight | req/s | rows/s | MB/s | p50 ms | p99 ms | p99.9 ms | rows/s vs ceiling |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        base = ceiling.get((r["batch"], r["concurrency"]))
+        share = f"{r['rows_s'] / base:.0%}" if base else "-"
+        lines.append(
+            f"| {r['kind']} | {r['batch']:,} | {r['concurrency']} | {r['req_s']:,.0f} | "
+            f"{r['rows_s']:,.0f} | {r['mb_s']:,.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+            f"{r['p999']:.2f} | {share} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "service.md").write_text(text + "\n")
+    plot(results, args.out / "service.png")
+    print(f"\nwrote {args.out / 'service.md'} and {args.out / 'service.png'}")
+
+
+def plot(results: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for kind in dict.fromkeys(str(r["kind"]) for r in results):
+        best: dict[int, dict[str, object]] = {}
+        for r in results:
+            if r["kind"] == kind:
+                batch = int(r["batch"])  # type: ignore[call-overload]
+                if batch not in best or r["rows_s"] > best[batch]["rows_s"]:  # type: ignore[operator]
+                    best[batch] = r
+        batches = sorted(best)
+        left.plot(batches, [best[b]["rows_s"] for b in batches], marker="o", label=kind)
+        single = sorted((r for r in results if r["kind"] == kind and r["concurrency"] == 1),
+                        key=lambda r: r["batch"])  # type: ignore[arg-type,return-value]  # fmt: skip
+        right.plot([r["batch"] for r in single], [r["p50"] for r in single], marker="o", label=kind)
+    left.set(xscale="log", yscale="log", xlabel="ids per call (B)", ylabel="rows/s (best over in-flight)",
+             title="throughput")  # fmt: skip
+    right.set(xscale="log", yscale="log", xlabel="ids per call (B)", ylabel="p50 latency, ms",
+              title="latency with one call in flight")  # fmt: skip
+    for axis in (left, right):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
