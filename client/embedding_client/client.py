@@ -80,7 +80,9 @@ def _service_config(max_attempts: int) -> str:
         "initialBackoff": "0.05s",
         "maxBackoff": "2s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        # CANCELLED too: a server cancels calls that arrive as it stops. Every RPC here
+        # is a read or an idempotent reload, so a retry is safe.
+        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
     }
     methods = [{"name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}]}]
     config: dict[str, Any] = {"methodConfig": [dict(methods[0], retryPolicy=retry)]}
@@ -230,8 +232,8 @@ class EmbeddingClient(_ClientBase):
     timeout : float or None
         Default deadline of each call in seconds (None: no deadline).
     max_attempts : int
-        Attempts per call when the server is UNAVAILABLE (1 turns retries off);
-        gRPC backs off exponentially between them.
+        Attempts per call when the server answers UNAVAILABLE or CANCELLED (1 turns
+        retries off); gRPC backs off exponentially between them.
     max_message_bytes : int
         Largest request or response accepted, in bytes.
     security : Security, optional
