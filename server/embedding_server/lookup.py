@@ -6,7 +6,9 @@ Knows tensors, devices and numpy arrays; never protobuf.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -72,14 +74,15 @@ class Lookups:
         out_dtype = OUTPUT_DTYPES[dtype]
         self._check_limits(table, ids, out_dtype, dense)
         _check_range(ids, table.rows)
+        # A reload replaces the Table object, so these two always belong together.
         weights, version = table.weights, table.version
         device_ids = torch.from_numpy(ids).to(weights.device)
+        kernel: Callable[[], torch.Tensor]
         if dense:
-            kernel = lambda: kernels.one_hot_matmul(  # noqa: E731
-                weights, device_ids, self.limits.dense_chunk_cells, deadline
-            )
+            chunk = self.limits.dense_chunk_cells
+            kernel = partial(kernels.one_hot_matmul, weights, device_ids, chunk, deadline)
         else:
-            kernel = lambda: kernels.gather(weights, device_ids)  # noqa: E731
+            kernel = partial(kernels.gather, weights, device_ids)
         vectors, seconds = kernels.timed(weights.device, kernel)
         if vectors.dtype != out_dtype:
             vectors = vectors.to(out_dtype)
