@@ -2,7 +2,8 @@
 
 Every figure comes from one run on one machine, so the ratios compare like with like:
 
-- `Lookup`, `LookupDense`: a real `embedding-server` process (demo table V x 128 float32);
+- `Lookup`, `LookupDense`, `LookupStream`: a real `embedding-server` process (demo table
+  V x 128 float32); `LookupStream` sends each worker's calls over one open stream;
 - `ceiling`: a bare grpc server in the same framework with no service logic at all
   (ids bytes in, `table[ids].tobytes()` out), the limit of one Python gRPC process;
 - `redis`: Debian's `redis-server` on loopback, rows stored as packed float32 values,
@@ -114,6 +115,19 @@ def _caller(target: str, kind: str, batch: int, rows: int) -> Callable[..., obje
     from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 
     stub = pb_grpc.EmbeddingServiceStub(channel)
+    if kind == "LookupStream":
+        streams: dict[object, object] = {}  # one open stream per worker task
+
+        async def call(ids: np.ndarray) -> object:
+            task = asyncio.current_task()
+            stream = streams.get(task)
+            if stream is None:
+                stream = streams[task] = stub.LookupStream()
+            await stream.write(codec.encode_lookup_request(ids, None, "float32"))  # type: ignore[attr-defined]
+            answer = await stream.read()  # type: ignore[attr-defined]
+            return codec.decode_vectors(answer.result)
+
+        return call
     rpc = stub.LookupDense if kind == "LookupDense" else stub.Lookup
 
     async def call(ids: np.ndarray) -> object:
@@ -129,11 +143,12 @@ def client_process(target: str, kind: str, batch: int, rows: int, inflight: int,
         call = _caller(target, kind, batch, rows)
         rng = np.random.default_rng(seed)
         id_sets = [rng.integers(0, rows, size=batch, dtype=np.int64) for _ in range(64)]
-        await call(id_sets[0])  # connect and warm up before the clock starts
         latencies: list[float] = []
         end = start_at + seconds
 
         async def worker(offset: int) -> None:
+            await call(id_sets[0])  # connect (and open its stream) before the clock starts
+            await asyncio.sleep(max(0.0, start_at - time.time()))
             n = offset
             while time.time() < end:
                 began = time.perf_counter()
@@ -142,7 +157,6 @@ def client_process(target: str, kind: str, batch: int, rows: int, inflight: int,
                     latencies.append(time.perf_counter() - began)
                 n += 1
 
-        await asyncio.sleep(max(0.0, start_at - time.time()))
         await asyncio.gather(*(worker(i) for i in range(inflight)))
         return np.asarray(latencies)
 
@@ -219,13 +233,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=_numbers, default=_numbers("1,64,1024,16384"))
     parser.add_argument("--concurrency", type=_numbers, default=_numbers("1,8,32,128"))
-    parser.add_argument("--kinds", default="Lookup,LookupDense,ceiling,redis")
+    parser.add_argument("--kinds", default="Lookup,LookupStream,LookupDense,ceiling,redis")
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the demo table")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
     parser.add_argument("--processes", type=int, default=2, help="client processes per cell")
     parser.add_argument("--workers", type=int, default=16, help="server handler threads")
     parser.add_argument("--max-dense-batch", type=int, default=64,
                         help="largest batch sent to LookupDense (it is ~1e4x slower)")  # fmt: skip
+    parser.add_argument("--max-streams", type=int, default=8,
+                        help="LookupStream only up to this many in flight (the server's --max-streams)")  # fmt: skip
     parser.add_argument("--server-args", default="", help="extra embedding-server flags")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
@@ -234,7 +250,7 @@ def main() -> int:
     processes: list[subprocess.Popen | mp.Process] = []  # type: ignore[type-arg]
     targets: dict[str, str] = {}
     try:
-        if {"Lookup", "LookupDense"} & set(kinds):
+        if {"Lookup", "LookupDense", "LookupStream"} & set(kinds):
             port = free_port()
             server = subprocess.Popen(
                 [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
@@ -244,7 +260,8 @@ def main() -> int:
             )  # fmt: skip
             processes.append(server)
             wait_port(port)
-            targets["Lookup"] = targets["LookupDense"] = f"127.0.0.1:{port}"
+            for kind in ("Lookup", "LookupDense", "LookupStream"):
+                targets[kind] = f"127.0.0.1:{port}"
         if "ceiling" in kinds:
             port = free_port()
             ceiling = mp.get_context("spawn").Process(
@@ -271,6 +288,8 @@ def main() -> int:
                 for kind in kinds:
                     if kind == "LookupDense" and batch > args.max_dense_batch:
                         continue
+                    if kind == "LookupStream" and concurrency > args.max_streams:
+                        continue  # the server takes at most --max-streams open streams
                     row = measure(targets[kind], kind, batch, args.rows, concurrency,
                                   args.seconds, args.processes)  # fmt: skip
                     results.append(

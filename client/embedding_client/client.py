@@ -8,6 +8,7 @@ large messages, and raise one exception type, `EmbeddingError`.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +187,16 @@ class Security:
         )
 
 
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _stream_result(response: pb.LookupStreamResponse) -> LookupResult:
+    if response.HasField("error"):
+        code = _STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)
+        raise EmbeddingError(code, response.error.message)
+    return _lookup_result(response.result)
+
+
 def _reloaded(response: pb.ReloadTableResponse) -> TableInfo:
     return _table_infos(pb.ListTablesResponse(tables=[response.table]))[0]
 
@@ -331,6 +342,41 @@ class EmbeddingClient(_ClientBase):
         method = self._stub.LookupDense if dense else self._stub.Lookup
         return _lookup_result(self._invoke(method, _lookup_request(ids, table, dtype), timeout))
 
+    def lookup_stream(
+        self,
+        batches: Iterable[Any],
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[LookupResult]:
+        """Look up many batches of ids over one stream (`LookupStream`): cheaper per batch
+        than one call each when batches are small.
+
+        Parameters
+        ----------
+        batches : iterable of ids (each as `lookup` takes them); read lazily
+        table, dtype : as for `lookup`, the same for every batch
+        timeout : deadline for the whole stream
+
+        Yields
+        ------
+        LookupResult
+            One per batch, in order.
+
+        Raises
+        ------
+        EmbeddingError
+            At the first refused batch (with that batch's status code and message), or
+            when the stream fails.
+        """
+        requests = (_lookup_request(ids, table, dtype) for ids in batches)
+        try:
+            for response in self._stub.LookupStream(requests, **self._call(timeout)):
+                yield _stream_result(response)
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
+
     def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""
         return _table_infos(self._invoke(self._stub.ListTables, pb.ListTablesRequest(), timeout))
@@ -430,6 +476,22 @@ class AsyncEmbeddingClient(_ClientBase):
         method = self._stub.LookupDense if dense else self._stub.Lookup
         request = _lookup_request(ids, table, dtype)
         return _lookup_result(await self._invoke(method, request, timeout))
+
+    async def lookup_stream(
+        self,
+        batches: Iterable[Any],
+        table: str | None = None,
+        dtype: str = "float32",
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[LookupResult]:
+        """Look up many batches over one stream (see `EmbeddingClient.lookup_stream`)."""
+        requests = (_lookup_request(ids, table, dtype) for ids in batches)
+        try:
+            async for response in self._stub.LookupStream(requests, **self._call(timeout)):
+                yield _stream_result(response)
+        except grpc.RpcError as exc:
+            raise EmbeddingError.from_rpc_error(exc) from None
 
     async def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""

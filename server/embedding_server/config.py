@@ -64,6 +64,7 @@ class ServerConfig:
     demo_seed: int = 0
     log_level: str = "INFO"
     max_inflight: int = 256
+    max_streams: int = 8
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -158,6 +159,9 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--log-level", "log_level", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     ("--max-inflight", "max_inflight", _positive_int,
      "most RPCs in flight (running or queued); past it calls get RESOURCE_EXHAUSTED at once"),
+    ("--max-streams", "max_streams", _positive_int,
+     "most LookupStream streams open at once; each holds a handler thread, so keep it "
+     "below --workers"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (chain): turns TLS on"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", str,
@@ -240,6 +244,11 @@ def load_config(
     env_tables = values.pop("env_tables")
     values["tables"] = tuple(values["tables"] or env_tables)
     values["auth_tokens"] = _auth_tokens(parser, values["auth_tokens_file"], env)
+    if values["max_streams"] >= values["workers"]:
+        parser.error(
+            f"--max-streams ({values['max_streams']}) must be below --workers "
+            f"({values['workers']}): each open stream holds a handler thread"
+        )
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")
     if values["tls_client_ca"] and not values["tls_cert"]:

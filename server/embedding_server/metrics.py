@@ -87,7 +87,7 @@ TABLE_RELOADS = Counter(
     "embedding_table_reloads_total", "Table reloads, by result (ok, failed).", ["table", "result"]
 )
 
-KERNEL_NAMES = {"Lookup": "gather", "LookupDense": "one_hot_matmul"}
+KERNEL_NAMES = {"Lookup": "gather", "LookupDense": "one_hot_matmul", "LookupStream": "gather"}
 
 
 @functools.cache

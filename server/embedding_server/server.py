@@ -147,7 +147,7 @@ class EmbeddingServer:
         self.authenticator = Authenticator(
             config.auth_tokens, mutual_tls=bool(config.tls_client_ca)
         )
-        self._interceptor = StatusInterceptor(self.authenticator)
+        self._interceptor = StatusInterceptor(self.authenticator, config.max_streams)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
             interceptors=[self._interceptor],

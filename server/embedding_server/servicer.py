@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -74,6 +74,20 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self, request: pb.LookupRequest, context: grpc.ServicerContext
     ) -> pb.LookupResponse:
         return self._lookup("LookupDense", request, context)
+
+    def LookupStream(
+        self, requests: Iterator[pb.LookupRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.LookupStreamResponse]:
+        for sequence, request in enumerate(requests):
+            try:
+                if isinstance(request, _Malformed):
+                    raise codec.WireError(f"not a valid LookupRequest: {request.error}")
+                result = self._lookup("LookupStream", request, context)
+            except (RequestError, codec.WireError) as exc:
+                error = pb.StreamError(code=status_code(exc).value[0], message=str(exc))
+                yield pb.LookupStreamResponse(sequence=sequence, error=error)
+            else:
+                yield pb.LookupStreamResponse(sequence=sequence, result=result)
 
     def ListTables(
         self, request: pb.ListTablesRequest, context: grpc.ServicerContext
@@ -162,6 +176,10 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
+class _Draining(Exception):
+    """A stream's next request arrived while the server drains."""
+
+
 class _Malformed:
     """Stands in for a request whose bytes did not parse, so the call gets INVALID_ARGUMENT
     instead of grpc's own INTERNAL ("Exception deserializing request!")."""
@@ -192,18 +210,28 @@ class StatusInterceptor(grpc.ServerInterceptor):
     (health checks excepted) get UNAVAILABLE while running ones finish.
     """
 
-    def __init__(self, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, authenticator: Authenticator | None = None, max_streams: int = 8) -> None:
         self.authenticator = authenticator or Authenticator()
+        # A sync gRPC server runs each open stream on one handler thread for its lifetime:
+        # past the thread count, further streams (and unary calls) would wait forever.
+        self.max_streams = max_streams
         self._running = 0
         self._draining = False
         self._idle = threading.Condition()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._streams: dict[int, grpc.ServicerContext] = {}
 
     def drain(self, timeout: float) -> bool:
-        """Refuse new calls and wait up to `timeout` s for running ones; True when none is left."""
+        """Refuse new calls, wait up to `timeout` s for running ones, then cancel streams left
+        idle (nothing in progress on them) so they do not hold the shutdown for the whole
+        grace period. True when nothing was running any more."""
         with self._idle:
             self._draining = True
-            return self._idle.wait_for(lambda: self._running == 0, timeout=timeout)
+            drained = self._idle.wait_for(lambda: self._running == 0, timeout=timeout)
+            idle_streams = list(self._streams.values())
+        for context in idle_streams:
+            context.cancel()
+        return drained
 
     def _enter(self, service: str) -> bool:
         with self._idle:
@@ -242,7 +270,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
         service, _, method = full_method.lstrip("/").rpartition("/")
         if handler.unary_unary is None:
-            return self._streaming(handler, service)
+            return self._streaming(handler, service, method)
         behavior = handler.unary_unary
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
@@ -287,23 +315,59 @@ class StatusInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _streaming(self, handler: grpc.RpcMethodHandler, service: str) -> grpc.RpcMethodHandler:
-        """Streaming RPCs (health Watch, reflection): credentials checked, not measured."""
-        if service == HEALTH_SERVICE:
-            return handler
-        if handler.stream_stream is not None:
-            behavior = handler.stream_stream
+    def _streaming(
+        self, handler: grpc.RpcMethodHandler, service: str, method: str
+    ) -> grpc.RpcMethodHandler:
+        """Streaming RPCs: credentials checked; a bidirectional stream counts as running only
+        while it handles a message, so drain waits for answers in progress, not idle streams."""
+        if service == HEALTH_SERVICE or handler.stream_stream is None:
+            return handler  # health Watch: open to probes, like Check
+        behavior = handler.stream_stream
 
-            def checked(requests: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    self._authenticate(service, context)
-                except RequestError as exc:
-                    context.abort(status_code(exc), str(exc))
-                yield from behavior(requests, context)
+        def checked(requests: Any, context: grpc.ServicerContext) -> Any:
+            metrics.child(metrics.GRPC_STARTED, "bidi_stream", service, method).inc()
+            busy = [False]
 
-            return grpc.stream_stream_rpc_method_handler(
-                checked,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+            def counted() -> Any:
+                for request in requests:
+                    if not self._enter(service):
+                        raise _Draining
+                    busy[0] = True
+                    yield request  # resumes once the answer to it has been handed on
+                    busy[0] = False
+                    self._leave()
+
+            code = grpc.StatusCode.OK
+            with self._idle:
+                admitted = len(self._streams) < self.max_streams
+                if admitted:
+                    self._streams[id(context)] = context
+            if not admitted:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                metrics.child(metrics.GRPC_HANDLED, "bidi_stream", service, method, code.name).inc()
+                context.abort(
+                    code,
+                    f"{self.max_streams} streams are open, the most this server takes "
+                    "(--max-streams): use unary Lookup, or retry later",
+                )
+            try:
+                self._authenticate(service, context)
+                yield from behavior(counted(), context)
+            except _Draining:
+                code = grpc.StatusCode.UNAVAILABLE
+                context.abort(code, "the server is shutting down: resend the rest elsewhere")
+            except RequestError as exc:
+                code = status_code(exc)
+                context.abort(code, str(exc))
+            finally:
+                with self._idle:
+                    self._streams.pop(id(context), None)
+                if busy[0]:
+                    self._leave()
+                metrics.child(metrics.GRPC_HANDLED, "bidi_stream", service, method, code.name).inc()
+
+        return grpc.stream_stream_rpc_method_handler(
+            checked,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

@@ -52,6 +52,24 @@ class LookupResponse(_message.Message):
     table_version: int
     def __init__(self, vectors: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., table: _Optional[str] = ..., table_version: _Optional[int] = ...) -> None: ...
 
+class LookupStreamResponse(_message.Message):
+    __slots__ = ("sequence", "result", "error")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    result: LookupResponse
+    error: StreamError
+    def __init__(self, sequence: _Optional[int] = ..., result: _Optional[_Union[LookupResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class ListTablesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -44,6 +44,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.LookupRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupStream = channel.stream_stream(
+                '/embedding.v1.EmbeddingService/LookupStream',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.LookupRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupStreamResponse.FromString,
+                _registered_method=True)
         self.ListTables = channel.unary_unary(
                 '/embedding.v1.EmbeddingService/ListTables',
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.ListTablesRequest.SerializeToString,
@@ -70,6 +75,16 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupStream(self, request_iterator, context):
+        """Lookup over one long-lived stream, for callers that send many small requests: one
+        answer per request, in order. A refused request gets an answer carrying its error and
+        the stream goes on; on shutdown the stream ends with UNAVAILABLE after the answer in
+        progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTables(self, request, context):
         """The tables this server holds.
         """
@@ -89,6 +104,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.LookupDense,
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupStream,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.LookupStreamResponse.SerializeToString,
             ),
             'ListTables': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTables,
@@ -150,6 +170,33 @@ class EmbeddingService:
             '/embedding.v1.EmbeddingService/LookupDense',
             embedding_dot_v1_dot_embedding__pb2.LookupRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/embedding.v1.EmbeddingService/LookupStream',
+            embedding_dot_v1_dot_embedding__pb2.LookupRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.LookupStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

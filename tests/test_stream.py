@@ -1,0 +1,145 @@
+"""LookupStream: many small lookups over one stream, errors per message, drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from embedding_client import AsyncEmbeddingClient, EmbeddingClient, EmbeddingError
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.proto import embedding_pb2_grpc as pb_grpc
+from embedding_server.server import EmbeddingServer
+
+from .conftest import ServerFactory, random_table
+
+
+def test_stream_answers_every_batch_in_order(
+    client: EmbeddingClient, tables: dict[str, np.ndarray]
+) -> None:
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 1000, size=int(rng.integers(0, 50))) for _ in range(200)]
+    batches.append(np.array(7))  # a scalar id
+    results = list(client.lookup_stream(iter(batches), table="main", dtype="float16"))
+    assert len(results) == len(batches)
+    for ids, result in zip(batches, results, strict=True):
+        assert result.table == "main" and result.version == 1
+        np.testing.assert_array_equal(result.vectors, tables["main"][ids].astype(np.float16))
+
+
+def test_a_refused_batch_does_not_end_the_stream(server: EmbeddingServer) -> None:
+    requests = [
+        pb.LookupRequest(table="main", ids_list=[1, 2]),
+        pb.LookupRequest(table="main", ids_list=[5000]),
+        pb.LookupRequest(table="nope", ids_list=[1]),
+        pb.LookupRequest(table="main", ids=b"\x01\x02"),
+        pb.LookupRequest(table="main", ids_list=[3]),
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        answers = list(pb_grpc.EmbeddingServiceStub(channel).LookupStream(iter(requests)))
+    assert [a.sequence for a in answers] == [0, 1, 2, 3, 4]
+    assert [a.HasField("result") for a in answers] == [True, False, False, False, True]
+    codes = [a.error.code for a in answers if a.HasField("error")]
+    assert codes == [
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.NOT_FOUND.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    ]
+    assert "id 5000 at position 0 is out of range" in answers[1].error.message
+
+
+def test_client_raises_the_first_refused_batch(client: EmbeddingClient) -> None:
+    stream = client.lookup_stream([[1], [2000], [3]], table="main")
+    assert next(stream).vectors.shape == (1, 16)
+    with pytest.raises(EmbeddingError) as raised:
+        next(stream)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "id 2000" in raised.value.details
+
+
+def test_async_stream(server: EmbeddingServer, tables: dict[str, np.ndarray]) -> None:
+    async def run() -> list[np.ndarray]:
+        async with AsyncEmbeddingClient(f"127.0.0.1:{server.port}") as client:
+            return [r.vectors async for r in client.lookup_stream([[1, 2], [3]], table="main")]
+
+    first, second = asyncio.run(run())
+    np.testing.assert_array_equal(first, tables["main"][[1, 2]])
+    np.testing.assert_array_equal(second, tables["main"][[3]])
+
+
+def test_stream_needs_a_token_when_auth_is_on(start_server: ServerFactory) -> None:
+    server = start_server({"t": random_table(10, 4)}, auth_tokens=("tok",))
+    with (
+        EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as anonymous,
+        pytest.raises(EmbeddingError) as raised,
+    ):
+        list(anonymous.lookup_stream([[1]]))
+    assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_drain_does_not_wait_for_idle_streams(start_server: ServerFactory) -> None:
+    weights = random_table(500, 8, seed=8)
+    server = start_server({"t": weights}, grace_s=30)
+    release = threading.Event()
+    answers: list[pb.LookupStreamResponse] = []
+    status: list[grpc.StatusCode] = []
+
+    def requests():  # type: ignore[no-untyped-def]
+        yield pb.LookupRequest(ids_list=[1])
+        yield pb.LookupRequest(ids_list=[2, 3])
+        release.wait(60)  # then the stream sits idle, open, with nothing in progress
+
+    def consume() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            try:
+                for answer in pb_grpc.EmbeddingServiceStub(channel).LookupStream(requests()):
+                    answers.append(answer)
+            except grpc.RpcError as exc:
+                status.append(exc.code())
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    deadline = time.monotonic() + 20
+    while len(answers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(answers) == 2
+    started = time.monotonic()
+    server.stop()  # grace 30 s: an idle stream must not hold it that long
+    elapsed = time.monotonic() - started
+    consumer.join(timeout=30)
+    release.set()
+    assert elapsed < 5, f"stop took {elapsed:.1f} s"
+    assert status and status[0] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    np.testing.assert_array_equal(
+        np.frombuffer(answers[1].result.vectors, "<f4").reshape(2, 8), weights[[2, 3]]
+    )
+
+
+def test_streams_past_the_limit_are_refused_not_queued(start_server: ServerFactory) -> None:
+    server = start_server({"t": random_table(10, 4)}, max_streams=2, workers=4)
+    release = threading.Event()
+    target = f"127.0.0.1:{server.port}"
+
+    def held():  # type: ignore[no-untyped-def]
+        yield pb.LookupRequest(ids_list=[1])
+        release.wait(30)
+
+    channels = [grpc.insecure_channel(target) for _ in range(2)]
+    open_streams = [pb_grpc.EmbeddingServiceStub(c).LookupStream(held()) for c in channels]
+    for stream in open_streams:
+        assert next(stream).HasField("result")  # two streams open and answered
+    try:
+        with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+            with pytest.raises(EmbeddingError) as raised:
+                list(client.lookup_stream([[1]]))
+            assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-streams" in raised.value.details
+            assert client.lookup([2]).shape == (1, 4)  # unary calls still get a thread
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
