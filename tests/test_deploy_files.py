@@ -114,6 +114,6 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "embedding_request_ids_sum", "embedding_kernel_seconds", "embedding_inflight_requests",
         "embedding_table_rows", "embedding_table_dim", "embedding_table_bytes",
         "embedding_table_version", "process_resident_memory_bytes",
-        "embedding_device_memory_allocated_bytes",
+        "embedding_device_memory_allocated_bytes", 'method="LookupStream"',
     ):  # fmt: skip
         assert needed in exprs, f"the dashboard has no panel on {needed}"
