@@ -33,6 +33,7 @@ from embedding_server.servicer import (
     EmbeddingAdminServicer,
     EmbeddingServicer,
     StatusInterceptor,
+    reload_table,
 )
 from embedding_server.tables import TableLoadError, TableStore, demo_table, load_table
 
@@ -226,15 +227,10 @@ class EmbeddingServer:
             if table.spec is None:
                 continue
             try:
-                new = self.store.reload(table.name)
+                reload_table(self.store, table.name)
             except Exception as exc:
-                metrics.TABLE_RELOADS.labels(table.name, "failed").inc()
                 log.error("reload of table %r failed, still serving version %d: %s",
                           table.name, table.version, exc)  # fmt: skip
-                continue
-            metrics.TABLE_RELOADS.labels(new.name, "ok").inc()
-            metrics.publish_table(new)
-            log.info("table %r reloaded: version %d from %s", new.name, new.version, new.source)
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING first, refuse new calls, let in-flight ones

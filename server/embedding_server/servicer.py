@@ -154,17 +154,24 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
         self, request: pb.ReloadTableRequest, context: grpc.ServicerContext
     ) -> pb.ReloadTableResponse:
         started = time.perf_counter()
-        name = self.store.resolve_name(request.table) or ""
-        try:
-            table = self.store.reload(request.table, request.source)
-        except Exception:
-            metrics.TABLE_RELOADS.labels(name, "failed").inc()
-            raise
-        metrics.TABLE_RELOADS.labels(table.name, "ok").inc()
-        metrics.publish_table(table)
+        table = reload_table(self.store, request.table, request.source)
         seconds = time.perf_counter() - started
-        log.info("table %r reloaded: version %d from %s", table.name, table.version, table.source)
         return pb.ReloadTableResponse(table=table_info(table, self.store), load_seconds=seconds)
+
+
+def reload_table(store: TableStore, name: str, source: str = "") -> Table:
+    """`store.reload` with its bookkeeping: the reload counter, the table gauges, a log line.
+    The one path for the admin RPC and SIGHUP alike; errors propagate after being counted."""
+    label = store.resolve_name(name) or ""
+    try:
+        table = store.reload(name, source)
+    except Exception:
+        metrics.TABLE_RELOADS.labels(label, "failed").inc()
+        raise
+    metrics.TABLE_RELOADS.labels(table.name, "ok").inc()
+    metrics.publish_table(table)
+    log.info("table %r reloaded: version %d from %s", table.name, table.version, table.source)
+    return table
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
