@@ -53,6 +53,10 @@ _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
+# The errors a handler may raise on purpose: each becomes its status code, not INTERNAL.
+_MAPPED_ERRORS: tuple[type[Exception], ...] = (RequestError, *_STATUS_CODES)
+
+
 def status_code(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status code for an exception the core or codec raised (INTERNAL otherwise)."""
     for kind, code in _STATUS_CODES.items():
@@ -83,7 +87,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 if isinstance(request, _Malformed):
                     raise codec.WireError(f"not a valid LookupRequest: {request.error}")
                 result = self._lookup("LookupStream", request, context)
-            except (RequestError, codec.WireError) as exc:
+            except _MAPPED_ERRORS as exc:
                 error = pb.StreamError(code=status_code(exc).value[0], message=str(exc))
                 yield pb.LookupStreamResponse(sequence=sequence, error=error)
             else:
@@ -283,7 +287,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             metrics.child(metrics.GRPC_STARTED, "unary", service, method).inc()
             if not self._enter(service):
-                metrics.GRPC_HANDLED.labels("unary", service, method, "UNAVAILABLE").inc()
+                metrics.child(metrics.GRPC_HANDLED, "unary", service, method, "UNAVAILABLE").inc()
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             inflight = metrics.child(metrics.INFLIGHT, method)
             inflight.inc()
@@ -296,7 +300,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
                         f"the request is not a valid {service}/{method} message: {request.error}"
                     )
                 return behavior(request, context)
-            except (RequestError, codec.WireError, TableLoadError) as exc:
+            except _MAPPED_ERRORS as exc:
                 code = status_code(exc)
                 context.abort(code, str(exc))
             except Exception as exc:
@@ -363,7 +367,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
             except _Draining:
                 code = grpc.StatusCode.UNAVAILABLE
                 context.abort(code, "the server is shutting down: resend the rest elsewhere")
-            except RequestError as exc:
+            except _MAPPED_ERRORS as exc:
                 code = status_code(exc)
                 context.abort(code, str(exc))
             finally:

@@ -106,11 +106,7 @@ class TableStore:
                 raise InvalidRequest(
                     f"table {old.name!r} was not loaded from a file; give a source to reload from"
                 )
-            try:
-                opened = _open_source(spec)
-            except TableLoadError as exc:
-                raise TableLoadError(f"table {old.name!r}: {exc}") from None
-            _check_shape(old.name, opened)
+            opened = _open_table(spec)
             if opened.shape[1] != old.dim:
                 raise TableLoadError(
                     f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "
@@ -272,14 +268,20 @@ def load_table(spec: TableSpec, device: torch.device) -> Table:
     TableLoadError
         For a missing, unreadable, wrongly shaped, non-float or non-finite table.
     """
+    source = _open_table(spec)
+    table = _materialise(spec.name, str(spec), source, device)
+    table.spec = spec
+    return table
+
+
+def _open_table(spec: TableSpec) -> _RowSource:
+    """Open `spec`'s file and check its shape and dtype; errors name the table."""
     try:
         source = _open_source(spec)
     except TableLoadError as exc:
         raise TableLoadError(f"table {spec.name!r}: {exc}") from None
     _check_shape(spec.name, source)
-    table = _materialise(spec.name, str(spec), source, device)
-    table.spec = spec
-    return table
+    return source
 
 
 def available_bytes(device: torch.device) -> int:
