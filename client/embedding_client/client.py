@@ -225,6 +225,13 @@ class _ClientBase:
         token = self.security.token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
+    def _open_channel(self, channels: Any) -> Any:
+        """A channel from `channels` (the grpc or grpc.aio module): TLS when configured."""
+        credentials = self.security.channel_credentials()
+        if credentials is None:
+            return channels.insecure_channel(self.target, options=self._options)
+        return channels.secure_channel(self.target, credentials, options=self._options)
+
     def _call(self, timeout: float | None) -> dict[str, Any]:
         return {
             "timeout": self.timeout if timeout is None else timeout,
@@ -270,11 +277,7 @@ class EmbeddingClient(_ClientBase):
         wait_for_ready: bool = False,
     ) -> None:
         super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
-        credentials = self.security.channel_credentials()
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=self._options)
+        self._channel: grpc.Channel = self._open_channel(grpc)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -425,11 +428,7 @@ class AsyncEmbeddingClient(_ClientBase):
         wait_for_ready: bool = False,
     ) -> None:
         super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
-        credentials = self.security.channel_credentials()
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
+        self._channel: grpc.aio.Channel = self._open_channel(grpc.aio)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
