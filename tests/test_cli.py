@@ -65,6 +65,19 @@ def test_cli_lookup_both_paths(served: tuple[str, Path]) -> None:
     assert "0.9" in done.stdout
 
 
+def test_cli_output_into_a_closed_pipe_is_quiet(served: tuple[str, Path]) -> None:
+    target, _ = served
+    client = BIN / "embedding-client"
+    done = subprocess.run(
+        # ~0.5 MB of JSON: far more than a pipe buffers, so the writer meets a closed pipe.
+        f"'{client}' --target {target} lookup --json --ids {','.join(['0'] * 20000)} "
+        "| head -c 100",
+        shell=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.startswith('{"table": "worked"')
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_cli_tables_and_health(served: tuple[str, Path]) -> None:
     target, _ = served
     done = _cli("--target", target, "tables")
