@@ -1,13 +1,48 @@
-"""`python -m embedding_server` and the `embedding-server` console script."""
+"""`python -m embedding_server` and the `embedding-server` console script: the process
+around the server (configuration, logging, signals), with one or several server processes."""
 
 from __future__ import annotations
 
+import glob
+import logging
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
+from types import FrameType
+
+from embedding_server.config import ServerConfig, load_config
+
+log = logging.getLogger("embedding_server")
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_metrics_dir() -> tuple[str, bool]:
+    """Point prometheus-client's multiprocess mode at a directory, before anything imports
+    prometheus_client (it reads the variable once, on import). An operator's
+    PROMETHEUS_MULTIPROC_DIR is used and emptied of stale files; otherwise a private
+    temporary one is made. Returns the directory and whether it is ours to delete."""
+    directory = os.environ.get(METRICS_DIR_ENV, "")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(stale)
+        return directory, False
+    directory = tempfile.mkdtemp(prefix="embedding-metrics-")
+    os.environ[METRICS_DIR_ENV] = directory
+    return directory, True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the server; say how to install it when the server extra is missing."""
+    config = load_config(argv)
+    metrics_dir, own_metrics_dir = "", False
+    if config.processes > 1:  # before anything imports prometheus_client
+        metrics_dir, own_metrics_dir = prepare_metrics_dir()
     try:
         import prometheus_client  # noqa: F401
         import torch  # noqa: F401
@@ -18,9 +53,69 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from embedding_server.server import serve
+    try:
+        return serve(config, metrics_dir)
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
-    return serve(argv)
+
+def serve(config: ServerConfig, metrics_dir: str = "") -> int:
+    """Run the server until SIGTERM or SIGINT; the exit status of `embedding-server`.
+    With `config.processes > 1` this process supervises workers that share the port."""
+    from embedding_server import server, workers
+    from embedding_server.tables import TableLoadError
+
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log.info("embedding-server starting with:")
+    for line in config.describe():
+        log.info("  %s", line)
+    if config.malloc_tune:
+        log.info(
+            "allocator tuning (mallopt): %s", "on" if server.tune_allocator() else "unavailable"
+        )
+    running: server.EmbeddingServer | workers.Supervisor
+    try:
+        server.check_port_free(config.host, config.port, "gRPC")
+        server.check_port_free(config.metrics_host, config.metrics_port, "metrics")
+        device = server.resolve_device(config.device)
+        store = server.build_store(config, device)
+        if config.processes > 1:
+            running = workers.Supervisor(config, store, metrics_dir)
+        else:
+            running = server.EmbeddingServer(config, store)
+        running.start()
+    except (server.StartupError, workers.WorkerError, TableLoadError) as exc:
+        print(f"embedding-server: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    def request_reload(signum: int, frame: FrameType | None) -> None:
+        log.info("received SIGHUP: reloading tables from their files")
+        threading.Thread(target=running.reload_all, name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
+    log.info(
+        "serving %s on %s:%d (default table %r, %d process%s); metrics on http://%s:%d/metrics",
+        ", ".join(t.name for t in store), config.host, running.port, store.default_name,
+        config.processes, "es" if config.processes > 1 else "", config.metrics_host,
+        running.metrics_port,
+    )  # fmt: skip
+    stop.wait()
+    log.info(
+        "shutting down: health NOT_SERVING, in-flight calls get %.1f s to finish", config.grace_s
+    )
+    running.stop()
+    log.info("stopped")
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ class ServerConfig:
     dense_chunk_cells: int = 16_777_216
     max_message_bytes: int = 1 << 30
     workers: int = 16
+    processes: int = 1
     grace_s: float = 10.0
     demo_rows: int = 100_000
     demo_dim: int = 128
@@ -150,7 +151,10 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "one-hot cells (ids x rows) materialised at once on the dense path"),
     ("--max-message-bytes", "max_message_bytes", _positive_int,
      "largest request or response message, in bytes"),
-    ("--workers", "workers", _positive_int, "gRPC handler threads"),
+    ("--workers", "workers", _positive_int, "gRPC handler threads (per process)"),
+    ("--processes", "processes", _positive_int,
+     "server processes sharing the gRPC port (SO_REUSEPORT) and one copy of each table; "
+     "1 serves from this process"),
     ("--grace", "grace_s", _non_negative_float,
      "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
     ("--demo-rows", "demo_rows", _positive_int, "rows of the seeded demo table (no --table)"),

@@ -12,7 +12,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    multiprocess,
+    values,
+)
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -69,19 +78,32 @@ KERNEL_SECONDS = Histogram(
     ["kernel", "table", "device"],
     buckets=LATENCY_BUCKETS,
 )
+# multiprocess_mode matters with --processes > 1 only: in-flight calls add up over the
+# live processes; a table's gauges are the value written last (all processes agree).
 INFLIGHT = Gauge(
     "embedding_inflight_requests",
     "RPCs being handled right now.",
     ["method"],
+    multiprocess_mode="livesum",
 )
-TABLE_ROWS = Gauge("embedding_table_rows", "Rows of each table.", ["table"])
-TABLE_DIM = Gauge("embedding_table_dim", "Dimension of each table.", ["table"])
+TABLE_ROWS = Gauge(
+    "embedding_table_rows", "Rows of each table.", ["table"], multiprocess_mode="mostrecent"
+)
+TABLE_DIM = Gauge(
+    "embedding_table_dim", "Dimension of each table.", ["table"], multiprocess_mode="mostrecent"
+)
 TABLE_BYTES = Gauge(
     "embedding_table_bytes",
     "Bytes each table occupies on its device.",
     ["table", "device", "dtype"],
+    multiprocess_mode="mostrecent",
 )
-TABLE_VERSION = Gauge("embedding_table_version", "Version of each table's contents.", ["table"])
+TABLE_VERSION = Gauge(
+    "embedding_table_version",
+    "Version of each table's contents.",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
 
 TABLE_RELOADS = Counter(
     "embedding_table_reloads_total", "Table reloads, by result (ok, failed).", ["table", "result"]
@@ -161,3 +183,22 @@ def watch_devices(tables: Callable[[], Iterable[tuple[torch.device, int]]]) -> N
         REGISTRY.unregister(_device_collector)
     _device_collector = DeviceMemoryCollector(tables)
     REGISTRY.register(_device_collector)
+
+
+def in_multiprocess_mode() -> bool:
+    """Whether this process writes its metrics to PROMETHEUS_MULTIPROC_DIR's files, which
+    prometheus-client decides once, when it is first imported."""
+    return values.ValueClass is not values.MutexValue
+
+
+def multiprocess_registry(
+    directory: str, tables: Callable[[], Iterable[tuple[torch.device, int]]]
+) -> CollectorRegistry:
+    """What the supervisor of several server processes serves on /metrics: every process's
+    metrics from `directory`, summed as each metric's mode says, this process's own memory
+    and CPU, and the memory of the devices holding the (shared) tables."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    ProcessCollector(registry=registry)
+    registry.register(DeviceMemoryCollector(tables))
+    return registry

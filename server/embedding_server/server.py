@@ -1,30 +1,26 @@
-"""The server process: tables on a device, the gRPC server with health and reflection,
-the Prometheus endpoint, and graceful shutdown on SIGTERM/SIGINT."""
+"""The server: tables on a device, the gRPC server with health and reflection, the
+Prometheus endpoint, and graceful shutdown (the process around it: `__main__`)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import signal
 import socket
-import sys
-import threading
 import time
-from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
-from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
 from embedding_server.auth import Authenticator
-from embedding_server.config import ServerConfig, load_config
+from embedding_server.config import ServerConfig
 from embedding_server.lookup import Limits, Lookups
 from embedding_server.servicer import (
     ADMIN_SERVICE,
@@ -32,10 +28,11 @@ from embedding_server.servicer import (
     SERVICE_NAME,
     EmbeddingAdminServicer,
     EmbeddingServicer,
+    Reload,
     StatusInterceptor,
     reload_table,
 )
-from embedding_server.tables import TableLoadError, TableStore, demo_table, load_table
+from embedding_server.tables import TableStore, demo_table, load_table
 
 log = logging.getLogger("embedding_server")
 
@@ -108,12 +105,16 @@ def check_port_free(host: str, port: int, what: str) -> None:
 
 
 def build_store(config: ServerConfig, device: torch.device) -> TableStore:
-    """Load the configured tables (or the seeded demo table) onto `device`."""
-    store = TableStore()
+    """Load the configured tables (or the seeded demo table) onto `device`; with several
+    server processes, CPU tables go to shared memory so that all of them read one copy."""
+    shared = config.processes > 1
+    store = TableStore(shared=shared)
     if not config.tables:
-        store.add(demo_table(config.demo_rows, config.demo_dim, config.demo_seed, device))
+        store.add(
+            demo_table(config.demo_rows, config.demo_dim, config.demo_seed, device, shared=shared)
+        )
     for spec in config.tables:
-        store.add(load_table(spec, device))
+        store.add(load_table(spec, device, shared=shared))
     return store
 
 
@@ -129,12 +130,45 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-class EmbeddingServer:
-    """A running gRPC server plus its metrics endpoint, over a loaded TableStore."""
+def start_metrics(
+    config: ServerConfig, registry: CollectorRegistry = REGISTRY
+) -> tuple[WSGIServer, int]:
+    """Serve `registry` on the configured metrics address; returns the server and its port."""
+    try:
+        httpd, _ = start_http_server(
+            config.metrics_port, addr=config.metrics_host, registry=registry
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"cannot bind metrics to {config.metrics_host}:{config.metrics_port} ({exc.strerror})"
+        ) from None
+    return httpd, httpd.server_port
 
-    def __init__(self, config: ServerConfig, store: TableStore) -> None:
+
+def stop_metrics(httpd: WSGIServer) -> None:
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class EmbeddingServer:
+    """A running gRPC server plus its metrics endpoint, over a loaded TableStore.
+
+    A worker of several server processes shares the port (`reuse_port`), leaves /metrics
+    to its supervisor (`metrics_endpoint=False`) and reloads through it (`reload`).
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: TableStore,
+        *,
+        reuse_port: bool = False,
+        metrics_endpoint: bool = True,
+        reload: Reload | None = None,
+    ) -> None:
         self.config = config
         self.store = store
+        self.metrics_endpoint = metrics_endpoint
         limits = Limits(
             max_ids=config.max_ids,
             max_dense_macs=config.max_dense_macs,
@@ -158,14 +192,17 @@ class EmbeddingServer:
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
-                # A second server on the same port must fail, not share it by accident.
-                ("grpc.so_reuseport", 0),
+                # A second server on the same port must fail, not share it by accident;
+                # the processes of one server share it on purpose.
+                ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(Lookups(store, limits)), self._grpc
         )
-        pb_grpc.add_EmbeddingAdminServicer_to_server(EmbeddingAdminServicer(store), self._grpc)
+        pb_grpc.add_EmbeddingAdminServicer_to_server(
+            EmbeddingAdminServicer(store, reload), self._grpc
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if config.reflection:
             reflection.enable_server_reflection(
@@ -173,7 +210,7 @@ class EmbeddingServer:
             )
         self.port = 0
         self.metrics_port = 0
-        self._metrics_httpd: object | None = None
+        self._metrics_httpd: WSGIServer | None = None
 
     def start(self) -> None:
         """Bind both ports, publish table gauges, and mark the service SERVING."""
@@ -189,15 +226,8 @@ class EmbeddingServer:
             raise StartupError(f"cannot read TLS files: {exc}") from None
         except RuntimeError as exc:
             raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc})") from None
-        try:
-            httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot bind metrics to {config.metrics_host}:{config.metrics_port} "
-                f"({exc.strerror})"
-            ) from None
-        self._metrics_httpd = httpd
-        self.metrics_port = httpd.server_port
+        if self.metrics_endpoint:
+            self._metrics_httpd, self.metrics_port = start_metrics(config)
         self._publish_tables()
         self._grpc.start()
         for service in ("", SERVICE_NAME):
@@ -247,53 +277,4 @@ class EmbeddingServer:
         time.sleep(max(0.0, min(LINGER_S, deadline - time.monotonic())))
         self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
         if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()  # type: ignore[attr-defined]
-            self._metrics_httpd.server_close()  # type: ignore[attr-defined]
-
-
-def serve(argv: Sequence[str] | None = None) -> int:
-    """Run the server until SIGTERM or SIGINT; the exit status of `embedding-server`."""
-    config = load_config(argv)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    log.info("embedding-server starting with:")
-    for line in config.describe():
-        log.info("  %s", line)
-    if config.malloc_tune:
-        log.info("allocator tuning (mallopt): %s", "on" if tune_allocator() else "unavailable")
-    try:
-        check_port_free(config.host, config.port, "gRPC")
-        check_port_free(config.metrics_host, config.metrics_port, "metrics")
-        device = resolve_device(config.device)
-        store = build_store(config, device)
-        server = EmbeddingServer(config, store)
-        server.start()
-    except (StartupError, TableLoadError) as exc:
-        print(f"embedding-server: error: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    def request_reload(signum: int, frame: FrameType | None) -> None:
-        log.info("received SIGHUP: reloading tables from their files")
-        threading.Thread(target=server.reload_all, name="reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_reload)
-    log.info(
-        "serving %s on %s:%d (default table %r); metrics on http://%s:%d/metrics",
-        ", ".join(t.name for t in store), config.host, server.port, store.default_name,
-        config.metrics_host, server.metrics_port,
-    )  # fmt: skip
-    stop.wait()
-    log.info(
-        "shutting down: health NOT_SERVING, in-flight calls get %.1f s to finish", config.grace_s
-    )
-    server.stop()
-    log.info("stopped")
-    return 0
+            stop_metrics(self._metrics_httpd)

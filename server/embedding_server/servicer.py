@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import grpc
@@ -148,17 +149,22 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
     )
 
 
-class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
-    """embedding.v1.EmbeddingAdmin: table reloads."""
+Reload = Callable[[str, str], Table]
 
-    def __init__(self, store: TableStore) -> None:
+
+class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
+    """embedding.v1.EmbeddingAdmin: table reloads, done by `reload(name, source)` (default:
+    `reload_table` on this store; a worker process asks its supervisor instead)."""
+
+    def __init__(self, store: TableStore, reload: Reload | None = None) -> None:
         self.store = store
+        self.reload = reload or partial(reload_table, store)
 
     def ReloadTable(
         self, request: pb.ReloadTableRequest, context: grpc.ServicerContext
     ) -> pb.ReloadTableResponse:
         started = time.perf_counter()
-        table = reload_table(self.store, request.table, request.source)
+        table = self.reload(request.table, request.source)
         seconds = time.perf_counter() - started
         return pb.ReloadTableResponse(table=table_info(table, self.store), load_seconds=seconds)
 

@@ -72,6 +72,8 @@ class TableStore:
 
     tables: dict[str, Table] = field(default_factory=dict)
     default_name: str = ""
+    # Reloads place CPU tables in shared memory (several server processes read them).
+    shared: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -121,11 +123,17 @@ class TableStore:
                     f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
                     f"{free / 2**20:.0f} MiB are free"
                 )
-            new = _materialise(old.name, str(spec), opened, device)
+            new = _materialise(old.name, str(spec), opened, device, shared=self.shared)
             new.version, new.spec = old.version + 1, spec
-            with self._lock:
-                self.tables[old.name] = new
+            self.replace(new)
             return new
+
+    def replace(self, table: Table) -> None:
+        """Serve `table` in place of the table of the same name (a new version of it)."""
+        with self._lock:
+            if table.name not in self.tables:
+                raise TableNotFound(f"no table {table.name!r} to replace")
+            self.tables[table.name] = table
 
     def resolve_name(self, name: str) -> str | None:
         """The name of the table an empty or given `name` selects, None if there is none."""
@@ -256,8 +264,9 @@ def _open_source(spec: TableSpec) -> _RowSource:
     )
 
 
-def load_table(spec: TableSpec, device: torch.device) -> Table:
-    """Load the table `spec` names onto `device`, checking it on the way.
+def load_table(spec: TableSpec, device: torch.device, *, shared: bool = False) -> Table:
+    """Load the table `spec` names onto `device`, checking it on the way; `shared` places
+    a CPU table in shared memory, for several server processes to read.
 
     Float64 is stored as float32. Non-finite values are refused (inf or NaN would make
     LookupDense differ from Lookup: 0 * inf is NaN). Negative zeros become +0.0, the
@@ -269,7 +278,7 @@ def load_table(spec: TableSpec, device: torch.device) -> Table:
         For a missing, unreadable, wrongly shaped, non-float or non-finite table.
     """
     source = _open_table(spec)
-    table = _materialise(spec.name, str(spec), source, device)
+    table = _materialise(spec.name, str(spec), source, device, shared=shared)
     table.spec = spec
     return table
 
@@ -323,12 +332,18 @@ def _check_shape(name: str, source: _RowSource) -> None:
         )
 
 
-def _materialise(name: str, origin: str, source: _RowSource, device: torch.device) -> Table:
+def _materialise(
+    name: str, origin: str, source: _RowSource, device: torch.device, *, shared: bool = False
+) -> Table:
     rows, dim = source.shape
     dtype = _storage_dtype(source)
     if dtype != source.dtype:
         log.info("table %r: stored as float32 (file holds %s)", name, source.dtype)
     weights = torch.empty((rows, dim), dtype=dtype, device=device)
+    if shared and device.type == "cpu":
+        # Moved before it is filled: the empty pages cost nothing to move. CUDA memory
+        # needs nothing here: torch hands it to other processes as an IPC handle.
+        weights.share_memory_()
     chunk_rows = max(1, CHUNK_BYTES // (dim * weights.element_size()))
     started = last_report = time.monotonic()
     for start in range(0, rows, chunk_rows):
@@ -355,7 +370,9 @@ def _materialise(name: str, origin: str, source: _RowSource, device: torch.devic
     return Table(name=name, weights=weights, source=origin)
 
 
-def demo_table(rows: int, dim: int, seed: int, device: torch.device) -> Table:
+def demo_table(
+    rows: int, dim: int, seed: int, device: torch.device, *, shared: bool = False
+) -> Table:
     """The seeded demo table `demo`: np.random.default_rng(seed).standard_normal((rows, dim)).
 
     Anyone can rebuild it with numpy alone to check what the server returns.
@@ -364,4 +381,4 @@ def demo_table(rows: int, dim: int, seed: int, device: torch.device) -> Table:
     source = _RowSource(
         (rows, dim), torch.float32, lambda start, stop: torch.from_numpy(values[start:stop])
     )
-    return _materialise("demo", f"seeded demo (seed {seed})", source, device)
+    return _materialise("demo", f"seeded demo (seed {seed})", source, device, shared=shared)

@@ -1,0 +1,391 @@
+"""Several server processes on one port, sharing one copy of each table (`--processes N`).
+
+One Python process tops out at a few thousand calls per second (the GIL serialises
+decode, copy and serialise), so N worker processes serve the same port with
+SO_REUSEPORT and the kernel spreads connections over them. The supervisor, the process
+`embedding-server` started, loads every table once, into shared memory on the CPU or
+device memory on CUDA, and hands the workers handles to that memory (torch's
+multiprocessing reductions: a shared-memory file descriptor, a CUDA IPC handle), never
+a copy. It also serves /metrics: every process writes its metrics in prometheus-client's
+multiprocess mode and the supervisor sums them.
+
+Reloads run in the supervisor, which owns the memory: a worker forwards an admin
+ReloadTable there, and SIGHUP arrives there. The new version goes to every worker, and
+the caller is answered once all of them serve it. A worker that dies is replaced.
+
+Pipe messages, supervisor <- worker: ("ready", port), ("failed", why),
+("reload", request_id, table, source), ("ack", table, version);
+supervisor -> worker: ("table", Table), ("reloaded", request_id, error or None).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import torch
+import torch.multiprocessing as torch_mp
+from prometheus_client import multiprocess
+
+from embedding_server import metrics
+from embedding_server.config import ServerConfig
+from embedding_server.server import EmbeddingServer, StartupError, start_metrics, stop_metrics
+from embedding_server.servicer import reload_table
+from embedding_server.tables import Table, TableStore
+
+log = logging.getLogger("embedding_server")
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client itself
+# How long a worker may take to import, build its server and bind the port.
+READY_TIMEOUT_S = 120.0
+# How long the supervisor waits for every worker to swap in a reloaded table.
+ACK_TIMEOUT_S = 30.0
+# A worker that keeps dying is restarted no faster than this.
+RESTART_DELAY_S = 1.0
+
+
+class WorkerError(Exception):
+    """A worker process could not start; the message says why."""
+
+
+def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (without listening) a SO_REUSEPORT socket, to learn the port number when `port`
+    is 0 and hold it until the workers have joined it; the kernel hands connections only
+    to listening sockets, so it takes none."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock, int(sock.getsockname()[1])
+
+
+@dataclass
+class _Worker:
+    """The supervisor's handle on one worker process."""
+
+    index: int
+    process: BaseProcess
+    conn: Connection
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    # (table, version) pairs the worker has confirmed it serves.
+    acks: set[tuple[str, int]] = field(default_factory=set)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.send_lock:
+            self.conn.send(message)
+
+
+class Supervisor:
+    """Starts, watches, reloads and stops the worker processes of one server."""
+
+    def __init__(self, config: ServerConfig, store: TableStore, metrics_dir: str) -> None:
+        self.config = config
+        self.store = store
+        self.metrics_dir = metrics_dir
+        self.port = config.port
+        self.metrics_port = config.metrics_port
+        self.workers: list[_Worker] = []
+        self._context = torch_mp.get_context("spawn")
+        self._changed = threading.Condition()  # a worker acked, or the worker list changed
+        self._reload_lock = threading.Lock()
+        self._reloads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reload")
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._metrics_httpd: WSGIServer | None = None
+
+    def start(self) -> None:
+        """Serve /metrics, start every worker and wait until each serves; then watch them.
+
+        Raises
+        ------
+        StartupError
+            prometheus-client was imported before multiprocess mode was set up, or the
+            metrics port cannot be bound.
+        WorkerError
+            A worker could not start (the others are stopped again).
+        """
+        if not metrics.in_multiprocess_mode():
+            raise StartupError(
+                f"--processes {self.config.processes} needs prometheus-client's multiprocess "
+                f"mode: set {METRICS_DIR_ENV} before prometheus_client is imported "
+                "(embedding-server does this itself)"
+            )
+        registry = metrics.multiprocess_registry(
+            self.metrics_dir, lambda: [(t.weights.device, t.nbytes) for t in self.store]
+        )
+        self._metrics_httpd, self.metrics_port = start_metrics(self.config, registry)
+        for table in self.store:
+            metrics.publish_table(table)
+            for result in ("ok", "failed"):
+                metrics.TABLE_RELOADS.labels(table.name, result)
+        reservation = None
+        if self.config.port == 0:
+            reservation, self.port = reserve_port(self.config.host, 0)
+        try:
+            for index in range(self.config.processes):
+                self.workers.append(self._spawn(index))
+        except WorkerError:
+            self.stop()
+            raise
+        finally:
+            if reservation is not None:
+                reservation.close()
+        self._monitor = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._monitor.start()
+
+    def _spawn(self, index: int) -> _Worker:
+        parent_conn, child_conn = self._context.Pipe()
+        config = replace(self.config, port=self.port)
+        process = self._context.Process(
+            target=run_worker,
+            args=(config, index, list(self.store), child_conn),
+            name=f"embedding-worker-{index}",
+        )
+        process.start()
+        child_conn.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            ready = wait([parent_conn, process.sentinel], timeout=deadline - time.monotonic())
+            if parent_conn in ready:
+                try:
+                    message = parent_conn.recv()
+                except (EOFError, OSError):
+                    message = ("failed", "its pipe closed")
+                break
+            if ready:  # only the sentinel: the process ended without a word
+                process.join()
+                message = ("failed", f"it exited with status {process.exitcode}")
+                break
+            if time.monotonic() >= deadline:
+                process.kill()
+                message = ("failed", f"it was not serving after {READY_TIMEOUT_S:.0f} s")
+                break
+        if message[0] != "ready":
+            process.join(timeout=5)
+            raise WorkerError(f"worker {index} did not start: {message[1]}")
+        worker = _Worker(index, process, parent_conn)
+        threading.Thread(
+            target=self._listen, args=(worker,), name=f"worker-{index}-pipe", daemon=True
+        ).start()
+        log.info("worker %d (pid %d) serving on port %d", index, process.pid, message[1])
+        return worker
+
+    def _listen(self, worker: _Worker) -> None:
+        """Read one worker's pipe until it closes: reload requests and acks."""
+        while True:
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                return
+            if message[0] == "reload":
+                _, request_id, name, source = message
+                self._reloads.submit(self._reload_for, worker, request_id, name, source)
+            elif message[0] == "ack":
+                with self._changed:
+                    worker.acks.add((message[1], message[2]))
+                    self._changed.notify_all()
+
+    def _reload_for(self, worker: _Worker, request_id: int, name: str, source: str) -> None:
+        error: Exception | None = None
+        try:
+            self.reload(name, source)
+        except Exception as exc:
+            error = exc
+        # A worker gone meanwhile took its caller's connection with it: nobody to answer.
+        with contextlib.suppress(OSError, ValueError):
+            worker.send(("reloaded", request_id, error))
+
+    def reload(self, name: str, source: str = "") -> Table:
+        """Load a new version of a table and return once every live worker serves it."""
+        with self._reload_lock:
+            table = reload_table(self.store, name, source)
+            with self._changed:
+                workers = list(self.workers)
+            for worker in workers:
+                try:
+                    worker.send(("table", table))
+                except (OSError, ValueError):
+                    continue  # dead: its replacement starts with the new version
+            key = (table.name, table.version)
+            deadline = time.monotonic() + ACK_TIMEOUT_S
+            with self._changed:
+                done = self._changed.wait_for(
+                    lambda: all(
+                        key in w.acks or not w.process.is_alive() or w not in self.workers
+                        for w in workers
+                    ),
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+            if not done:
+                log.warning("not every worker confirmed version %d of table %r within %.0f s",
+                            table.version, table.name, ACK_TIMEOUT_S)  # fmt: skip
+            return table
+
+    def reload_all(self) -> None:
+        """Re-read every table that came from a file (SIGHUP); failures keep the old version."""
+        for table in self.store:
+            if table.spec is None:
+                continue
+            try:
+                self.reload(table.name)
+            except Exception as exc:
+                log.error("reload of table %r failed, still serving version %d: %s",
+                          table.name, table.version, exc)  # fmt: skip
+
+    def _watch(self) -> None:
+        """Replace workers that die, until stop()."""
+        while not self._stopping.is_set():
+            with self._changed:
+                by_sentinel = {w.process.sentinel: w for w in self.workers}
+            for sentinel in wait(list(by_sentinel), timeout=0.5):
+                if self._stopping.is_set():
+                    return
+                dead = by_sentinel[sentinel]  # type: ignore[index]  # sentinels are ints
+                dead.process.join()
+                log.error("worker %d (pid %d) exited with status %s; starting a new one",
+                          dead.index, dead.process.pid, dead.process.exitcode)  # fmt: skip
+                self._forget(dead)
+                self._replace(dead.index)
+
+    def _replace(self, index: int) -> None:
+        while not self._stopping.is_set():
+            try:
+                worker = self._spawn(index)
+            except WorkerError as exc:
+                log.error("%s; trying again in %.0f s", exc, RESTART_DELAY_S)
+                self._stopping.wait(RESTART_DELAY_S)
+                continue
+            with self._changed:
+                self.workers.append(worker)
+                self._changed.notify_all()
+            return
+
+    def _forget(self, worker: _Worker) -> None:
+        with self._changed:
+            if worker in self.workers:
+                self.workers.remove(worker)
+            self._changed.notify_all()
+        worker.conn.close()
+        if worker.process.pid is not None:
+            # Its in-flight gauge must stop counting; its counters stay summed in.
+            multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)
+
+    def stop(self) -> None:
+        """SIGTERM every worker (each drains within the grace period), wait, then kill
+        whatever is left."""
+        self._stopping.set()
+        with self._changed:
+            workers = list(self.workers)
+        for worker in workers:
+            if worker.process.is_alive() and worker.process.pid is not None:
+                os.kill(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.grace_s + 5.0
+        for worker in workers:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.warning("worker %d did not stop in time: killing it", worker.index)
+                worker.process.kill()
+                worker.process.join()
+            self._forget(worker)
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+        self._reloads.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_httpd is not None:
+            stop_metrics(self._metrics_httpd)
+
+
+class SupervisorLink:
+    """A worker's end of its pipe: applies new table versions the supervisor sends and
+    forwards reloads to it."""
+
+    def __init__(self, conn: Connection, store: TableStore) -> None:
+        self.conn = conn
+        self.store = store
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, Future[Exception | None]] = {}
+        self._ids = itertools.count()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self.conn.send(message)
+
+    def reload(self, name: str, source: str) -> Table:
+        """Have the supervisor reload table `name` for every worker; the new version once
+        this worker serves it. Raises what the supervisor's reload raised."""
+        request_id = next(self._ids)
+        answer: Future[Exception | None] = Future()
+        self._pending[request_id] = answer
+        self.send(("reload", request_id, name, source))
+        error = answer.result()
+        if error is not None:
+            raise error
+        return self.store.get(name)
+
+    def run(self, on_closed: Callable[[], None]) -> None:
+        """Read the pipe until the supervisor is gone, then call `on_closed`."""
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "table":
+                table: Table = message[1]
+                self.store.replace(table)
+                metrics.publish_table(table)
+                self.send(("ack", table.name, table.version))
+            elif message[0] == "reloaded":
+                self._pending.pop(message[1]).set_result(message[2])
+        gone = ConnectionError("the supervisor process is gone")
+        for answer in self._pending.values():
+            answer.set_result(gone)
+        on_closed()
+
+
+def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Connection) -> None:
+    """A worker process: serve `tables` (shared with the supervisor) on the common port."""
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
+    )
+    # The processes share the cores: torch's own thread pool would oversubscribe them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.processes))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go through the supervisor
+    store = TableStore(shared=True)
+    for table in tables:
+        store.add(table)
+    link = SupervisorLink(conn, store)
+    server = EmbeddingServer(
+        config, store, reuse_port=True, metrics_endpoint=False, reload=link.reload
+    )
+    try:
+        server.start()
+    except StartupError as exc:
+        link.send(("failed", str(exc)))
+        return
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    threading.Thread(target=link.run, args=(stop.set,), name="supervisor-pipe", daemon=True).start()
+    link.send(("ready", server.port))
+    stop.wait()
+    server.stop()
