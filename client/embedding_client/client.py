@@ -95,6 +95,9 @@ def _channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[st
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+        # Each client its own connection (grpc shares one between equal channels by
+        # default): clients then spread over the processes of a --processes N server.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if max_attempts > 1:
         options.append(("grpc.service_config", _service_config(max_attempts)))

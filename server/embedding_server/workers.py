@@ -156,6 +156,9 @@ class Supervisor:
             target=run_worker,
             args=(config, index, list(self.store), child_conn),
             name=f"embedding-worker-{index}",
+            # Should the supervisor exit without stop(), multiprocessing terminates
+            # daemonic children instead of waiting for them forever.
+            daemon=True,
         )
         process.start()
         child_conn.close()
@@ -272,8 +275,14 @@ class Supervisor:
                 self._stopping.wait(RESTART_DELAY_S)
                 continue
             with self._changed:
-                self.workers.append(worker)
-                self._changed.notify_all()
+                if not self._stopping.is_set():
+                    self.workers.append(worker)
+                    self._changed.notify_all()
+                    return
+            # stop() ran while this worker started and did not see it.
+            worker.process.terminate()
+            worker.process.join(timeout=self.config.grace_s + 5.0)
+            self._forget(worker)
             return
 
     def _forget(self, worker: _Worker) -> None:
@@ -289,8 +298,8 @@ class Supervisor:
     def stop(self) -> None:
         """SIGTERM every worker (each drains within the grace period), wait, then kill
         whatever is left."""
-        self._stopping.set()
         with self._changed:
+            self._stopping.set()
             workers = list(self.workers)
         for worker in workers:
             if worker.process.is_alive() and worker.process.pid is not None:
