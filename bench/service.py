@@ -229,6 +229,53 @@ def start_redis(rows: int, workdir: Path) -> tuple[subprocess.Popen, int]:  # ty
     return process, port
 
 
+SERVICE_KINDS = ("Lookup", "LookupDense", "LookupStream")
+
+
+def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, embedding-server flags) of each server configuration to measure."""
+    if not args.variants:
+        return [("", args.server_args)]
+    pairs = [part.partition("=") for part in args.variants.split(";") if part.strip()]
+    return [(label.strip(), f"{args.server_args} {flags}") for label, _, flags in pairs]
+
+
+def _applies(kind: str, batch: int, concurrency: int, args: argparse.Namespace) -> bool:
+    # LookupDense is ~1e4x slower: a big batch would take the whole time budget; the
+    # server takes at most --max-streams open streams.
+    too_dense = kind.startswith("LookupDense") and batch > args.max_dense_batch
+    return not too_dense and not (
+        kind.startswith("LookupStream") and concurrency > args.max_streams
+    )
+
+
+def _flag_value(flags: str, flag: str, default: int) -> int:
+    words = flags.split()
+    return int(words[words.index(flag) + 1]) if flag in words else default
+
+
+def wait_listening(
+    port: int, process: subprocess.Popen, listeners: int, timeout: float = 120
+) -> None:  # type: ignore[type-arg]
+    """Wait until `listeners` sockets listen on `port`: with --processes N, each of the
+    N server processes has its own (SO_REUSEPORT); the kernel only picks listening ones."""
+    deadline = time.monotonic() + timeout
+    while _listening(port) < listeners:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"embedding-server on port {port} did not start")
+        time.sleep(0.2)
+
+
+def _listening(port: int) -> int:
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                count += 1
+    return count
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=_numbers, default=_numbers("1,64,1024,16384"))
@@ -243,6 +290,13 @@ def main() -> int:
     parser.add_argument("--max-streams", type=int, default=8,
                         help="LookupStream only up to this many in flight (the server's --max-streams)")  # fmt: skip
     parser.add_argument("--server-args", default="", help="extra embedding-server flags")
+    parser.add_argument("--variants", default="",
+                        help="compare server configurations side by side: 'LABEL=FLAGS;LABEL=FLAGS' "
+                        "(e.g. '1p=;2p=--processes 2'); each runs its own embedding-server and "
+                        "names its rows KIND[LABEL]")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure every cell this many times, targets interleaved, and "
+                        "report the median (single cells vary up to ~1.7x on a shared VM)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -250,18 +304,25 @@ def main() -> int:
     processes: list[subprocess.Popen | mp.Process] = []  # type: ignore[type-arg]
     targets: dict[str, str] = {}
     try:
-        if {"Lookup", "LookupDense", "LookupStream"} & set(kinds):
+        service_kinds = [k for k in kinds if k in SERVICE_KINDS]
+        served: list[str] = []
+        for label, flags in _variants(args):
+            if not service_kinds:
+                break
             port = free_port()
             server = subprocess.Popen(
                 [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
                  "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--demo-rows", str(args.rows),
-                 "--workers", str(args.workers), "--log-level", "WARNING", *args.server_args.split()],
+                 "--workers", str(args.workers), "--log-level", "WARNING", *flags.split()],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
             processes.append(server)
-            wait_port(port)
-            for kind in ("Lookup", "LookupDense", "LookupStream"):
-                targets[kind] = f"127.0.0.1:{port}"
+            wait_listening(port, server, _flag_value(flags, "--processes", 1))
+            for kind in service_kinds:
+                name = f"{kind}[{label}]" if label else kind
+                targets[name] = f"127.0.0.1:{port}"
+                served.append(name)
+        kinds = served + [k for k in kinds if k not in SERVICE_KINDS]
         if "ceiling" in kinds:
             port = free_port()
             ceiling = mp.get_context("spawn").Process(
@@ -285,19 +346,21 @@ def main() -> int:
         results: list[dict[str, object]] = []
         for batch in args.batch:
             for concurrency in args.concurrency:
-                for kind in kinds:
-                    if kind == "LookupDense" and batch > args.max_dense_batch:
-                        continue
-                    if kind == "LookupStream" and concurrency > args.max_streams:
-                        continue  # the server takes at most --max-streams open streams
-                    row = measure(targets[kind], kind, batch, args.rows, concurrency,
-                                  args.seconds, args.processes)  # fmt: skip
+                cell = [k for k in kinds if _applies(k, batch, concurrency, args)]
+                runs: dict[str, list[dict[str, float]]] = {k: [] for k in cell}
+                for _ in range(args.repeat):
+                    for kind in cell:  # interleaved, so drifts of the machine hit all alike
+                        row = measure(targets[kind], kind.split("[")[0], batch, args.rows,
+                                      concurrency, args.seconds, args.processes)  # fmt: skip
+                        runs[kind].append(row)
+                        print(f"  {kind:15} B={batch:>6} C={concurrency:>4}: {row['req_s']:9.0f} req/s "
+                              f"{row['rows_s']:12,.0f} rows/s  p50 {row['p50']:8.2f} ms  "
+                              f"p99 {row['p99']:8.2f} ms", flush=True)  # fmt: skip
+                for kind, rows in runs.items():
+                    median = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
                     results.append(
-                        {"kind": kind, "batch": batch, "concurrency": concurrency, **row}
+                        {"kind": kind, "batch": batch, "concurrency": concurrency, **median}
                     )
-                    print(f"  {kind:11} B={batch:>6} C={concurrency:>4}: {row['req_s']:9.0f} req/s "
-                          f"{row['rows_s']:12,.0f} rows/s  p50 {row['p50']:8.2f} ms  "
-                          f"p99 {row['p99']:8.2f} ms", flush=True)  # fmt: skip
     finally:
         for process in processes:
             if isinstance(process, subprocess.Popen):
@@ -320,7 +383,8 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
     }
     lines = [
         f"Service benchmark: {os.cpu_count()} cores, demo table {args.rows} x {DIM} float32, "
-        f"{args.seconds:.0f} s per cell, {args.processes} client processes (asyncio).",
+        f"{args.seconds:.0f} s per cell, {args.processes} client processes (asyncio), "
+        f"median of {args.repeat} interleaved run(s) per cell.",
         "",
         "| target | B | in flight | req/s | rows/s | MB/s | p50 ms | p99 ms | p99.9 ms | rows/s vs ceiling |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -59,6 +59,9 @@ class ServerConfig:
     max_message_bytes: int = 1 << 30
     workers: int = 16
     processes: int = 1
+    batching: bool = False
+    batch_delay_us: float = 200.0
+    batch_max_ids: int = 65_536
     grace_s: float = 10.0
     demo_rows: int = 100_000
     demo_dim: int = 128
@@ -155,6 +158,13 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--processes", "processes", _positive_int,
      "server processes sharing the gRPC port (SO_REUSEPORT) and one copy of each table; "
      "1 serves from this process"),
+    ("--batching", "batching", _bool,
+     "coalesce concurrent Lookup calls to one table into one gather (true/false; off: "
+     "no win measured on CPU yet, see docs/performance.md)"),
+    ("--batch-delay-us", "batch_delay_us", _non_negative_float,
+     "with --batching: longest a call waits for others to join its gather, microseconds"),
+    ("--batch-max-ids", "batch_max_ids", _positive_int,
+     "with --batching: most ids in one coalesced gather"),
     ("--grace", "grace_s", _non_negative_float,
      "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
     ("--demo-rows", "demo_rows", _positive_int, "rows of the seeded demo table (no --table)"),

@@ -78,6 +78,26 @@ KERNEL_SECONDS = Histogram(
     ["kernel", "table", "device"],
     buckets=LATENCY_BUCKETS,
 )
+BATCH_QUEUE_SECONDS = Histogram(
+    "embedding_batch_queue_seconds",
+    "Time a Lookup waited in the batcher before its coalesced gather started (--batching).",
+    ["table"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_IDS = Histogram(
+    "embedding_batch_ids",
+    "Ids per coalesced gather of the batcher (--batching).",
+    ["table"],
+    buckets=IDS_BUCKETS,
+)
+BATCH_REQUESTS = Histogram(
+    "embedding_batch_requests",
+    "Requests coalesced into one gather by the batcher (--batching).",
+    ["table"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_METRICS = (BATCH_QUEUE_SECONDS, BATCH_IDS, BATCH_REQUESTS)
+
 # multiprocess_mode matters with --processes > 1 only: in-flight calls add up over the
 # live processes; a table's gauges are the value written last (all processes agree).
 INFLIGHT = Gauge(

@@ -20,8 +20,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
 from embedding_server.auth import Authenticator
+from embedding_server.batcher import Batcher
 from embedding_server.config import ServerConfig
-from embedding_server.lookup import Limits, Lookups
+from embedding_server.lookup import Limits, Lookups, to_host
 from embedding_server.servicer import (
     ADMIN_SERVICE,
     HEALTH_SERVICE,
@@ -197,8 +198,13 @@ class EmbeddingServer:
                 ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
+        self.batcher = (
+            Batcher(config.batch_delay_us / 1e6, config.batch_max_ids, to_host)
+            if config.batching
+            else None
+        )
         pb_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingServicer(Lookups(store, limits)), self._grpc
+            EmbeddingServicer(Lookups(store, limits, self.batcher)), self._grpc
         )
         pb_grpc.add_EmbeddingAdminServicer_to_server(
             EmbeddingAdminServicer(store, reload), self._grpc
@@ -245,6 +251,9 @@ class EmbeddingServer:
                 metrics.REQUEST_IDS.labels(method, table.name)
                 metrics.RESPONSE_BYTES.labels(method, table.name)
                 metrics.KERNEL_SECONDS.labels(kernel, table.name, table.device)
+            if self.batcher is not None:
+                for batch_metric in metrics.BATCH_METRICS:
+                    batch_metric.labels(table.name)
         for method in ("Lookup", "LookupDense", "ListTables"):
             metrics.INFLIGHT.labels(method)
             metrics.GRPC_STARTED.labels("unary", SERVICE_NAME, method)
@@ -276,5 +285,7 @@ class EmbeddingServer:
             log.warning("calls still running after the %.1f s grace period: cancelling", grace)
         time.sleep(max(0.0, min(LINGER_S, deadline - time.monotonic())))
         self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self.batcher is not None:
+            self.batcher.close()
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)

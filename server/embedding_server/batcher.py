@@ -1,0 +1,122 @@
+"""Dynamic batching: concurrent Lookup requests to one table coalesced into one gather.
+
+A request hands its ids to the batcher and waits. One collector thread takes the first
+waiting request, keeps collecting for at most `max_delay_s` (or until `max_ids` ids are
+waiting), runs one gather per table version over all their ids, copies the result to
+the host once, and slices each request's rows back out. On a GPU that is one kernel
+launch and one device-to-host copy instead of one per request; on the CPU it saves
+little (the per-call cost is in gRPC and Python, which batching does not touch), which
+is why it is off unless asked for (`--batching`); see docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from embedding_server import kernels, metrics
+from embedding_server.tables import Table
+
+
+@dataclass
+class _Request:
+    table: Table
+    ids: np.ndarray
+    dtype: torch.dtype
+    answer: Future[tuple[bytes, float]] = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Coalesces gathers; `gather()` is called from many handler threads at once."""
+
+    def __init__(
+        self, max_delay_s: float, max_ids: int, to_host: Callable[[torch.Tensor], np.ndarray]
+    ) -> None:
+        self.max_delay_s = max_delay_s
+        self.max_ids = max_ids
+        self.to_host = to_host
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._held: list[_Request | None] = []  # taken from the queue, left for the next batch
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float]:
+        """table.weights[ids] in `dtype` as row-major bytes, with the device time of the
+        coalesced gather it was part of. Ids must already be checked against the table."""
+        request = _Request(table, ids, dtype)
+        self._queue.put(request)
+        return request.answer.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            first = self._held.pop() if self._held else self._queue.get()
+            if first is None:
+                return
+            batch = self._collect(first)
+            try:
+                self._serve(batch)
+            except Exception as exc:  # the callers see it as their own error
+                for request in batch:
+                    if not request.answer.done():
+                        request.answer.set_exception(exc)
+
+    def _collect(self, first: _Request) -> list[_Request]:
+        """`first` and what joins it within the delay: same table version and dtype, up to
+        max_ids ids. The first request that does not fit is held for the next batch."""
+        batch, size = [first], first.ids.size
+        deadline = time.perf_counter() + self.max_delay_s
+        while size < self.max_ids:
+            remaining = deadline - time.perf_counter()
+            try:
+                if remaining > 0:
+                    request = self._queue.get(timeout=remaining)
+                else:
+                    request = self._queue.get_nowait()  # no delay: what is already waiting
+            except queue.Empty:
+                break
+            if (
+                request is None  # close()
+                or request.table is not first.table
+                or request.dtype != first.dtype
+                or size + request.ids.size > self.max_ids
+            ):
+                self._held.append(request)
+                break
+            batch.append(request)
+            size += request.ids.size
+        return batch
+
+    def _serve(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        table = batch[0].table
+        weights = table.weights
+        flat = np.concatenate([r.ids.reshape(-1) for r in batch]) if len(batch) > 1 else None
+        ids = batch[0].ids.reshape(-1) if flat is None else flat
+        device_ids = torch.from_numpy(ids).to(weights.device)
+        vectors, seconds = kernels.timed(
+            weights.device, lambda: kernels.gather(weights, device_ids)
+        )
+        if vectors.dtype != batch[0].dtype:
+            vectors = vectors.to(batch[0].dtype)
+        host = self.to_host(vectors)
+        metrics.child(metrics.BATCH_IDS, table.name).observe(ids.size)
+        metrics.child(metrics.BATCH_REQUESTS, table.name).observe(len(batch))
+        queue_wait = metrics.child(metrics.BATCH_QUEUE_SECONDS, table.name)
+        start = 0
+        for request in batch:
+            queue_wait.observe(started - request.queued_at)
+            stop = start + request.ids.size
+            request.answer.set_result((host[start:stop].tobytes(), seconds))
+            start = stop
