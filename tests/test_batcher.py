@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +31,12 @@ def batcher() -> Iterator[Batcher]:
     instance = Batcher(max_delay_s=0.005, max_ids=4096, to_host=to_host)
     yield instance
     instance.close()
+
+
+def _announced(batcher: Batcher, table: Table, ids: np.ndarray, dtype: torch.dtype) -> Any:
+    """A call as the server makes it: announced while checked, then queued."""
+    with batcher.expect() as arrival:
+        return arrival.gather(table, ids, dtype)
 
 
 def _sample(name: str, table: str) -> float:
@@ -62,7 +69,7 @@ def test_coalesced_results_equal_unbatched(batcher: Batcher) -> None:
     rng = np.random.default_rng(0)
     id_sets = [rng.integers(0, 500, size=(int(rng.integers(1, 40)), 2)) for _ in range(64)]
     results = _concurrently(
-        [lambda ids=ids: batcher.gather(table, ids, torch.float32) for ids in id_sets]
+        [lambda ids=ids: _announced(batcher, table, ids, torch.float32) for ids in id_sets]
     )
     for ids, (data, seconds) in zip(id_sets, results, strict=True):
         assert data == WEIGHTS[ids].tobytes()
@@ -115,6 +122,21 @@ def test_a_gather_never_exceeds_max_ids() -> None:
     # 6 + 6 > 10: every gather served exactly one request.
     assert _sample("embedding_batch_requests_sum", "capped") == 41
     assert _sample("embedding_batch_requests_count", "capped") == 41
+
+
+def test_a_lone_call_does_not_wait_for_nobody() -> None:
+    batcher = Batcher(max_delay_s=5.0, max_ids=4096, to_host=to_host)
+    try:
+        table = _table("lone")
+        started = time.monotonic()
+        data, _ = _announced(batcher, table, np.array([1, 2]), torch.float32)
+        with batcher.expect():
+            pass  # a call refused by its checks never arrives; nobody waits for it
+        data2, _ = _announced(batcher, table, np.array([3]), torch.float32)
+        assert time.monotonic() - started < 2.5, "waited the 5 s delay with nobody coming"
+    finally:
+        batcher.close()
+    assert data == WEIGHTS[[1, 2]].tobytes() and data2 == WEIGHTS[[3]].tobytes()
 
 
 def test_a_failing_gather_fails_its_callers_only(batcher: Batcher) -> None:

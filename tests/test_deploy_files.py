@@ -115,5 +115,7 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "embedding_table_rows", "embedding_table_dim", "embedding_table_bytes",
         "embedding_table_version", "process_resident_memory_bytes",
         "embedding_device_memory_allocated_bytes", 'method="LookupStream"',
+        "embedding_batch_queue_seconds_bucket", "embedding_batch_requests_sum",
+        "embedding_batch_ids_sum",
     ):  # fmt: skip
         assert needed in exprs, f"the dashboard has no panel on {needed}"

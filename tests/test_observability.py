@@ -2,7 +2,9 @@
 
 Prometheus (Debian's package) runs on loopback with the repository's own scrape config
 and alert rules, only the target rewritten; every PromQL expression of the Grafana
-dashboard and of the rules is then evaluated through its HTTP API.
+dashboard and of the rules is then evaluated through its HTTP API. The server runs
+with two processes (metrics in prometheus-client's multiprocess mode, served by the
+supervisor) and dynamic batching on, so that every panel has something to show.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     server = subprocess.Popen(
         [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(grpc_port),
          "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
-         "--table", f"users={work / 'users.npy'}", "--table", f"items={work / 'items.npy'}"],
+         "--table", f"users={work / 'users.npy'}", "--table", f"items={work / 'items.npy'}",
+         "--processes", "2", "--batching", "true"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
     )  # fmt: skip
     target = f"127.0.0.1:{grpc_port}"

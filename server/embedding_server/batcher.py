@@ -1,12 +1,14 @@
 """Dynamic batching: concurrent Lookup requests to one table coalesced into one gather.
 
 A request hands its ids to the batcher and waits. One collector thread takes the first
-waiting request, keeps collecting for at most `max_delay_s` (or until `max_ids` ids are
-waiting), runs one gather per table version over all their ids, copies the result to
-the host once, and slices each request's rows back out. On a GPU that is one kernel
-launch and one device-to-host copy instead of one per request; on the CPU it saves
-little (the per-call cost is in gRPC and Python, which batching does not touch), which
-is why it is off unless asked for (`--batching`); see docs/performance.md.
+waiting request and keeps collecting while other calls are on their way (announced by
+`expect()` while they are checked, so a lone call does not wait for nobody), for at
+most `max_delay_s` and up to `max_ids` ids; then it runs one gather over all their ids,
+copies the result to the host once, and slices each request's rows back out. On a GPU
+that is one kernel launch and one device-to-host copy instead of one per request; on
+the CPU it saves little (the per-call cost is in gRPC and Python, which batching does
+not touch), which is why it is off unless asked for (`--batching`); see
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -45,15 +47,31 @@ class Batcher:
         self.to_host = to_host
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._held: list[_Request | None] = []  # taken from the queue, left for the next batch
+        self._arriving = 0  # calls announced by expect() and not yet queued or given up
+        self._arriving_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
+
+    def expect(self) -> Arrival:
+        """Announce a call that may reach the batcher soon (it is being checked): while one
+        is on its way, the collector waits for it. Use as a context manager and call its
+        `gather()` inside, or leave the block without (a refused request)."""
+        return Arrival(self)
 
     def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float]:
         """table.weights[ids] in `dtype` as row-major bytes, with the device time of the
         coalesced gather it was part of. Ids must already be checked against the table."""
-        request = _Request(table, ids, dtype)
+        return self._submit(_Request(table, ids, dtype))
+
+    def _submit(self, request: _Request, arrival: Arrival | None = None) -> tuple[bytes, float]:
         self._queue.put(request)
+        if arrival is not None:
+            arrival.leave()  # queued: no longer on its way
         return request.answer.result()
+
+    def _count_arriving(self, delta: int) -> None:
+        with self._arriving_lock:
+            self._arriving += delta
 
     def close(self) -> None:
         self._queue.put(None)
@@ -78,6 +96,8 @@ class Batcher:
         batch, size = [first], first.ids.size
         deadline = time.perf_counter() + self.max_delay_s
         while size < self.max_ids:
+            if self._arriving == 0 and self._queue.empty():
+                break  # nobody else is on the way: do not wait for nobody
             remaining = deadline - time.perf_counter()
             try:
                 if remaining > 0:
@@ -120,3 +140,28 @@ class Batcher:
             stop = start + request.ids.size
             request.answer.set_result((host[start:stop].tobytes(), seconds))
             start = stop
+
+
+class Arrival:
+    """A call on its way to the batcher (see `Batcher.expect`)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self._counted = False
+
+    def __enter__(self) -> Arrival:
+        self.batcher._count_arriving(1)
+        self._counted = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.batcher._count_arriving(-1)
+
+    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float]:
+        """`Batcher.gather`, counting this call as arrived once it is queued."""
+        return self.batcher._submit(_Request(table, ids, dtype), self)

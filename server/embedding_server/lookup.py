@@ -74,14 +74,15 @@ class Lookups:
         """
         table = self.store.get(table_name)
         out_dtype = OUTPUT_DTYPES[dtype]
-        self._check_limits(table, ids, out_dtype, dense)
-        _check_range(ids, table.rows)
-        # A reload replaces the Table object, so these two always belong together.
-        weights, version = table.weights, table.version
         shape = (*tuple(ids.shape), table.dim)
         if self.batcher is not None and not dense:
-            data, seconds = self.batcher.gather(table, ids, out_dtype)
-            return LookupOutput(data, shape, dtype, table, version, seconds)
+            with self.batcher.expect() as arrival:  # others may wait for this one
+                self._check(table, ids, out_dtype, dense)
+                data, seconds = arrival.gather(table, ids, out_dtype)
+            return LookupOutput(data, shape, dtype, table, table.version, seconds)
+        self._check(table, ids, out_dtype, dense)
+        # A reload replaces the Table object, so these two always belong together.
+        weights, version = table.weights, table.version
         device_ids = torch.from_numpy(ids).to(weights.device)
         kernel: Callable[[], torch.Tensor]
         if dense:
@@ -94,7 +95,8 @@ class Lookups:
             vectors = vectors.to(out_dtype)
         return LookupOutput(to_host(vectors).tobytes(), shape, dtype, table, version, seconds)
 
-    def _check_limits(self, table: Table, ids: np.ndarray, dtype: torch.dtype, dense: bool) -> None:
+    def _check(self, table: Table, ids: np.ndarray, dtype: torch.dtype, dense: bool) -> None:
+        """Refuse a request over the limits or with an id out of range."""
         limits = self.limits
         if ids.size > limits.max_ids:
             raise OverLimit(
@@ -116,6 +118,7 @@ class Lookups:
                     f"({table.rows} x {table.dim}) costs {macs} multiply-adds, over the limit "
                     f"of {limits.max_dense_macs} (--max-dense-macs): use Lookup, or fewer ids"
                 )
+        _check_range(ids, table.rows)
 
 
 def to_host(vectors: torch.Tensor) -> np.ndarray:
