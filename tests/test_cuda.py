@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,11 @@ import torch
 from embedding_client import EmbeddingClient
 from embedding_server import kernels
 from embedding_server.config import TableSpec
+from embedding_server.lookup import to_host
 from embedding_server.server import resolve_device
 from embedding_server.tables import load_table
 
-from .conftest import ServerFactory, random_table
+from .conftest import BIN, ServerFactory, free_port, random_table, server_env, wait_serving
 
 pytestmark = [
     pytest.mark.cuda,
@@ -58,3 +61,45 @@ def test_server_on_cuda(start_server: ServerFactory) -> None:
             half.astype(np.float32),
             torch.from_numpy(weights[ids]).bfloat16().float().numpy(),
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_results_leave_the_device_through_pinned_memory(dtype: torch.dtype) -> None:
+    vectors = torch.randn(1000, 64, device="cuda").to(dtype)
+    host = to_host(vectors)
+    view = torch.int16 if dtype == torch.bfloat16 else dtype
+    assert host.tobytes() == vectors.cpu().view(view).numpy().tobytes()
+
+
+def test_batching_on_cuda(start_server: ServerFactory) -> None:
+    weights = random_table(3000, 64, seed=5)
+    server = start_server({"gpu": torch.from_numpy(weights).cuda()}, batching=True)
+    rng = np.random.default_rng(1)
+    with EmbeddingClient(f"127.0.0.1:{server.port}") as client:
+        for _ in range(20):
+            ids = rng.integers(0, 3000, size=int(rng.integers(1, 500)))
+            np.testing.assert_array_equal(client.lookup(ids), weights[ids])
+
+
+def test_processes_share_the_device_table(tmp_path: Path) -> None:
+    """Two worker processes on one GPU table (CUDA IPC), same bytes as numpy."""
+    weights = random_table(4000, 32, seed=6)
+    np.save(tmp_path / "t.npy", weights)
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", "0", "--device", "cuda", "--processes", "2",
+         "--table", f"t={tmp_path / 't.npy'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
+    )  # fmt: skip
+    try:
+        wait_serving(f"127.0.0.1:{port}", process)
+        ids = np.arange(0, 4000, 7)
+        for _ in range(8):  # separate connections: both workers answer
+            with EmbeddingClient(f"127.0.0.1:{port}", wait_for_ready=True) as client:
+                np.testing.assert_array_equal(client.lookup(ids), weights[ids])
+                assert client.tables()[0].device == "cuda:0"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
