@@ -175,3 +175,21 @@ def test_request_over_the_receive_limit(start_server: ServerFactory) -> None:
         assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in raised.value.details
         assert client.lookup([1]).shape == (1, 4)
+
+
+def test_a_burst_of_signals_still_stops_cleanly(tmp_path: Path) -> None:
+    """Signals arriving while the handler of the last one runs (a deadlock when the
+    handler took a lock) still end in one clean stop."""
+    path = tmp_path / "t.npy"
+    np.save(path, WEIGHTS)
+    process = _spawn(path, free_port())
+    for _ in range(50):
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGHUP)
+    try:
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "stopped" in output

@@ -6,6 +6,7 @@ outside (/proc): which connections each worker holds, which memory they map.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -66,11 +67,12 @@ def _cmdline(pid: int) -> str:
 
 def _start(path: Path, *extra: str) -> Running:
     port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # a session of its own, so tests may signal its group
         [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
          "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
          "--processes", "2", "--grace", "2", "--table", f"t={path}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
+        start_new_session=True,
     )  # fmt: skip
     running = Running(process, port, metrics_port, path)
     wait_serving(running.target, process)
@@ -247,3 +249,23 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     )  # fmt: skip
     assert process.returncode == 2, process.stderr
     assert "worker 0 did not start: cannot read TLS files" in process.stderr
+
+
+def test_a_signal_to_the_whole_group_stops_in_order(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal (or `kill -- -PGID`) signals every process of the group at
+    once, repeatedly here: the workers must not look dead and be replaced, and a burst of
+    signals must not deadlock the supervisor's handler."""
+    path = tmp_path / "t.npy"
+    np.save(path, WEIGHTS)
+    running = _start(path)
+    workers = running.workers()
+    for _ in range(5):
+        os.killpg(running.process.pid, signal.SIGINT)
+    try:
+        output = running.process.communicate(timeout=60)[0]
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+    assert running.process.returncode == 0, output
+    assert "starting a new one" not in output
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)

@@ -7,12 +7,9 @@ import glob
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from embedding_server.config import ServerConfig, load_config
 
@@ -90,26 +87,13 @@ def serve(config: ServerConfig, metrics_dir: str = "") -> int:
     except (server.StartupError, workers.WorkerError, TableLoadError) as exc:
         print(f"embedding-server: error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    def request_reload(signum: int, frame: FrameType | None) -> None:
-        log.info("received SIGHUP: reloading tables from their files")
-        threading.Thread(target=running.reload_all, name="reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_reload)
     log.info(
         "serving %s on %s:%d (default table %r, %d process%s); metrics on http://%s:%d/metrics",
         ", ".join(t.name for t in store), config.host, running.port, store.default_name,
         config.processes, "es" if config.processes > 1 else "", config.metrics_host,
         running.metrics_port,
     )  # fmt: skip
-    stop.wait()
+    server.wait_for_stop(reload=running.reload_all)
     log.info(
         "shutting down: health NOT_SERVING, in-flight calls get %.1f s to finish", config.grace_s
     )

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
+from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -289,3 +293,34 @@ class EmbeddingServer:
             self.batcher.close()
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)
+
+
+def wait_for_stop(
+    reload: Callable[[], None] | None = None, stopped: threading.Event | None = None
+) -> int:
+    """Block until SIGTERM or SIGINT (or `stopped` is set); run `reload` in a thread on
+    each SIGHUP (ignored when None). Returns the stopping signal's number (0: `stopped`).
+
+    The handlers only append to a list: a handler that took a lock (Event.set does)
+    deadlocks when a second signal lands while the first one holds it, which happens
+    when a signal goes to a whole process group and to the process itself.
+    """
+    received: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGHUP, note if reload is not None else signal.SIG_IGN)
+    while True:
+        while received:
+            signum = received.pop(0)
+            log.info("received %s", signal.Signals(signum).name)
+            if signum != signal.SIGHUP:
+                return signum
+            assert reload is not None
+            threading.Thread(target=reload, name="reload", daemon=True).start()
+        if stopped is not None and stopped.is_set():
+            return 0
+        time.sleep(0.05)

@@ -33,7 +33,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -43,7 +42,13 @@ from prometheus_client import multiprocess
 
 from embedding_server import metrics
 from embedding_server.config import ServerConfig
-from embedding_server.server import EmbeddingServer, StartupError, start_metrics, stop_metrics
+from embedding_server.server import (
+    EmbeddingServer,
+    StartupError,
+    start_metrics,
+    stop_metrics,
+    wait_for_stop,
+)
 from embedding_server.servicer import reload_table
 from embedding_server.tables import Table, TableStore
 
@@ -374,7 +379,10 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
     )
     # The processes share the cores: torch's own thread pool would oversubscribe them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.processes))
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go through the supervisor
+    # A process group of its own: a terminal's Ctrl-C or a `kill` of the supervisor's
+    # group reaches the supervisor only, which stops the workers in order (otherwise a
+    # worker that stopped first would look dead and be replaced during the shutdown).
+    os.setpgrp()
     store = TableStore(shared=True)
     for table in tables:
         store.add(table)
@@ -387,14 +395,10 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
     except StartupError as exc:
         link.send(("failed", str(exc)))
         return
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    threading.Thread(target=link.run, args=(stop.set,), name="supervisor-pipe", daemon=True).start()
+    closed = threading.Event()  # the supervisor is gone
+    threading.Thread(
+        target=link.run, args=(closed.set,), name="supervisor-pipe", daemon=True
+    ).start()
     link.send(("ready", server.port))
-    stop.wait()
+    wait_for_stop(stopped=closed)
     server.stop()
