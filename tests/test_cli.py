@@ -65,6 +65,25 @@ def test_cli_lookup_both_paths(served: tuple[str, Path]) -> None:
     assert "0.9" in done.stdout
 
 
+def test_cli_pooled_lookup(served: tuple[str, Path]) -> None:
+    target, _ = served
+    w = WORKED_WEIGHTS
+    for extra in ([], ["--dense"]):
+        done = _cli("--target", target, "lookup", "--ids", "0,2,1,2", "--pool", "mean",
+                    "--lengths", "2,2", "--json", *extra)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        vectors = np.asarray(json.loads(done.stdout)["vectors"], dtype=np.float32)
+        np.testing.assert_allclose(vectors, [(w[0] + w[2]) / 2, (w[1] + w[2]) / 2], rtol=1e-6)
+    done = _cli("--target", target, "lookup", "--ids", "0,2,1", "--pool", "sum", "--offsets",
+                "0,1", "--weights", "2,1,0.5", "--padding-id", "2", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    vectors = np.asarray(json.loads(done.stdout)["vectors"], dtype=np.float32)
+    np.testing.assert_allclose(vectors, [2 * w[0], 0.5 * w[1]], rtol=1e-6)
+    done = _cli("--target", target, "lookup", "--ids", "0,2", "--lengths", "1,1")
+    assert done.returncode == 2
+    assert "--offsets, --lengths and --weights need --pool" in done.stderr
+
+
 def test_cli_output_into_a_closed_pipe_is_quiet(served: tuple[str, Path]) -> None:
     target, _ = served
     client = BIN / "embedding-client"

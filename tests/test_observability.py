@@ -121,6 +121,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
                 for table, rows in (("users", 5000), ("items", 300)):
                     client.lookup(rng.integers(0, rows, size=int(rng.integers(1, 512))), table)
                     client.lookup_dense(rng.integers(0, rows, size=8), table)
+                    client.lookup(rng.integers(0, rows, size=(16, 5)), table, pooling="mean")
                     batches = [rng.integers(0, rows, size=4) for _ in range(5)]
                     for _ in client.lookup_stream(batches, table):
                         pass

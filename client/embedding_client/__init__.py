@@ -10,6 +10,7 @@ from embedding_client.client import (
     EmbeddingClient,
     EmbeddingError,
     LookupResult,
+    Pooling,
     Security,
     TableInfo,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "EmbeddingClient",
     "EmbeddingError",
     "LookupResult",
+    "Pooling",
     "Security",
     "TableInfo",
 ]

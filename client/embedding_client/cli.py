@@ -10,8 +10,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from embedding_client.client import DEFAULT_TARGET, EmbeddingClient, EmbeddingError, Security
-from embedding_client.codec import DTYPE_NAMES
+from embedding_client.client import (
+    DEFAULT_TARGET,
+    EmbeddingClient,
+    EmbeddingError,
+    Pooling,
+    Security,
+)
+from embedding_client.codec import DTYPE_NAMES, POOLING_MODES
 
 
 def _int_list(text: str) -> list[int]:
@@ -20,6 +26,15 @@ def _int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
         ) from None
 
 
@@ -48,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     lookup.add_argument("--dense", action="store_true", help="use LookupDense (one-hot matmul)")
     lookup.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lookup.add_argument(
+        "--pool", choices=POOLING_MODES, help="pool each bag of ids into one vector (EmbeddingBag)"
+    )
+    bags = lookup.add_mutually_exclusive_group()
+    bags.add_argument("--offsets", type=_int_list, help="with --pool: start of each bag, e.g. 0,2")
+    bags.add_argument("--lengths", type=_int_list, help="with --pool: length of each bag, e.g. 2,1")
+    lookup.add_argument(
+        "--weights", type=_float_list, help="with --pool sum: a weight per id, e.g. 0.5,2,1"
+    )
+    lookup.add_argument(
+        "--padding-id", type=int, help="id that stands for nothing: zeros, skipped in bags"
+    )
 
     commands.add_parser("tables", help="list the server's tables")
     reload = commands.add_parser("reload", help="load a new version of a table (admin)")
@@ -67,7 +94,15 @@ def _lookup(client: EmbeddingClient, args: argparse.Namespace) -> int:
             print(f"error: --shape {args.shape} does not hold {ids.size} ids", file=sys.stderr)
             return 2
         ids = ids.reshape(args.shape)
-    result = client.lookup_result(ids, args.table, args.dtype, dense=args.dense)
+    pooling = None
+    if args.pool is not None:
+        pooling = Pooling(args.pool, args.offsets, args.lengths, args.weights)
+    elif args.offsets or args.lengths or args.weights:
+        print("error: --offsets, --lengths and --weights need --pool", file=sys.stderr)
+        return 2
+    result = client.lookup_result(
+        ids, args.table, args.dtype, dense=args.dense, pooling=pooling, padding_id=args.padding_id
+    )
     vectors = result.vectors.astype(np.float32)
     if args.json:
         payload = {

@@ -104,9 +104,35 @@ def _channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[st
     return options
 
 
-def _lookup_request(ids: Any, table: str | None, dtype: str) -> pb.LookupRequest:
+@dataclass(frozen=True)
+class Pooling:
+    """A pooled lookup (EmbeddingBag): one vector per bag of ids, the sum, mean or max of
+    its rows. Bags are given by `offsets` (start of each bag, like torch's embedding_bag)
+    or `lengths` (1-D ids), or, with neither, are the last axis of the ids. `weights`:
+    one per id, multiplying its row (sum only). A plain mode string, e.g. ``"mean"``,
+    means bags along the last axis."""
+
+    mode: str
+    offsets: Any = None
+    lengths: Any = None
+    weights: Any = None
+
+
+def _lookup_request(
+    ids: Any,
+    table: str | None,
+    dtype: str,
+    pooling: Pooling | str | None = None,
+    padding_id: int | None = None,
+) -> pb.LookupRequest:
+    if isinstance(pooling, str):
+        pooling = Pooling(pooling)
+    bags = {} if pooling is None else {
+        "pooling": pooling.mode, "offsets": pooling.offsets, "lengths": pooling.lengths,
+        "weights": pooling.weights,
+    }  # fmt: skip
     try:
-        return codec.encode_lookup_request(ids, table, dtype)
+        return codec.encode_lookup_request(ids, table, dtype, padding_id=padding_id, **bags)
     except codec.WireError as exc:
         raise EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
@@ -297,6 +323,8 @@ class EmbeddingClient(_ClientBase):
         table: str | None = None,
         dtype: str = "float32",
         *,
+        pooling: Pooling | str | None = None,
+        padding_id: int | None = None,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Look up the vectors of `ids` through the gather path.
@@ -308,21 +336,29 @@ class EmbeddingClient(_ClientBase):
             Table name; the server's default table when omitted.
         dtype : {"float32", "float16", "bfloat16"}
             Element type of the returned vectors.
+        pooling : Pooling or {"sum", "mean", "max"}, optional
+            Pool each bag of ids into one vector (EmbeddingBag); see `Pooling`.
+        padding_id : int, optional
+            An id that stands for nothing: its vector is zeros, and bags skip it (mean
+            does not count it), like ``padding_idx`` / Keras ``mask_zero``.
         timeout : float, optional
             Deadline for this call in seconds, instead of the client's default.
 
         Returns
         -------
         numpy.ndarray
-            Shape ``ids.shape + (dim,)``; a read-only view of the response bytes
-            (``.copy()`` it to write).
+            Shape ``ids.shape + (dim,)`` (pooled: the bags' shape + ``(dim,)``); a
+            read-only view of the response bytes (``.copy()`` it to write).
 
         Raises
         ------
         EmbeddingError
             With the gRPC status code and the server's message.
         """
-        return self.lookup_result(ids, table, dtype, timeout=timeout).vectors
+        result = self.lookup_result(
+            ids, table, dtype, pooling=pooling, padding_id=padding_id, timeout=timeout
+        )
+        return result.vectors
 
     def lookup_dense(
         self,
@@ -330,10 +366,15 @@ class EmbeddingClient(_ClientBase):
         table: str | None = None,
         dtype: str = "float32",
         *,
+        pooling: Pooling | str | None = None,
+        padding_id: int | None = None,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Like `lookup`, computed as ``one_hot(ids, rows) @ table`` (the debug path)."""
-        return self.lookup_result(ids, table, dtype, dense=True, timeout=timeout).vectors
+        result = self.lookup_result(
+            ids, table, dtype, dense=True, pooling=pooling, padding_id=padding_id, timeout=timeout
+        )
+        return result.vectors
 
     def lookup_result(
         self,
@@ -342,11 +383,14 @@ class EmbeddingClient(_ClientBase):
         dtype: str = "float32",
         *,
         dense: bool = False,
+        pooling: Pooling | str | None = None,
+        padding_id: int | None = None,
         timeout: float | None = None,
     ) -> LookupResult:
         """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
         method = self._stub.LookupDense if dense else self._stub.Lookup
-        return _lookup_result(self._invoke(method, _lookup_request(ids, table, dtype), timeout))
+        request = _lookup_request(ids, table, dtype, pooling, padding_id)
+        return _lookup_result(self._invoke(method, request, timeout))
 
     def lookup_stream(
         self,
@@ -448,10 +492,15 @@ class AsyncEmbeddingClient(_ClientBase):
         table: str | None = None,
         dtype: str = "float32",
         *,
+        pooling: Pooling | str | None = None,
+        padding_id: int | None = None,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Look up the vectors of `ids` through the gather path (see `EmbeddingClient.lookup`)."""
-        return (await self.lookup_result(ids, table, dtype, timeout=timeout)).vectors
+        result = await self.lookup_result(
+            ids, table, dtype, pooling=pooling, padding_id=padding_id, timeout=timeout
+        )
+        return result.vectors
 
     async def lookup_dense(
         self,
@@ -459,10 +508,14 @@ class AsyncEmbeddingClient(_ClientBase):
         table: str | None = None,
         dtype: str = "float32",
         *,
+        pooling: Pooling | str | None = None,
+        padding_id: int | None = None,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Like `lookup`, computed as ``one_hot(ids, rows) @ table`` (the debug path)."""
-        result = await self.lookup_result(ids, table, dtype, dense=True, timeout=timeout)
+        result = await self.lookup_result(
+            ids, table, dtype, dense=True, pooling=pooling, padding_id=padding_id, timeout=timeout
+        )
         return result.vectors
 
     async def lookup_result(
@@ -472,11 +525,13 @@ class AsyncEmbeddingClient(_ClientBase):
         dtype: str = "float32",
         *,
         dense: bool = False,
+        pooling: Pooling | str | None = None,
+        padding_id: int | None = None,
         timeout: float | None = None,
     ) -> LookupResult:
         """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
         method = self._stub.LookupDense if dense else self._stub.Lookup
-        request = _lookup_request(ids, table, dtype)
+        request = _lookup_request(ids, table, dtype, pooling, padding_id)
         return _lookup_result(await self._invoke(method, request, timeout))
 
     async def lookup_stream(

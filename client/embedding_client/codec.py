@@ -7,6 +7,7 @@ the client never needs torch, and both sides agree on bytes, dtypes and shapes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 import ml_dtypes
@@ -87,13 +88,136 @@ def as_id_array(ids: Any) -> np.ndarray:
     return np.require(array, dtype=ID_DTYPE, requirements="C")
 
 
-def encode_lookup_request(ids: Any, table: str | None, dtype: str) -> pb.LookupRequest:
-    """Build a LookupRequest carrying `ids` as raw bytes plus their exact shape."""
+POOLING_MODES = ("sum", "mean", "max")
+_POOLING_WIRE = {"sum": pb.POOLING_SUM, "mean": pb.POOLING_MEAN, "max": pb.POOLING_MAX}
+
+
+@dataclass(frozen=True)
+class Bags:
+    """How a pooled lookup splits its ids: bag b is flat ids[offsets[b]:offsets[b + 1]]
+    (the last one runs to the end), reduced by `mode`, optionally weighting each id."""
+
+    mode: str  # one of POOLING_MODES
+    offsets: np.ndarray  # int64, one per bag
+    shape: tuple[int, ...]  # the bags' shape: the response is shape + [dim]
+    weights: np.ndarray | None = None  # float32, one per id (sum only)
+
+    @property
+    def count(self) -> int:
+        return len(self.offsets)
+
+
+def encode_lookup_request(
+    ids: Any,
+    table: str | None,
+    dtype: str,
+    *,
+    pooling: str | None = None,
+    offsets: Any = None,
+    lengths: Any = None,
+    weights: Any = None,
+    padding_id: int | None = None,
+) -> pb.LookupRequest:
+    """Build a LookupRequest carrying `ids` as raw bytes plus their exact shape; with
+    `pooling` ("sum", "mean", "max") a pooled lookup over bags given by `offsets` or
+    `lengths` (or the last axis of `ids`), with optional per-id `weights`."""
     array = as_id_array(ids)
     request = pb.LookupRequest(table=table or "", ids=array.tobytes(), dtype=dtype_to_wire(dtype))
     request.ids_shape.SetInParent()  # present even with no dims: a scalar id
     request.ids_shape.dims.extend(array.shape)
+    if padding_id is not None:
+        request.padding_id = int(padding_id)
+    if pooling is None:
+        if offsets is not None or lengths is not None or weights is not None:
+            raise WireError("offsets, lengths and weights describe bags: give pooling too")
+        return request
+    if pooling not in _POOLING_WIRE:
+        raise WireError(f"unknown pooling {pooling!r}: expected one of {', '.join(POOLING_MODES)}")
+    request.pooling = _POOLING_WIRE[pooling]
+    if offsets is not None:
+        request.offsets.extend(as_id_array(offsets).reshape(-1).tolist())
+    if lengths is not None:
+        request.lengths.extend(as_id_array(lengths).reshape(-1).tolist())
+    if weights is not None:
+        request.per_id_weights = np.require(np.asarray(weights), "<f4", "C").tobytes()
     return request
+
+
+def decode_bags(request: pb.LookupRequest, ids: np.ndarray) -> Bags | None:
+    """The bags of a pooled request (None: not pooled), checked against its ids.
+
+    Raises WireError for bag fields without pooling, both offsets and lengths, offsets
+    or lengths that do not fit the ids, weights of the wrong size or mode, or an
+    unknown pooling value.
+    """
+    has_bag_fields = bool(request.offsets or request.lengths or request.per_id_weights)
+    if request.pooling == pb.POOLING_NONE:
+        if has_bag_fields:
+            raise WireError("offsets, lengths and per_id_weights need pooling SUM, MEAN or MAX")
+        return None
+    mode = {v: k for k, v in _POOLING_WIRE.items()}.get(request.pooling)
+    if mode is None:
+        raise WireError(
+            f"unknown pooling enum value {request.pooling}: expected 0 (none), 1 (sum), "
+            "2 (mean) or 3 (max)"
+        )
+    count = ids.size
+    if request.offsets and request.lengths:
+        raise WireError("set either offsets or lengths, not both")
+    if request.offsets or request.lengths:
+        if ids.ndim != 1:
+            raise WireError(
+                f"offsets and lengths need 1-D ids; the ids have shape {list(ids.shape)}"
+            )
+        offsets = _bag_offsets(request, count)
+        shape: tuple[int, ...] = (len(offsets),)
+    else:
+        if ids.ndim == 0:
+            raise WireError("a pooled lookup needs bags: offsets, lengths, or ids of 1+ axes")
+        length = ids.shape[-1]
+        shape = tuple(ids.shape[:-1])
+        offsets = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=ID_DTYPE) * length
+    weights = None
+    if request.per_id_weights:
+        if mode != "sum":
+            raise WireError(
+                f"per-id weights need pooling SUM (as torch's embedding_bag), not {mode.upper()}"
+            )
+        if len(request.per_id_weights) != 4 * count:
+            raise WireError(
+                f"per_id_weights is {len(request.per_id_weights)} bytes; {count} ids need "
+                f"{4 * count} (one little-endian float32 each)"
+            )
+        weights = np.frombuffer(request.per_id_weights, dtype="<f4")
+        if not np.isfinite(weights).all():
+            raise WireError("per_id_weights must be finite")
+    return Bags(mode, offsets, shape, weights)
+
+
+def _bag_offsets(request: pb.LookupRequest, count: int) -> np.ndarray:
+    if request.offsets:
+        offsets = np.asarray(request.offsets, dtype=ID_DTYPE)
+        if offsets[0] != 0:
+            raise WireError(f"offsets must start at 0, got {int(offsets[0])}")
+        steps = np.diff(offsets)
+        if (steps < 0).any():
+            at = int(np.flatnonzero(steps < 0)[0]) + 1
+            raise WireError(
+                f"offsets must not decrease: offsets[{at}] = {int(offsets[at])} "
+                f"< offsets[{at - 1}] = {int(offsets[at - 1])}"
+            )
+        if int(offsets[-1]) > count:
+            raise WireError(
+                f"offsets[{len(offsets) - 1}] = {int(offsets[-1])} is past the {count} ids"
+            )
+        return offsets
+    lengths = np.asarray(request.lengths, dtype=ID_DTYPE)
+    if (lengths < 0).any():
+        at = int(np.flatnonzero(lengths < 0)[0])
+        raise WireError(f"lengths[{at}] = {int(lengths[at])} is negative")
+    if int(lengths.sum()) != count:
+        raise WireError(f"lengths add up to {int(lengths.sum())} but {count} ids were sent")
+    return np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(ID_DTYPE)
 
 
 def decode_ids(request: pb.LookupRequest) -> np.ndarray:

@@ -14,9 +14,42 @@ import torch
 from embedding_server.errors import DeadlineExceeded
 
 
-def gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """W[ids]: one row read per id (`torch.nn.functional.embedding`)."""
-    return torch.nn.functional.embedding(ids, table)
+def gather(table: torch.Tensor, ids: torch.Tensor, padding_id: int | None = None) -> torch.Tensor:
+    """W[ids]: one row read per id (`torch.nn.functional.embedding`); rows of
+    `padding_id` come back as zeros."""
+    rows = torch.nn.functional.embedding(ids, table)
+    if padding_id is not None:
+        rows.masked_fill_((ids == padding_id).unsqueeze(-1), 0)
+    return rows
+
+
+def pooled_gather(
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    mode: str,
+    weights: torch.Tensor | None = None,
+    padding_id: int | None = None,
+) -> torch.Tensor:
+    """Each bag's rows reduced by `mode` (sum, mean, max) in one pass
+    (`torch.nn.functional.embedding_bag`): [bags, dim]; an empty bag gives zeros.
+
+    Parameters
+    ----------
+    ids : 1-D; bag b is ids[offsets[b]:offsets[b + 1]], the last one runs to the end
+    weights : per id, multiplying its row (sum only)
+    padding_id : skipped in every bag, and not counted by mean
+    """
+    if offsets.numel() == 0:
+        return table.new_zeros((0, table.shape[1]))
+    return torch.nn.functional.embedding_bag(
+        ids,
+        table,
+        offsets,
+        mode=mode,
+        per_sample_weights=None if weights is None else weights.to(table.dtype),
+        padding_idx=padding_id,
+    )
 
 
 def _exact_matmul() -> None:
@@ -33,8 +66,10 @@ def one_hot_matmul(
     ids: torch.Tensor,
     chunk_cells: int,
     deadline: float | None = None,
+    padding_id: int | None = None,
 ) -> torch.Tensor:
-    """one_hot(ids, rows) @ W, materialising at most `chunk_cells` one-hot cells at once.
+    """one_hot(ids, rows) @ W, materialising at most `chunk_cells` one-hot cells at once;
+    `padding_id` gets an all-zero one-hot row, so its vector is zeros.
 
     The one-hot matrix is built in blocks of (ids chunk) x (vocabulary chunk); each
     output row sums one exact product (1.0 * w) and +0.0 terms, so for a finite table
@@ -62,12 +97,71 @@ def one_hot_matmul(
             vocab = torch.arange(
                 vocab_start, min(rows, vocab_start + vocab_chunk), device=table.device
             )
-            hot = (chunk == vocab).to(table.dtype)
+            hot = chunk == vocab
+            if padding_id is not None:
+                hot &= chunk != padding_id
+            hot = hot.to(table.dtype)
             part = hot @ table[vocab_start : vocab_start + vocab_chunk]
             acc = part if acc is None else acc.add_(part)
         assert acc is not None
         out[first : first + chunk.shape[0]] = acc
     return out.reshape(*ids.shape, dim)
+
+
+def pooled_matmul(
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    mode: str,
+    chunk_cells: int,
+    deadline: float | None = None,
+    weights: torch.Tensor | None = None,
+    padding_id: int | None = None,
+) -> torch.Tensor:
+    """`pooled_gather` the dense way. Sum and mean: a multi-hot (or weighted) matrix of
+    [bags, rows] times W, then mean divides by each bag's count; max: the one-hot rows of
+    every id, then the largest per bag. Same arguments as `pooled_gather`, plus the
+    one-hot cells held at once (`chunk_cells`) and a deadline."""
+    _exact_matmul()
+    rows, dim = table.shape
+    bags = offsets.numel()
+    bag_of_id = (
+        torch.searchsorted(offsets, torch.arange(ids.numel(), device=ids.device), right=True) - 1
+    )
+    counted = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
+    if padding_id is not None:
+        counted = ids != padding_id
+    per_bag = torch.bincount(bag_of_id[counted], minlength=bags)
+    if mode == "max":
+        every = one_hot_matmul(table, ids, chunk_cells, deadline, padding_id)
+        out = torch.full((bags, dim), float("-inf"), dtype=table.dtype, device=table.device)
+        index = bag_of_id[counted].unsqueeze(1).expand(-1, dim)
+        out.scatter_reduce_(0, index, every[counted], "amax", include_self=True)
+        return out.masked_fill_((per_bag == 0).unsqueeze(1), 0)
+    scale = counted.to(table.dtype) if weights is None else weights.to(table.dtype) * counted
+    out = torch.zeros((bags, dim), dtype=table.dtype, device=table.device)
+    vocab_chunk = max(1, min(rows, chunk_cells))
+    bag_chunk = max(1, chunk_cells // vocab_chunk)
+    check = _deadline_check(deadline)
+    for first in range(0, bags, bag_chunk):
+        last = min(bags, first + bag_chunk)
+        inside = (bag_of_id >= first) & (bag_of_id < last)
+        chunk_ids, chunk_bags, chunk_scale = ids[inside], bag_of_id[inside] - first, scale[inside]
+        for vocab_start in range(0, rows, vocab_chunk):
+            check()
+            vocab_stop = min(rows, vocab_start + vocab_chunk)
+            hits = (chunk_ids >= vocab_start) & (chunk_ids < vocab_stop)
+            hot = torch.zeros((last - first, vocab_stop - vocab_start), dtype=table.dtype,
+                              device=table.device)  # fmt: skip
+            hot.index_put_(
+                (chunk_bags[hits], chunk_ids[hits] - vocab_start),
+                chunk_scale[hits],
+                accumulate=True,
+            )
+            out[first:last] += hot @ table[vocab_start:vocab_stop]
+    if mode == "mean":
+        out /= per_bag.clamp(min=1).to(table.dtype).unsqueeze(1)
+    return out
 
 
 def _deadline_check(deadline: float | None) -> Callable[[], None]:

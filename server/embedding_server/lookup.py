@@ -13,6 +13,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from embedding_client.codec import Bags
 from embedding_server import kernels
 from embedding_server.batcher import Batcher
 from embedding_server.errors import InvalidRequest, OverLimit
@@ -47,6 +48,7 @@ class LookupOutput:
     table: Table
     version: int
     kernel_seconds: float
+    kernel: str  # the metric label of the kernel that ran (see kernel_name)
 
 
 class Lookups:
@@ -65,8 +67,12 @@ class Lookups:
         *,
         dense: bool = False,
         deadline: float | None = None,
+        bags: Bags | None = None,
+        padding_id: int | None = None,
     ) -> LookupOutput:
-        """W[ids] of table `table_name` in output `dtype`, by gather or (dense) one-hot matmul.
+        """W[ids] of table `table_name` in output `dtype`, by gather or (dense) one-hot
+        matmul; with `bags`, one pooled vector per bag (embedding_bag, or a multi-hot
+        matmul); rows of `padding_id` are zeros, and skipped in bags.
 
         Raises
         ------
@@ -74,36 +80,67 @@ class Lookups:
         """
         table = self.store.get(table_name)
         out_dtype = OUTPUT_DTYPES[dtype]
-        shape = (*tuple(ids.shape), table.dim)
-        if self.batcher is not None and not dense:
+        shape = (*(tuple(ids.shape) if bags is None else bags.shape), table.dim)
+        name = kernel_name(dense, pooled=bags is not None)
+        if self.batcher is not None and not dense and bags is None and padding_id is None:
             with self.batcher.expect() as arrival:  # others may wait for this one
-                self._check(table, ids, out_dtype, dense)
+                self._check(table, ids, out_dtype, dense, bags, padding_id)
                 data, seconds = arrival.gather(table, ids, out_dtype)
-            return LookupOutput(data, shape, dtype, table, table.version, seconds)
-        self._check(table, ids, out_dtype, dense)
+            return LookupOutput(data, shape, dtype, table, table.version, seconds, name)
+        self._check(table, ids, out_dtype, dense, bags, padding_id)
         # A reload replaces the Table object, so these two always belong together.
         weights, version = table.weights, table.version
-        device_ids = torch.from_numpy(ids).to(weights.device)
-        kernel: Callable[[], torch.Tensor]
-        if dense:
-            chunk = self.limits.dense_chunk_cells
-            kernel = partial(kernels.one_hot_matmul, weights, device_ids, chunk, deadline)
-        else:
-            kernel = partial(kernels.gather, weights, device_ids)
+        kernel = self._kernel(weights, ids, dense, bags, padding_id, deadline)
         vectors, seconds = kernels.timed(weights.device, kernel)
         if vectors.dtype != out_dtype:
             vectors = vectors.to(out_dtype)
-        return LookupOutput(to_host(vectors).tobytes(), shape, dtype, table, version, seconds)
+        data = to_host(vectors).tobytes()
+        return LookupOutput(data, shape, dtype, table, version, seconds, name)
 
-    def _check(self, table: Table, ids: np.ndarray, dtype: torch.dtype, dense: bool) -> None:
-        """Refuse a request over the limits or with an id out of range."""
+    def _kernel(
+        self,
+        weights: torch.Tensor,
+        ids: np.ndarray,
+        dense: bool,
+        bags: Bags | None,
+        padding_id: int | None,
+        deadline: float | None,
+    ) -> Callable[[], torch.Tensor]:
+        device = weights.device
+        device_ids = torch.from_numpy(ids).to(device)
+        chunk = self.limits.dense_chunk_cells
+        if bags is None:
+            if dense:
+                return partial(
+                    kernels.one_hot_matmul, weights, device_ids, chunk, deadline, padding_id
+                )
+            return partial(kernels.gather, weights, device_ids, padding_id)
+        flat = device_ids.reshape(-1)
+        offsets = torch.from_numpy(bags.offsets).to(device)
+        per_id = None if bags.weights is None else torch.from_numpy(bags.weights).to(device)
+        if dense:
+            return partial(kernels.pooled_matmul, weights, flat, offsets, bags.mode, chunk,
+                           deadline, per_id, padding_id)  # fmt: skip
+        return partial(kernels.pooled_gather, weights, flat, offsets, bags.mode, per_id, padding_id)
+
+    def _check(
+        self,
+        table: Table,
+        ids: np.ndarray,
+        dtype: torch.dtype,
+        dense: bool,
+        bags: Bags | None = None,
+        padding_id: int | None = None,
+    ) -> None:
+        """Refuse a request over the limits or with an id (or padding id) out of range."""
         limits = self.limits
+        vectors = ids.size if bags is None else bags.count
         if ids.size > limits.max_ids:
             raise OverLimit(
                 f"{ids.size} ids in one request; this server takes at most {limits.max_ids} "
                 "(--max-ids): split the request"
             )
-        response_bytes = ids.size * table.dim * dtype.itemsize
+        response_bytes = vectors * table.dim * dtype.itemsize
         if response_bytes > limits.max_response_bytes:
             raise OverLimit(
                 f"the response would be {response_bytes} bytes, over the "
@@ -111,7 +148,9 @@ class Lookups:
                 "split the request or ask for float16/bfloat16"
             )
         if dense:
-            macs = ids.size * table.rows * table.dim
+            # One (multi-)hot row per bag for sum and mean; one per id otherwise.
+            hot_rows = bags.count if bags is not None and bags.mode != "max" else ids.size
+            macs = hot_rows * table.rows * table.dim
             if macs > limits.max_dense_macs:
                 raise OverLimit(
                     f"LookupDense of {ids.size} ids over table {table.name!r} "
@@ -119,6 +158,24 @@ class Lookups:
                     f"of {limits.max_dense_macs} (--max-dense-macs): use Lookup, or fewer ids"
                 )
         _check_range(ids, table.rows)
+        if padding_id is not None and not 0 <= padding_id < table.rows:
+            raise InvalidRequest(
+                f"padding_id {padding_id} is not a row of table {table.name!r}: it must be in "
+                f"[0, {table.rows})"
+            )
+
+
+def kernel_name(dense: bool, pooled: bool) -> str:
+    """The `kernel` label of embedding_kernel_seconds for a lookup of this kind."""
+    return KERNELS[dense, pooled]
+
+
+KERNELS = {
+    (False, False): "gather",
+    (True, False): "one_hot_matmul",
+    (False, True): "embedding_bag",
+    (True, True): "multi_hot_matmul",
+}
 
 
 def to_host(vectors: torch.Tensor) -> np.ndarray:

@@ -67,6 +67,12 @@ REQUEST_IDS = Histogram(
     ["method", "table"],
     buckets=IDS_BUCKETS,
 )
+REQUEST_BAGS = Histogram(
+    "embedding_request_bags",
+    "Bags per pooled (EmbeddingBag) request: vectors returned after pooling.",
+    ["method", "table"],
+    buckets=IDS_BUCKETS,
+)
 RESPONSE_BYTES = Counter(
     "embedding_response_bytes_total",
     "Vector bytes returned.",
@@ -129,7 +135,12 @@ TABLE_RELOADS = Counter(
     "embedding_table_reloads_total", "Table reloads, by result (ok, failed).", ["table", "result"]
 )
 
-KERNEL_NAMES = {"Lookup": "gather", "LookupDense": "one_hot_matmul", "LookupStream": "gather"}
+# The kernels each method runs, plain and pooled: the label sets pre-registered at start.
+KERNEL_NAMES = {
+    "Lookup": ("gather", "embedding_bag"),
+    "LookupDense": ("one_hot_matmul", "multi_hot_matmul"),
+    "LookupStream": ("gather", "embedding_bag"),
+}
 
 
 @functools.cache

@@ -250,11 +250,13 @@ class EmbeddingServer:
             metrics.TABLE_RELOADS.labels(table.name, "ok")
             metrics.TABLE_RELOADS.labels(table.name, "failed")
             # Pre-register the series a dashboard reads, so /metrics is full before traffic.
-            for method, kernel in metrics.KERNEL_NAMES.items():
+            for method, kernel_names in metrics.KERNEL_NAMES.items():
                 metrics.REQUEST_SECONDS.labels(method, table.name, "OK")
                 metrics.REQUEST_IDS.labels(method, table.name)
+                metrics.REQUEST_BAGS.labels(method, table.name)
                 metrics.RESPONSE_BYTES.labels(method, table.name)
-                metrics.KERNEL_SECONDS.labels(kernel, table.name, table.device)
+                for kernel in kernel_names:
+                    metrics.KERNEL_SECONDS.labels(kernel, table.name, table.device)
             if self.batcher is not None:
                 for batch_metric in metrics.BATCH_METRICS:
                     batch_metric.labels(table.name)

@@ -110,17 +110,21 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             ids = codec.decode_ids(request)
             dtype = codec.dtype_name(request.dtype)
+            bags = codec.decode_bags(request, ids)
             out = self.lookups.lookup(
                 request.table,
                 ids,
                 dtype,
                 dense=method == "LookupDense",
                 deadline=_deadline(context),
+                bags=bags,
+                padding_id=request.padding_id if request.HasField("padding_id") else None,
             )
             metrics.child(metrics.REQUEST_IDS, method, table).observe(ids.size)
+            if bags is not None:
+                metrics.child(metrics.REQUEST_BAGS, method, table).observe(bags.count)
             metrics.child(metrics.RESPONSE_BYTES, method, table).inc(len(out.vectors))
-            kernel = metrics.KERNEL_NAMES[method]
-            metrics.child(metrics.KERNEL_SECONDS, kernel, table, out.table.device).observe(
+            metrics.child(metrics.KERNEL_SECONDS, out.kernel, table, out.table.device).observe(
                 out.kernel_seconds
             )
             return codec.encode_lookup_response(

@@ -13,10 +13,21 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
+
+class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOLING_NONE: _ClassVar[Pooling]
+    POOLING_SUM: _ClassVar[Pooling]
+    POOLING_MEAN: _ClassVar[Pooling]
+    POOLING_MAX: _ClassVar[Pooling]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
+POOLING_NONE: Pooling
+POOLING_SUM: Pooling
+POOLING_MEAN: Pooling
+POOLING_MAX: Pooling
 
 class Shape(_message.Message):
     __slots__ = ("dims",)
@@ -25,18 +36,28 @@ class Shape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "ids", "ids_list", "ids_shape", "dtype")
+    __slots__ = ("table", "ids", "ids_list", "ids_shape", "dtype", "pooling", "offsets", "lengths", "per_id_weights", "padding_id")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     IDS_LIST_FIELD_NUMBER: _ClassVar[int]
     IDS_SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    PER_ID_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PADDING_ID_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     ids_list: _containers.RepeatedScalarFieldContainer[int]
     ids_shape: Shape
     dtype: DType
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_list: _Optional[_Iterable[int]] = ..., ids_shape: _Optional[_Union[Shape, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    pooling: Pooling
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    per_id_weights: bytes
+    padding_id: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_list: _Optional[_Iterable[int]] = ..., ids_shape: _Optional[_Union[Shape, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., per_id_weights: _Optional[bytes] = ..., padding_id: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("vectors", "dtype", "shape", "table", "table_version")
