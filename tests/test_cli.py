@@ -229,3 +229,26 @@ def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses, statuses
     assert "received SIGTERM" in output and "stopped" in output
+
+
+def test_tables_from_a_config_file(tmp_path: Path) -> None:
+    users, items = random_table(200, 8, seed=7), random_table(50, 4, seed=8)
+    np.save(tmp_path / "users.npy", users)
+    np.save(tmp_path / "items.npy", items)
+    (tmp_path / "tables.toml").write_text(
+        '[[table]]\nname = "users"\nsource = "users.npy"\ndtype = "float16"\n'
+        '[[table]]\nname = "items"\nsource = "items.npy"\ndevice = "cpu"\n'
+    )
+    process, target = _start(["--config", str(tmp_path / "tables.toml")])
+    try:
+        with EmbeddingClient(target) as client:
+            infos = {t.name: t for t in client.tables()}
+            assert (infos["users"].dtype, infos["users"].bytes) == ("float16", users.size * 2)
+            assert infos["users"].is_default and infos["items"].dtype == "float32"
+            np.testing.assert_array_equal(
+                client.lookup([3, 199], "users"), users[[3, 199]].astype(np.float16)
+            )
+            np.testing.assert_array_equal(client.lookup([49], "items"), items[[49]])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)

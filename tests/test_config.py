@@ -76,3 +76,49 @@ def test_describe_lists_every_setting() -> None:
     assert "tables = (none: seeded demo table)" in lines
     assert "port = 50051" in lines
     assert len(lines) == len(ServerConfig.__dataclass_fields__)
+
+
+def test_a_toml_file_lists_many_tables(tmp_path: Path) -> None:
+    config_file = tmp_path / "tables.toml"
+    config_file.write_text(
+        '[[table]]\nname = "users"\nsource = "users.npy"\ndtype = "float16"\n\n'
+        '[[table]]\nname = "items"\nsource = "/data/model.pt:item.weight"\ndevice = "cpu"\n'
+    )
+    config = load_config(["--config", str(config_file), "--table", "extra=/x/e.npy"], env={})
+    assert config.tables == (
+        TableSpec("users", tmp_path / "users.npy", dtype="float16"),
+        TableSpec("items", Path("/data/model.pt"), "item.weight", device="cpu"),
+        TableSpec("extra", Path("/x/e.npy")),
+    )
+    assert load_config([], env={"EMBEDDING_CONFIG": str(config_file)}).tables[0].name == "users"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[table]]\nname = 'a'\n", "#1: needs source"),
+        ("[[table]]\nname = 'a'\nsource = 'a.npy'\ndtype = 'int4'\n", "dtype 'int4' is not one of"),
+        ("[[table]]\nname = 'a'\nsource = 'a.npy'\ndevice = 'tpu'\n", "device must be auto"),
+        ("[[table]]\nname = 'a'\nsource = 'a.npy'\nrows = 3\n", "unknown key(s) rows"),
+        ("[tables]\n", "unknown top-level key(s) tables"),
+        ("name = \n", "not valid TOML"),
+        ("", "no [[table]] entries"),
+        ("[[table]]\nname='a'\nsource='a.npy'\n[[table]]\nname='a'\nsource='b.npy'\n",
+         "table name given twice: a"),
+    ],
+)  # fmt: skip
+def test_a_bad_config_file_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    config_file = tmp_path / "bad.toml"
+    config_file.write_text(text)
+    with pytest.raises(SystemExit) as stopped:
+        load_config(["--config", str(config_file)], env={})
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_config(["--config", "/nonexistent/tables.toml"], env={})
+    assert "/nonexistent/tables.toml: No such file or directory" in capsys.readouterr().err

@@ -163,3 +163,24 @@ def test_pickled_code_in_a_checkpoint_is_not_run(tmp_path: Path) -> None:
     torch.save({"w": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(TableLoadError, match="not a loadable torch checkpoint"):
         _load(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_a_table_can_be_stored_in_a_smaller_dtype(tmp_path: Path, dtype: str) -> None:
+    weights = random_table(100, 8)
+    np.save(tmp_path / "t.npy", weights.astype(np.float64))
+    table = load_table(TableSpec("t", tmp_path / "t.npy", dtype=dtype), torch.device("cpu"))
+    assert table.dtype == dtype
+    assert table.nbytes == weights.size * {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
+    expected = torch.from_numpy(weights).to(getattr(torch, dtype))
+    assert torch.equal(table.weights, expected)
+
+
+def test_values_too_large_for_float16_are_refused(tmp_path: Path) -> None:
+    weights = random_table(10, 4)
+    weights[3, 2] = 1e6
+    np.save(tmp_path / "t.npy", weights)
+    with pytest.raises(
+        TableLoadError, match=r"row 3, column 2 holds 1000000.0, which does not fit float16"
+    ):
+        load_table(TableSpec("t", tmp_path / "t.npy", dtype="float16"), torch.device("cpu"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,31 +17,96 @@ from typing import Any
 ENV_PREFIX = "EMBEDDING_"
 
 
+STORAGE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class TableSpec:
-    """A table to load: `NAME=PATH` or `NAME=PATH:KEY` (KEY: a tensor inside a checkpoint)."""
+    """A table to load: `NAME=PATH` or `NAME=PATH:KEY` (KEY: a tensor inside a checkpoint),
+    with, from a config file, how to store it (`dtype`) and where (`device`)."""
 
     name: str
     path: Path
     key: str | None = None
+    dtype: str | None = None  # storage dtype; None: the file's (float64 as float32)
+    device: str | None = None  # None: the server's --device
 
     @classmethod
-    def parse(cls, text: str) -> TableSpec:
+    def parse(cls, text: str, dtype: str | None = None, device: str | None = None) -> TableSpec:
         name, sep, location = text.partition("=")
         name = name.strip()
         if not sep or not name or not location:
             raise ValueError(f"table {text!r} is not NAME=PATH or NAME=PATH:KEY")
         if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise ValueError(f"table name {name!r} may hold only letters, digits, '_', '-', '.'")
+        if dtype is not None and dtype not in STORAGE_DTYPE_NAMES:
+            raise ValueError(
+                f"table {name!r}: dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPE_NAMES)}"
+            )
+        if device is not None:
+            try:
+                device = _device(device)
+            except ValueError as exc:
+                raise ValueError(f"table {name!r}: {exc}") from None
         path, key = Path(location), None
         # PATH:KEY only when PATH itself is not a file: paths may contain ':'.
         if not path.exists() and ":" in location:
             head, _, tail = location.rpartition(":")
             path, key = Path(head), tail or None
-        return cls(name=name, path=path, key=key)
+        return cls(name=name, path=path, key=key, dtype=dtype, device=device)
 
     def __str__(self) -> str:
-        return f"{self.name}={self.path}" + (f":{self.key}" if self.key else "")
+        text = f"{self.name}={self.path}" + (f":{self.key}" if self.key else "")
+        extras = [f"{k} {v}" for k, v in (("dtype", self.dtype), ("device", self.device)) if v]
+        return text + (f" ({', '.join(extras)})" if extras else "")
+
+
+def read_table_config(path: Path) -> tuple[TableSpec, ...]:
+    """The tables of a TOML config file: one `[[table]]` entry each, with `name` and
+    `source` (PATH or PATH:KEY, relative to the file's folder) and optional `dtype`
+    (storage) and `device`.
+
+    Raises
+    ------
+    ValueError
+        Unreadable or invalid TOML, or an entry that is not a valid table; the message
+        names the file and the entry.
+    """
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(document) - {"table"})
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected [[table]]"
+        )
+    entries = document.get("table", [])
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: no [[table]] entries")
+    specs = []
+    for number, entry in enumerate(entries, 1):
+        where = f"{path}: [[table]] #{number}"
+        extra = sorted(set(entry) - {"name", "source", "dtype", "device"})
+        if extra:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(extra)}")
+        missing = [k for k in ("name", "source") if not isinstance(entry.get(k), str)]
+        if missing:
+            raise ValueError(f"{where}: needs {' and '.join(missing)} (strings)")
+        source = entry["source"]
+        if not source.startswith("/"):
+            source = str(path.parent / source)
+        try:
+            specs.append(
+                TableSpec.parse(
+                    f"{entry['name']}={source}", entry.get("dtype"), entry.get("device")
+                )
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -48,6 +114,7 @@ class ServerConfig:
     """Everything the server needs to start, with the defaults a fresh machine runs with."""
 
     tables: tuple[TableSpec, ...] = ()
+    config: str = ""
     device: str = "auto"
     host: str = "0.0.0.0"
     port: int = 50051
@@ -142,6 +209,8 @@ def _tables(text: str) -> tuple[TableSpec, ...]:
 
 # (flag, field, type, help). The env twin of `--some-flag` is EMBEDDING_SOME_FLAG.
 OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--config", "config", str,
+     "TOML file of tables ([[table]] name, source, dtype, device), served before any --table"),
     ("--device", "device", _device, "where tables live: auto (CUDA if present), cpu, cuda, cuda:N"),
     ("--host", "host", str, "address the gRPC server binds"),
     ("--port", "port", _port, "gRPC port (0 picks a free one)"),
@@ -257,6 +326,11 @@ def load_config(
     values = vars(parser.parse_args(argv))
     env_tables = values.pop("env_tables")
     values["tables"] = tuple(values["tables"] or env_tables)
+    if values["config"]:
+        try:
+            values["tables"] = read_table_config(Path(values["config"])) + values["tables"]
+        except ValueError as exc:
+            parser.error(f"--config {exc}")
     values["auth_tokens"] = _auth_tokens(parser, values["auth_tokens_file"], env)
     if values["max_streams"] >= values["workers"]:
         parser.error(

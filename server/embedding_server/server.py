@@ -110,8 +110,9 @@ def check_port_free(host: str, port: int, what: str) -> None:
 
 
 def build_store(config: ServerConfig, device: torch.device) -> TableStore:
-    """Load the configured tables (or the seeded demo table) onto `device`; with several
-    server processes, CPU tables go to shared memory so that all of them read one copy."""
+    """Load the configured tables (or the seeded demo table) onto `device` (or the device
+    a table's config entry names); with several server processes, CPU tables go to
+    shared memory so that all of them read one copy."""
     shared = config.processes > 1
     store = TableStore(shared=shared)
     if not config.tables:
@@ -119,7 +120,8 @@ def build_store(config: ServerConfig, device: torch.device) -> TableStore:
             demo_table(config.demo_rows, config.demo_dim, config.demo_seed, device, shared=shared)
         )
     for spec in config.tables:
-        store.add(load_table(spec, device, shared=shared))
+        where = resolve_device(spec.device) if spec.device else device
+        store.add(load_table(spec, where, shared=shared))
     return store
 
 

@@ -9,6 +9,7 @@ and has its negative zeros made positive (see `load_table`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Storage dtypes a table keeps; float64 files are stored as float32.
 STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+STORAGE_NAMES = {name: dtype for dtype, name in STORAGE_DTYPES.items()}
 CHUNK_BYTES = 64 << 20
 PROGRESS_EVERY_S = 2.0
 
@@ -98,8 +100,9 @@ class TableStore:
         with self._reload_lock:
             old = self.get(name)
             if source:
-                try:
-                    spec = TableSpec.parse(f"{old.name}={source}")
+                try:  # a new file, stored as the serving version is
+                    dtype = old.spec.dtype if old.spec is not None else None
+                    spec = TableSpec.parse(f"{old.name}={source}", dtype, None)
                 except ValueError as exc:
                     raise InvalidRequest(str(exc)) from None
             elif old.spec is not None:
@@ -123,7 +126,9 @@ class TableStore:
                     f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
                     f"{free / 2**20:.0f} MiB are free"
                 )
-            new = _materialise(old.name, str(spec), opened, device, shared=self.shared)
+            new = _materialise(
+                old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype
+            )
             new.version, new.spec = old.version + 1, spec
             self.replace(new)
             return new
@@ -278,7 +283,7 @@ def load_table(spec: TableSpec, device: torch.device, *, shared: bool = False) -
         For a missing, unreadable, wrongly shaped, non-float or non-finite table.
     """
     source = _open_table(spec)
-    table = _materialise(spec.name, str(spec), source, device, shared=shared)
+    table = _materialise(spec.name, str(spec), source, device, shared=shared, dtype=spec.dtype)
     table.spec = spec
     return table
 
@@ -333,13 +338,20 @@ def _check_shape(name: str, source: _RowSource) -> None:
 
 
 def _materialise(
-    name: str, origin: str, source: _RowSource, device: torch.device, *, shared: bool = False
+    name: str,
+    origin: str,
+    source: _RowSource,
+    device: torch.device,
+    *,
+    shared: bool = False,
+    dtype: str | None = None,
 ) -> Table:
     rows, dim = source.shape
-    dtype = _storage_dtype(source)
-    if dtype != source.dtype:
-        log.info("table %r: stored as float32 (file holds %s)", name, source.dtype)
-    weights = torch.empty((rows, dim), dtype=dtype, device=device)
+    storage = _storage_dtype(source) if dtype is None else STORAGE_NAMES[dtype]
+    if storage != source.dtype:
+        log.info("table %r: stored as %s (file holds %s)", name, STORAGE_DTYPES[storage],
+                 source.dtype)  # fmt: skip
+    weights = torch.empty((rows, dim), dtype=storage, device=device)
     if shared and device.type == "cpu":
         # Moved before it is filled: the empty pages cost nothing to move. CUDA memory
         # needs nothing here: torch hands it to other processes as an IPC handle.
@@ -348,13 +360,21 @@ def _materialise(
     started = last_report = time.monotonic()
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
-        chunk = source.read(start, stop).to(dtype=dtype, copy=True)
+        raw = source.read(start, stop)
+        chunk = raw.to(dtype=storage, copy=True)
         finite = torch.isfinite(chunk)
         if not bool(finite.all()):
             row, col = (int(i) for i in (~finite).nonzero()[0])
+            value = raw[row, col].item()
+            if math.isfinite(value):
+                raise TableLoadError(
+                    f"table {name!r}: row {start + row}, column {col} holds {value}, which "
+                    f"does not fit {STORAGE_DTYPES[storage]}; store the table as float32 "
+                    "or bfloat16"
+                )
             raise TableLoadError(
-                f"table {name!r}: row {start + row}, column {col} holds "
-                f"{chunk[row, col].item()}; tables must be finite"
+                f"table {name!r}: row {start + row}, column {col} holds {value}; tables "
+                "must be finite"
             )
         chunk.add_(0.0)  # -0.0 + 0.0 == +0.0: one sign of zero on both RPC paths
         weights[start:stop].copy_(chunk)
@@ -364,7 +384,7 @@ def _materialise(
             last_report = now
     log.info(
         "table %r: %d x %d %s on %s (%.1f MiB) from %s in %.2f s",
-        name, rows, dim, STORAGE_DTYPES[dtype], device, weights.numel() * weights.element_size()
+        name, rows, dim, STORAGE_DTYPES[storage], device, weights.numel() * weights.element_size()
         / 2**20, origin, time.monotonic() - started,
     )  # fmt: skip
     return Table(name=name, weights=weights, source=origin)
