@@ -84,6 +84,21 @@ def test_cli_pooled_lookup(served: tuple[str, Path]) -> None:
     assert "--offsets, --lengths and --weights need --pool" in done.stderr
 
 
+def test_cli_many_features(served: tuple[str, Path]) -> None:
+    target, _ = served
+    done = _cli("--target", target, "many", "--feature", "worked:0,2",
+                "--feature", "again=worked:1", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert list(payload) == ["worked", "again"]
+    np.testing.assert_array_equal(
+        np.asarray(payload["again"]["vectors"], dtype=np.float32), WORKED_WEIGHTS[[1]]
+    )
+    done = _cli("--target", target, "many", "--feature", "worked:0", "--feature", "x=nope:1")
+    assert done.returncode == 1
+    assert "feature 'x': unknown table 'nope'" in done.stderr
+
+
 def test_cli_output_into_a_closed_pipe_is_quiet(served: tuple[str, Path]) -> None:
     target, _ = served
     client = BIN / "embedding-client"

@@ -14,6 +14,7 @@ from embedding_client.client import (
     DEFAULT_TARGET,
     EmbeddingClient,
     EmbeddingError,
+    Feature,
     Pooling,
     Security,
 )
@@ -36,6 +37,14 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
         ) from None
+
+
+def _feature(text: str) -> tuple[str, str, list[int]]:
+    head, sep, ids = text.rpartition(":")
+    name, _, table = head.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME[=TABLE]:IDS, got {text!r}")
+    return name, table or name, _int_list(ids)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument(
         "--padding-id", type=int, help="id that stands for nothing: zeros, skipped in bags"
     )
+
+    many = commands.add_parser("many", help="look up several features in one call (LookupMany)")
+    many.add_argument(
+        "--feature",
+        dest="features",
+        action="append",
+        type=_feature,
+        required=True,
+        metavar="NAME[=TABLE]:IDS",
+        help="a feature and its ids, e.g. users:1,2 or item=items:5,6 (table: NAME by default)",
+    )
+    many.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    many.add_argument("--dense", action="store_true", help="use LookupManyDense")
+    many.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     commands.add_parser("tables", help="list the server's tables")
     reload = commands.add_parser("reload", help="load a new version of a table (admin)")
@@ -124,6 +147,25 @@ def _lookup(client: EmbeddingClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _many(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    features = {name: Feature(ids, table, args.dtype) for name, table, ids in args.features}
+    results = client.lookup_many(features, dense=args.dense)
+    if args.json:
+        payload = {
+            name: {"table": r.table, "version": r.version, "shape": list(r.vectors.shape),
+                   "vectors": r.vectors.astype(np.float32).tolist()}
+            for name, r in results.items()
+        }  # fmt: skip
+        print(json.dumps(payload))
+        return 0
+    for name, result in results.items():
+        print(f"{name}: table={result.table} version={result.version} "
+              f"shape={tuple(result.vectors.shape)} dtype={args.dtype}")  # fmt: skip
+        with np.printoptions(precision=6, suppress=True, threshold=1000, linewidth=120):
+            print(result.vectors.astype(np.float32))
+    return 0
+
+
 def _tables(client: EmbeddingClient) -> int:
     header = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "default")
     rows = [
@@ -154,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with EmbeddingClient(args.target, timeout=args.timeout, security=security) as client:
             if args.command == "lookup":
                 return _lookup(client, args)
+            if args.command == "many":
+                return _many(client, args)
             if args.command == "tables":
                 return _tables(client)
             if args.command == "reload":

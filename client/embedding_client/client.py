@@ -8,7 +8,7 @@ large messages, and raise one exception type, `EmbeddingError`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,34 @@ def _lookup_request(
         return codec.encode_lookup_request(ids, table, dtype, padding_id=padding_id, **bags)
     except codec.WireError as exc:
         raise EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature of a `lookup_many` call: its ids, the table they index (default: the
+    table named like the feature), output dtype, pooling and padding id."""
+
+    ids: Any
+    table: str | None = None
+    dtype: str = "float32"
+    pooling: Pooling | str | None = None
+    padding_id: int | None = None
+
+
+def _many_request(features: Mapping[str, Any]) -> pb.LookupManyRequest:
+    request = pb.LookupManyRequest()
+    for name, feature in features.items():
+        if not isinstance(feature, Feature):
+            feature = Feature(feature)
+        lookup = _lookup_request(
+            feature.ids, feature.table or name, feature.dtype, feature.pooling, feature.padding_id
+        )
+        request.features.add(feature=name, lookup=lookup)
+    return request
+
+
+def _many_results(response: pb.LookupManyResponse) -> dict[str, LookupResult]:
+    return {r.feature: _lookup_result(r.result) for r in response.results}
 
 
 def _lookup_result(response: pb.LookupResponse) -> LookupResult:
@@ -392,6 +420,30 @@ class EmbeddingClient(_ClientBase):
         request = _lookup_request(ids, table, dtype, pooling, padding_id)
         return _lookup_result(self._invoke(method, request, timeout))
 
+    def lookup_many(
+        self, features: Mapping[str, Any], *, dense: bool = False, timeout: float | None = None
+    ) -> dict[str, LookupResult]:
+        """Look up several features in one call (`LookupMany`): a ranking service's whole
+        example batch, one round trip.
+
+        Parameters
+        ----------
+        features : mapping of feature name to `Feature`, or to bare ids (then the table
+            named like the feature, float32, no pooling)
+        dense : compute every feature as `lookup_dense` does
+
+        Returns
+        -------
+        dict of feature name to LookupResult, in the order given
+
+        Raises
+        ------
+        EmbeddingError
+            At the first refused feature (named in the message); nothing is returned then.
+        """
+        method = self._stub.LookupManyDense if dense else self._stub.LookupMany
+        return _many_results(self._invoke(method, _many_request(features), timeout))
+
     def lookup_stream(
         self,
         batches: Iterable[Any],
@@ -533,6 +585,13 @@ class AsyncEmbeddingClient(_ClientBase):
         method = self._stub.LookupDense if dense else self._stub.Lookup
         request = _lookup_request(ids, table, dtype, pooling, padding_id)
         return _lookup_result(await self._invoke(method, request, timeout))
+
+    async def lookup_many(
+        self, features: Mapping[str, Any], *, dense: bool = False, timeout: float | None = None
+    ) -> dict[str, LookupResult]:
+        """Several features in one call (see `EmbeddingClient.lookup_many`)."""
+        method = self._stub.LookupManyDense if dense else self._stub.LookupMany
+        return _many_results(await self._invoke(method, _many_request(features), timeout))
 
     async def lookup_stream(
         self,

@@ -220,6 +220,11 @@ def _bag_offsets(request: pb.LookupRequest, count: int) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(ID_DTYPE)
 
 
+def id_count(request: pb.LookupRequest) -> int:
+    """How many ids a request carries, without decoding them."""
+    return len(request.ids) // ID_DTYPE.itemsize if request.ids else len(request.ids_list)
+
+
 def decode_ids(request: pb.LookupRequest) -> np.ndarray:
     """The request's ids as an int64 array of their declared shape (zero-copy for bytes).
 

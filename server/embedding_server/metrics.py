@@ -140,6 +140,8 @@ KERNEL_NAMES = {
     "Lookup": ("gather", "embedding_bag"),
     "LookupDense": ("one_hot_matmul", "multi_hot_matmul"),
     "LookupStream": ("gather", "embedding_bag"),
+    "LookupMany": ("gather", "embedding_bag"),
+    "LookupManyDense": ("one_hot_matmul", "multi_hot_matmul"),
 }
 
 

@@ -262,7 +262,7 @@ class EmbeddingServer:
             if self.batcher is not None:
                 for batch_metric in metrics.BATCH_METRICS:
                     batch_metric.labels(table.name)
-        for method in ("Lookup", "LookupDense", "ListTables"):
+        for method in ("Lookup", "LookupDense", "LookupMany", "LookupManyDense", "ListTables"):
             metrics.INFLIGHT.labels(method)
             metrics.GRPC_STARTED.labels("unary", SERVICE_NAME, method)
             metrics.GRPC_HANDLED.labels("unary", SERVICE_NAME, method, "OK")

@@ -42,6 +42,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
+DENSE_METHODS = ("LookupDense", "LookupManyDense")
+
 _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
@@ -94,6 +96,47 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             else:
                 yield pb.LookupStreamResponse(sequence=sequence, result=result)
 
+    def LookupMany(
+        self, request: pb.LookupManyRequest, context: grpc.ServicerContext
+    ) -> pb.LookupManyResponse:
+        return self._lookup_many("LookupMany", request, context)
+
+    def LookupManyDense(
+        self, request: pb.LookupManyRequest, context: grpc.ServicerContext
+    ) -> pb.LookupManyResponse:
+        return self._lookup_many("LookupManyDense", request, context)
+
+    def _lookup_many(
+        self, method: str, request: pb.LookupManyRequest, context: grpc.ServicerContext
+    ) -> pb.LookupManyResponse:
+        """Every feature's lookup in order; the first refusal fails the call, naming it."""
+        names = [f.feature for f in request.features]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise InvalidRequest(f"feature name(s) given twice: {', '.join(map(repr, duplicated))}")
+        limits = self.lookups.limits
+        total_ids = sum(codec.id_count(f.lookup) for f in request.features)
+        if total_ids > limits.max_ids:
+            raise OverLimit(
+                f"{total_ids} ids over {len(names)} features in one request; this server takes "
+                f"at most {limits.max_ids} (--max-ids): split the request"
+            )
+        results, total_bytes = [], 0
+        for feature in request.features:
+            try:
+                result = self._lookup(method, feature.lookup, context)
+            except _MAPPED_ERRORS as exc:
+                raise type(exc)(f"feature {feature.feature!r}: {exc}") from None
+            total_bytes += len(result.vectors)
+            if total_bytes > limits.max_response_bytes:
+                raise OverLimit(
+                    f"the response would exceed the {limits.max_response_bytes}-byte message "
+                    "limit (--max-message-bytes): split the features over calls or ask for "
+                    "float16/bfloat16"
+                )
+            results.append(pb.FeatureResult(feature=feature.feature, result=result))
+        return pb.LookupManyResponse(results=results)
+
     def ListTables(
         self, request: pb.ListTablesRequest, context: grpc.ServicerContext
     ) -> pb.ListTablesResponse:
@@ -115,7 +158,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 request.table,
                 ids,
                 dtype,
-                dense=method == "LookupDense",
+                dense=method in DENSE_METHODS,
                 deadline=_deadline(context),
                 bags=bags,
                 padding_id=request.padding_id if request.HasField("padding_id") else None,

@@ -73,6 +73,34 @@ class LookupResponse(_message.Message):
     table_version: int
     def __init__(self, vectors: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., table: _Optional[str] = ..., table_version: _Optional[int] = ...) -> None: ...
 
+class LookupManyRequest(_message.Message):
+    __slots__ = ("features",)
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedCompositeFieldContainer[FeatureLookup]
+    def __init__(self, features: _Optional[_Iterable[_Union[FeatureLookup, _Mapping]]] = ...) -> None: ...
+
+class FeatureLookup(_message.Message):
+    __slots__ = ("feature", "lookup")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    lookup: LookupRequest
+    def __init__(self, feature: _Optional[str] = ..., lookup: _Optional[_Union[LookupRequest, _Mapping]] = ...) -> None: ...
+
+class LookupManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[FeatureResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[FeatureResult, _Mapping]]] = ...) -> None: ...
+
+class FeatureResult(_message.Message):
+    __slots__ = ("feature", "result")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    result: LookupResponse
+    def __init__(self, feature: _Optional[str] = ..., result: _Optional[_Union[LookupResponse, _Mapping]] = ...) -> None: ...
+
 class LookupStreamResponse(_message.Message):
     __slots__ = ("sequence", "result", "error")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]

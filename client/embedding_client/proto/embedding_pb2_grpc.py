@@ -49,6 +49,16 @@ class EmbeddingServiceStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.LookupRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupStreamResponse.FromString,
                 _registered_method=True)
+        self.LookupMany = channel.unary_unary(
+                '/embedding.v1.EmbeddingService/LookupMany',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.LookupManyRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupManyResponse.FromString,
+                _registered_method=True)
+        self.LookupManyDense = channel.unary_unary(
+                '/embedding.v1.EmbeddingService/LookupManyDense',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.LookupManyRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupManyResponse.FromString,
+                _registered_method=True)
         self.ListTables = channel.unary_unary(
                 '/embedding.v1.EmbeddingService/ListTables',
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.ListTablesRequest.SerializeToString,
@@ -85,6 +95,23 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupMany(self, request, context):
+        """Several lookups in one call, one per feature: each a LookupRequest of its own (any
+        table, ids, dtype, pooling), answered in order. All or nothing: the first refused
+        feature fails the call with its status code, the feature named in the message. The
+        ids of all features together count against the server's ids-per-request limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupManyDense(self, request, context):
+        """LookupMany computed as LookupDense does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTables(self, request, context):
         """The tables this server holds.
         """
@@ -109,6 +136,16 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.LookupStream,
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.LookupStreamResponse.SerializeToString,
+            ),
+            'LookupMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupMany,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupManyRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.LookupManyResponse.SerializeToString,
+            ),
+            'LookupManyDense': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupManyDense,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.LookupManyRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.LookupManyResponse.SerializeToString,
             ),
             'ListTables': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTables,
@@ -197,6 +234,60 @@ class EmbeddingService:
             '/embedding.v1.EmbeddingService/LookupStream',
             embedding_dot_v1_dot_embedding__pb2.LookupRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.LookupStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingService/LookupMany',
+            embedding_dot_v1_dot_embedding__pb2.LookupManyRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.LookupManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupManyDense(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingService/LookupManyDense',
+            embedding_dot_v1_dot_embedding__pb2.LookupManyRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.LookupManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
