@@ -71,7 +71,7 @@ def test_coalesced_results_equal_unbatched(batcher: Batcher) -> None:
     results = _concurrently(
         [lambda ids=ids: _announced(batcher, table, ids, torch.float32) for ids in id_sets]
     )
-    for ids, (data, seconds) in zip(id_sets, results, strict=True):
+    for ids, (data, seconds, _) in zip(id_sets, results, strict=True):
         assert data == WEIGHTS[ids].tobytes()
         assert seconds >= 0
     gathers = _sample("embedding_batch_requests_count", "coalesce")
@@ -88,7 +88,7 @@ def test_dtypes_and_versions_are_never_mixed(batcher: Batcher) -> None:
         ids = np.array([k, 499 - k])
         calls.append((old if k % 2 else new, torch.float16 if k % 3 else torch.float32, ids))
     results = _concurrently([lambda t=t, d=d, i=i: batcher.gather(t, i, d) for t, d, i in calls])
-    for (table, dtype, ids), (data, _) in zip(calls, results, strict=True):
+    for (table, dtype, ids), (data, _, _) in zip(calls, results, strict=True):
         expected = table.weights.numpy()[ids].astype(
             np.float16 if dtype == torch.float16 else np.float32
         )
@@ -98,7 +98,7 @@ def test_dtypes_and_versions_are_never_mixed(batcher: Batcher) -> None:
 def test_bfloat16_bits_leave_unchanged(batcher: Batcher) -> None:
     table = _table("bf16")
     ids = np.array([3, 1, 4])
-    data, _ = batcher.gather(table, ids, torch.bfloat16)
+    data, _, _ = batcher.gather(table, ids, torch.bfloat16)
     expected = table.weights[torch.from_numpy(ids)].bfloat16().view(torch.int16).numpy()
     assert data == expected.tobytes()
 
@@ -113,10 +113,10 @@ def test_a_gather_never_exceeds_max_ids() -> None:
                 for k in range(40)
             ]
         )
-        big, _ = batcher.gather(table, np.arange(50), torch.float32)  # alone, over the cap
+        big, _, _ = batcher.gather(table, np.arange(50), torch.float32)  # alone, over the cap
     finally:
         batcher.close()
-    for k, (data, _) in enumerate(results):
+    for k, (data, _, _) in enumerate(results):
         assert data == WEIGHTS[k : k + 6].tobytes()
     assert big == WEIGHTS[:50].tobytes()
     # 6 + 6 > 10: every gather served exactly one request.
@@ -129,10 +129,10 @@ def test_a_lone_call_does_not_wait_for_nobody() -> None:
     try:
         table = _table("lone")
         started = time.monotonic()
-        data, _ = _announced(batcher, table, np.array([1, 2]), torch.float32)
+        data, _, _ = _announced(batcher, table, np.array([1, 2]), torch.float32)
         with batcher.expect():
             pass  # a call refused by its checks never arrives; nobody waits for it
-        data2, _ = _announced(batcher, table, np.array([3]), torch.float32)
+        data2, _, _ = _announced(batcher, table, np.array([3]), torch.float32)
         assert time.monotonic() - started < 2.5, "waited the 5 s delay with nobody coming"
     finally:
         batcher.close()
@@ -143,7 +143,7 @@ def test_a_failing_gather_fails_its_callers_only(batcher: Batcher) -> None:
     table = _table("failing")
     with pytest.raises(IndexError):
         batcher.gather(table, np.array([10_000]), torch.float32)  # past the checks: a bug
-    data, _ = batcher.gather(table, np.array([7]), torch.float32)
+    data, _, _ = batcher.gather(table, np.array([7]), torch.float32)
     assert data == WEIGHTS[[7]].tobytes()
 
 

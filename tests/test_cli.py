@@ -99,6 +99,27 @@ def test_cli_many_features(served: tuple[str, Path]) -> None:
     assert "feature 'x': unknown table 'nope'" in done.stderr
 
 
+def test_cli_update_and_snapshot(tmp_path: Path) -> None:
+    np.save(tmp_path / "t.npy", WORKED_WEIGHTS)
+    process, target = _start(["--table", f"t={tmp_path / 't.npy'}"])
+    try:
+        np.save(tmp_path / "rows.npy", np.full((2, 4), 7.0, np.float32))
+        done = _cli("--target", target, "update", "--ids", "0,2", "--vectors",
+                    str(tmp_path / "rows.npy"))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "updated 2 rows of t: version 2"
+        done = _cli("--target", target, "snapshot", "--path", str(tmp_path / "snap.npy"))
+        assert done.returncode == 0, done.stderr
+        expected = WORKED_WEIGHTS.copy()
+        expected[[0, 2]] = 7
+        np.testing.assert_array_equal(np.load(tmp_path / "snap.npy"), expected)
+        done = _cli("--target", target, "update", "--ids", "0", "--vectors", "/nope.npy")
+        assert done.returncode == 2 and "cannot read /nope.npy" in done.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+
+
 def test_cli_output_into_a_closed_pipe_is_quiet(served: tuple[str, Path]) -> None:
     target, _ = served
     client = BIN / "embedding-client"

@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument(
         "--source", default="", help="PATH[:KEY] on the server (default: the table's own file)"
     )
+    update = commands.add_parser("update", help="overwrite rows of a table in place (admin)")
+    update.add_argument("--table", help="table name (default: the server's default table)")
+    update.add_argument("--ids", type=_int_list, required=True, help="rows to overwrite, e.g. 3,7")
+    update.add_argument(
+        "--vectors", required=True, metavar="FILE.npy", help="local .npy of [len(ids), dim] rows"
+    )
+    snapshot = commands.add_parser("snapshot", help="write a table to a file on the server (admin)")
+    snapshot.add_argument("--table", help="table name (default: the server's default table)")
+    snapshot.add_argument(
+        "--path", required=True, help="absolute path on the server, .npy or .safetensors"
+    )
     health = commands.add_parser("health", help="grpc.health.v1 status (exit 0 when SERVING)")
     health.add_argument("--service", default="", help="service name ('' for the whole server)")
     return parser
@@ -203,6 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "reload":
                 info = client.reload_table(args.table, args.source)
                 print(f"reloaded {info.name}: version {info.version}, {info.rows} x {info.dim}")
+                return 0
+            if args.command == "update":
+                try:
+                    vectors = np.load(args.vectors, allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    print(f"error: cannot read {args.vectors}: {exc}", file=sys.stderr)
+                    return 2
+                info = client.update_rows(args.ids, vectors, args.table)
+                print(f"updated {len(args.ids)} rows of {info.name}: version {info.version}")
+                return 0
+            if args.command == "snapshot":
+                info, version = client.snapshot_table(args.path, args.table)
+                print(f"wrote {info.name} version {version} to {args.path}")
                 return 0
             status = client.health(args.service)
             print(status)

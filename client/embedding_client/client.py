@@ -165,6 +165,13 @@ def _many_results(response: pb.LookupManyResponse) -> dict[str, LookupResult]:
     return {r.feature: _lookup_result(r.result) for r in response.results}
 
 
+def _update_request(ids: Any, vectors: Any, table: str | None) -> pb.UpdateRowsRequest:
+    try:
+        return codec.encode_update_rows(ids, vectors, table)
+    except codec.WireError as exc:
+        raise EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
 def _lookup_result(response: pb.LookupResponse) -> LookupResult:
     try:
         vectors = codec.decode_vectors(response)
@@ -254,7 +261,8 @@ def _stream_result(response: pb.LookupStreamResponse) -> LookupResult:
     return _lookup_result(response.result)
 
 
-def _reloaded(response: pb.ReloadTableResponse) -> TableInfo:
+def _table_of(response: Any) -> TableInfo:
+    """The TableInfo of an admin response (its `table` field)."""
     return _table_infos(pb.ListTablesResponse(tables=[response.table]))[0]
 
 
@@ -489,7 +497,26 @@ class EmbeddingClient(_ClientBase):
         """Load a new version of `table` from `source` (PATH[:KEY] on the server; empty: its
         own file) and swap it in atomically (admin RPC). Returns the table as it now serves."""
         request = pb.ReloadTableRequest(table=table or "", source=source)
-        return _reloaded(self._invoke(self._admin.ReloadTable, request, timeout))
+        return _table_of(self._invoke(self._admin.ReloadTable, request, timeout))
+
+    def update_rows(
+        self, ids: Any, vectors: Any, table: str | None = None, *, timeout: float | None = None
+    ) -> TableInfo:
+        """Overwrite rows `ids` (1-D, each once) of `table` with `vectors` ([len(ids), dim],
+        float32/float16/bfloat16) in place (admin RPC). Readers see each row before or
+        after, never a mix. Returns the table with its new version."""
+        request = _update_request(ids, vectors, table)
+        response = self._invoke(self._admin.UpdateRows, request, timeout)
+        return _table_of(response)
+
+    def snapshot_table(
+        self, path: str, table: str | None = None, *, timeout: float | None = None
+    ) -> tuple[TableInfo, int]:
+        """Write `table`'s current contents to `path` on the server (absolute, .npy or
+        .safetensors; admin RPC). Returns the table and the version the file holds."""
+        request = pb.SnapshotTableRequest(table=table or "", path=path)
+        response = self._invoke(self._admin.SnapshotTable, request, timeout)
+        return _table_of(response), response.version
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""
@@ -619,7 +646,23 @@ class AsyncEmbeddingClient(_ClientBase):
     ) -> TableInfo:
         """Load a new version of `table` and swap it in (see `EmbeddingClient.reload_table`)."""
         request = pb.ReloadTableRequest(table=table or "", source=source)
-        return _reloaded(await self._invoke(self._admin.ReloadTable, request, timeout))
+        return _table_of(await self._invoke(self._admin.ReloadTable, request, timeout))
+
+    async def update_rows(
+        self, ids: Any, vectors: Any, table: str | None = None, *, timeout: float | None = None
+    ) -> TableInfo:
+        """Overwrite rows in place (see `EmbeddingClient.update_rows`)."""
+        request = _update_request(ids, vectors, table)
+        response = await self._invoke(self._admin.UpdateRows, request, timeout)
+        return _table_of(response)
+
+    async def snapshot_table(
+        self, path: str, table: str | None = None, *, timeout: float | None = None
+    ) -> tuple[TableInfo, int]:
+        """Write a table to a file on the server (see `EmbeddingClient.snapshot_table`)."""
+        request = pb.SnapshotTableRequest(table=table or "", path=path)
+        response = await self._invoke(self._admin.SnapshotTable, request, timeout)
+        return _table_of(response), response.version
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of `service` ("" for the whole server), e.g. "SERVING"."""

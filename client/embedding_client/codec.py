@@ -257,6 +257,42 @@ def decode_ids(request: pb.LookupRequest) -> np.ndarray:
     return flat.reshape(dims)
 
 
+def encode_update_rows(ids: Any, vectors: Any, table: str | None) -> pb.UpdateRowsRequest:
+    """Build an UpdateRowsRequest: 1-D ids and a [len(ids), dim] array of new rows
+    (float32, float16 or bfloat16)."""
+    array = as_id_array(ids)
+    values = np.asarray(vectors)
+    wire = next((v for v, d in _NUMPY_DTYPES.items() if d == values.dtype), None)
+    if wire is None:
+        values, wire = values.astype("<f4"), pb.DTYPE_FLOAT32
+    if values.ndim != 2 or array.ndim != 1 or values.shape[0] != array.size:
+        raise WireError(
+            f"give 1-D ids and one row per id: ids shape {list(array.shape)}, vectors shape "
+            f"{list(values.shape)}"
+        )
+    return pb.UpdateRowsRequest(
+        table=table or "",
+        ids=array.tobytes(),
+        vectors=np.ascontiguousarray(values).tobytes(),
+        dtype=cast(pb.DType, wire),
+    )
+
+
+def decode_update_rows(request: pb.UpdateRowsRequest, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids and the [len(ids), dim] rows of an UpdateRowsRequest for a table of `dim`."""
+    if len(request.ids) % ID_DTYPE.itemsize:
+        raise WireError(f"ids is {len(request.ids)} bytes, not a multiple of 8")
+    ids = np.frombuffer(request.ids, dtype=ID_DTYPE)
+    dtype = numpy_dtype(request.dtype)
+    expected = ids.size * dim * dtype.itemsize
+    if len(request.vectors) != expected:
+        raise WireError(
+            f"vectors is {len(request.vectors)} bytes; {ids.size} rows of dim {dim} in "
+            f"{dtype_name(request.dtype)} need {expected}"
+        )
+    return ids, np.frombuffer(request.vectors, dtype=dtype).reshape(ids.size, dim)
+
+
 def encode_lookup_response(
     vectors: bytes, dtype: str, shape: tuple[int, ...], table: str, version: int
 ) -> pb.LookupResponse:

@@ -32,7 +32,7 @@ class _Request:
     table: Table
     ids: np.ndarray
     dtype: torch.dtype
-    answer: Future[tuple[bytes, float]] = field(default_factory=Future)
+    answer: Future[tuple[bytes, float, int]] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -58,12 +58,15 @@ class Batcher:
         `gather()` inside, or leave the block without (a refused request)."""
         return Arrival(self)
 
-    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float]:
+    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float, int]:
         """table.weights[ids] in `dtype` as row-major bytes, with the device time of the
-        coalesced gather it was part of. Ids must already be checked against the table."""
+        coalesced gather it was part of and the table version it read. Ids must already be
+        checked against the table."""
         return self._submit(_Request(table, ids, dtype))
 
-    def _submit(self, request: _Request, arrival: Arrival | None = None) -> tuple[bytes, float]:
+    def _submit(
+        self, request: _Request, arrival: Arrival | None = None
+    ) -> tuple[bytes, float, int]:
         self._queue.put(request)
         if arrival is not None:
             arrival.leave()  # queued: no longer on its way
@@ -125,9 +128,11 @@ class Batcher:
         flat = np.concatenate([r.ids.reshape(-1) for r in batch]) if len(batch) > 1 else None
         ids = batch[0].ids.reshape(-1) if flat is None else flat
         device_ids = torch.from_numpy(ids).to(weights.device)
-        vectors, seconds = kernels.timed(
-            weights.device, lambda: kernels.gather(weights, device_ids)
-        )
+        with table.lock.reading():  # row updates wait; the version is the one read
+            version = table.version
+            vectors, seconds = kernels.timed(
+                weights.device, lambda: kernels.gather(weights, device_ids)
+            )
         if vectors.dtype != batch[0].dtype:
             vectors = vectors.to(batch[0].dtype)
         host = self.to_host(vectors)
@@ -138,7 +143,7 @@ class Batcher:
         for request in batch:
             queue_wait.observe(started - request.queued_at)
             stop = start + request.ids.size
-            request.answer.set_result((host[start:stop].tobytes(), seconds))
+            request.answer.set_result((host[start:stop].tobytes(), seconds, version))
             start = stop
 
 
@@ -162,6 +167,6 @@ class Arrival:
             self._counted = False
             self.batcher._count_arriving(-1)
 
-    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float]:
+    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float, int]:
         """`Batcher.gather`, counting this call as arrived once it is queued."""
         return self.batcher._submit(_Request(table, ids, dtype), self)

@@ -27,3 +27,7 @@ class Unauthenticated(RequestError):
 
 class PermissionDenied(RequestError):
     """A caller this RPC is not open to: PERMISSION_DENIED."""
+
+
+class FailedPrecondition(RequestError):
+    """The server is not in a state to do this (e.g. updating rows shared by processes)."""

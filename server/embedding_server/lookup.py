@@ -85,13 +85,15 @@ class Lookups:
         if self.batcher is not None and not dense and bags is None and padding_id is None:
             with self.batcher.expect() as arrival:  # others may wait for this one
                 self._check(table, ids, out_dtype, dense, bags, padding_id)
-                data, seconds = arrival.gather(table, ids, out_dtype)
-            return LookupOutput(data, shape, dtype, table, table.version, seconds, name)
+                data, seconds, version = arrival.gather(table, ids, out_dtype)
+            return LookupOutput(data, shape, dtype, table, version, seconds, name)
         self._check(table, ids, out_dtype, dense, bags, padding_id)
-        # A reload replaces the Table object, so these two always belong together.
-        weights, version = table.weights, table.version
+        weights = table.weights
         kernel = self._kernel(weights, ids, dense, bags, padding_id, deadline)
-        vectors, seconds = kernels.timed(weights.device, kernel)
+        # Row updates wait while the kernel reads; the version read here is the one it saw.
+        with table.lock.reading():
+            version = table.version
+            vectors, seconds = kernels.timed(weights.device, kernel)
         if vectors.dtype != out_dtype:
             vectors = vectors.to(out_dtype)
         data = to_host(vectors).tobytes()

@@ -131,6 +131,7 @@ TABLE_VERSION = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+ROWS_UPDATED = Counter("embedding_rows_updated_total", "Rows overwritten by UpdateRows.", ["table"])
 TABLE_RELOADS = Counter(
     "embedding_table_reloads_total", "Table reloads, by result (ok, failed).", ["table", "result"]
 )

@@ -249,6 +249,7 @@ class EmbeddingServer:
         metrics.watch_devices(lambda: [(t.weights.device, t.nbytes) for t in self.store])
         for table in self.store:
             metrics.publish_table(table)
+            metrics.ROWS_UPDATED.labels(table.name)
             metrics.TABLE_RELOADS.labels(table.name, "ok")
             metrics.TABLE_RELOADS.labels(table.name, "failed")
             # Pre-register the series a dashboard reads, so /metrics is full before traffic.

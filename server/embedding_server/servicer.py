@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from embedding_server import metrics
 from embedding_server.auth import Authenticator
 from embedding_server.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidRequest,
     OverLimit,
     PermissionDenied,
@@ -48,6 +50,7 @@ _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     TableLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     TableNotFound: grpc.StatusCode.NOT_FOUND,
@@ -214,6 +217,26 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
         table = self.reload(request.table, request.source)
         seconds = time.perf_counter() - started
         return pb.ReloadTableResponse(table=table_info(table, self.store), load_seconds=seconds)
+
+    def UpdateRows(
+        self, request: pb.UpdateRowsRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateRowsResponse:
+        table = self.store.get(request.table)
+        ids, vectors = codec.decode_update_rows(request, table.dim)
+        table = self.store.update_rows(request.table, ids, vectors)
+        metrics.child(metrics.ROWS_UPDATED, table.name).inc(ids.size)
+        metrics.TABLE_VERSION.labels(table.name).set(table.version)
+        return pb.UpdateRowsResponse(table=table_info(table, self.store))
+
+    def SnapshotTable(
+        self, request: pb.SnapshotTableRequest, context: grpc.ServicerContext
+    ) -> pb.SnapshotTableResponse:
+        table, version, size = self.store.snapshot(request.table, Path(request.path))
+        log.info("table %r version %d written to %s (%d bytes)", table.name, version,
+                 request.path, size)  # fmt: skip
+        return pb.SnapshotTableResponse(
+            table=table_info(table, self.store), version=version, bytes=size
+        )
 
 
 def reload_table(store: TableStore, name: str, source: str = "") -> Table:

@@ -8,6 +8,7 @@ and has its negative zeros made positive (see `load_table`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from embedding_server.config import TableSpec
-from embedding_server.errors import InvalidRequest, OverLimit, TableNotFound
+from embedding_server.errors import FailedPrecondition, InvalidRequest, OverLimit, TableNotFound
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,55 @@ class TableLoadError(Exception):
     """A table file that cannot be served; the message names the table and the fix."""
 
 
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer goes before new readers. Pickles as a
+    fresh lock (a table handed to another process shares memory, not this lock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    def __reduce__(self) -> tuple[type[ReadWriteLock], tuple[()]]:
+        return (ReadWriteLock, ())
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writing and not self._readers)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 @dataclass
 class Table:
-    """One embedding table `weights` of shape [rows, dim] on its device."""
+    """One embedding table `weights` of shape [rows, dim] on its device.
+
+    Readers hold `lock.reading()` while a kernel reads the weights (and read `version`
+    there); `TableStore.update_rows` writes rows under `lock.writing()`, so a reader sees
+    each row before or after an update, never a mix.
+    """
 
     name: str
     weights: torch.Tensor
@@ -46,6 +93,7 @@ class Table:
     version: int = 1
     # The file it came from, for reloads; None for the demo table and tables made in code.
     spec: TableSpec | None = None
+    lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -139,6 +187,96 @@ class TableStore:
             if table.name not in self.tables:
                 raise TableNotFound(f"no table {table.name!r} to replace")
             self.tables[table.name] = table
+
+    def update_rows(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> Table:
+        """Overwrite rows `ids` of table `name` with `vectors` ([len(ids), dim]) in place,
+        atomically for readers, and bump its version.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest
+            No such table; ids not 1-D, out of range or repeated; vectors of the wrong
+            shape, non-finite, or not fitting the table's storage dtype.
+        FailedPrecondition
+            The table is shared by several server processes (--processes > 1).
+        """
+        table = self.get(name)
+        if self.shared:
+            raise FailedPrecondition(
+                f"table {table.name!r} is shared by several server processes (--processes > 1), "
+                "which cannot update rows yet; reload a new version instead"
+            )
+        if ids.ndim != 1:
+            raise InvalidRequest(f"ids to update must be 1-D, got shape {list(ids.shape)}")
+        if vectors.shape != (ids.size, table.dim):
+            raise InvalidRequest(
+                f"{ids.size} ids need vectors of shape [{ids.size}, {table.dim}], got "
+                f"{list(vectors.shape)}"
+            )
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.rows):
+            bad = int(np.flatnonzero((ids < 0) | (ids >= table.rows))[0])
+            raise InvalidRequest(
+                f"id {int(ids[bad])} at position {bad} is out of range: table {table.name!r} "
+                f"has {table.rows} rows"
+            )
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise InvalidRequest(
+                f"id {int(unique[counts > 1][0])} is given twice; give each row once"
+            )
+        rows = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
+        stored = rows.to(table.weights.dtype)
+        bad_values = ~torch.isfinite(stored)
+        if bool(bad_values.any()):
+            row, col = (int(i) for i in bad_values.nonzero()[0])
+            raise InvalidRequest(
+                f"vector {row} (id {int(ids[row])}), element {col} is {rows[row, col].item()}, "
+                f"which is not a finite {table.dtype}"
+            )
+        stored.add_(0.0)  # -0.0 -> +0.0, as at load
+        index = torch.from_numpy(ids).to(table.weights.device)
+        stored = stored.to(table.weights.device)
+        with table.lock.writing():
+            table.weights.index_copy_(0, index, stored)
+            table.version += 1
+        return table
+
+    def snapshot(self, name: str, path: Path) -> tuple[Table, int, int]:
+        """Write table `name`'s current contents to `path` (.npy: float32 for bfloat16
+        tables; .safetensors: the storage dtype, under the table's name), atomically (a
+        temporary file renamed). Returns the table, the version written and the bytes.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest
+            No such table; a path that is not .npy/.safetensors or not absolute.
+        FailedPrecondition
+            The file cannot be written (the message says why).
+        """
+        table = self.get(name)
+        if not path.is_absolute() or path.suffix not in (".npy", ".safetensors"):
+            raise InvalidRequest(
+                f"snapshot path {str(path)!r} must be absolute and end in .npy or .safetensors"
+            )
+        with table.lock.reading():
+            contents = table.weights.to("cpu", copy=True)
+            version = table.version
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            if path.suffix == ".npy":
+                if contents.dtype == torch.bfloat16:
+                    contents = contents.float()  # .npy has no bfloat16
+                with temporary.open("wb") as out:
+                    np.save(out, contents.numpy())
+            else:
+                from safetensors.torch import save_file
+
+                save_file({table.name: contents}, str(temporary))
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise FailedPrecondition(f"cannot write {path}: {exc.strerror}") from None
+        return table, version, path.stat().st_size
 
     def resolve_name(self, name: str) -> str | None:
         """The name of the table an empty or given `name` selects, None if there is none."""

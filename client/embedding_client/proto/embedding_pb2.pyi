@@ -149,6 +149,42 @@ class ListTablesResponse(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
 
+class UpdateRowsRequest(_message.Message):
+    __slots__ = ("table", "ids", "vectors", "dtype")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    vectors: bytes
+    dtype: DType
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., vectors: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class UpdateRowsResponse(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: TableInfo
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ...) -> None: ...
+
+class SnapshotTableRequest(_message.Message):
+    __slots__ = ("table", "path")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    path: str
+    def __init__(self, table: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class SnapshotTableResponse(_message.Message):
+    __slots__ = ("table", "version", "bytes")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    table: TableInfo
+    version: int
+    bytes: int
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
 class ReloadTableRequest(_message.Message):
     __slots__ = ("table", "source")
     TABLE_FIELD_NUMBER: _ClassVar[int]

@@ -342,6 +342,16 @@ class EmbeddingAdminStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableResponse.FromString,
                 _registered_method=True)
+        self.UpdateRows = channel.unary_unary(
+                '/embedding.v1.EmbeddingAdmin/UpdateRows',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.UpdateRowsRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.UpdateRowsResponse.FromString,
+                _registered_method=True)
+        self.SnapshotTable = channel.unary_unary(
+                '/embedding.v1.EmbeddingAdmin/SnapshotTable',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.SnapshotTableRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.SnapshotTableResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingAdminServicer:
@@ -359,6 +369,23 @@ class EmbeddingAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRows(self, request, context):
+        """Overwrite some rows of a table in place (online updates): a reader sees each row
+        before or after the update, never a mix, and the table's version goes up by one.
+        Refused (FAILED_PRECONDITION) for tables shared by several server processes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotTable(self, request, context):
+        """Write a table's current contents to a file on the server (.npy or .safetensors), for
+        a later load or reload; written to a temporary file and renamed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -366,6 +393,16 @@ def add_EmbeddingAdminServicer_to_server(servicer, server):
                     servicer.ReloadTable,
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.ReloadTableResponse.SerializeToString,
+            ),
+            'UpdateRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRows,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.UpdateRowsRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.UpdateRowsResponse.SerializeToString,
+            ),
+            'SnapshotTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotTable,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.SnapshotTableRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.SnapshotTableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +434,60 @@ class EmbeddingAdmin:
             '/embedding.v1.EmbeddingAdmin/ReloadTable',
             embedding_dot_v1_dot_embedding__pb2.ReloadTableRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.ReloadTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingAdmin/UpdateRows',
+            embedding_dot_v1_dot_embedding__pb2.UpdateRowsRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.UpdateRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingAdmin/SnapshotTable',
+            embedding_dot_v1_dot_embedding__pb2.SnapshotTableRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.SnapshotTableResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,174 @@
+"""Online updates (UpdateRows) and snapshots: atomic rows under concurrent reads."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from embedding_client import EmbeddingClient, EmbeddingError, Security
+from embedding_server.errors import FailedPrecondition
+from embedding_server.tables import Table, TableStore
+
+from .conftest import ServerFactory, random_table
+
+WEIGHTS = random_table(200, 16, seed=71)
+
+
+def test_updated_rows_are_served_by_both_paths_and_bump_the_version(
+    start_server: ServerFactory,
+) -> None:
+    server = start_server({"t": WEIGHTS, "half": WEIGHTS.astype(np.float16)})
+    new = random_table(3, 16, seed=72)
+    with EmbeddingClient(f"127.0.0.1:{server.port}") as client:
+        info = client.update_rows([5, 0, 199], new, "t")
+        assert info.version == 2
+        expected = WEIGHTS.copy()
+        expected[[5, 0, 199]] = new
+        for dense in (False, True):
+            result = client.lookup_result([0, 1, 5, 199], "t", dense=dense)
+            assert result.version == 2
+            np.testing.assert_array_equal(result.vectors, expected[[0, 1, 5, 199]])
+        # bfloat16 rows into a float16 table: stored as float16.
+        rows = np.full((1, 16), 1.5, dtype=ml_dtypes.bfloat16)
+        assert client.update_rows([7], rows, "half").version == 2
+        np.testing.assert_array_equal(client.lookup([7], "half"), np.full((1, 16), 1.5))
+    labels = {"table": "t"}
+    assert REGISTRY.get_sample_value("embedding_rows_updated_total", labels) == 3
+    assert REGISTRY.get_sample_value("embedding_table_version", labels) == 2
+
+
+@pytest.mark.parametrize(
+    ("ids", "vectors", "message"),
+    [
+        ([1, 1], np.zeros((2, 16)), "id 1 is given twice"),
+        ([1, 200], np.zeros((2, 16)), "id 200 at position 1 is out of range"),
+        ([-1], np.zeros((1, 16)), "id -1 at position 0 is out of range"),
+        ([1], np.full((1, 16), np.nan), "element 0 is nan, which is not a finite float32"),
+        ([1, 2], np.zeros((3, 16)), "one row per id"),
+    ],
+)
+def test_bad_updates_are_refused_and_change_nothing(
+    start_server: ServerFactory, ids: list[int], vectors: np.ndarray, message: str
+) -> None:
+    server = start_server({"t": WEIGHTS})
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+        with pytest.raises(EmbeddingError) as refused:
+            client.update_rows(ids, vectors, "t")
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in refused.value.details
+        result = client.lookup_result(np.arange(200), "t")
+        assert result.version == 1
+        np.testing.assert_array_equal(result.vectors, WEIGHTS)
+
+
+def test_wrong_dim_and_too_large_for_float16(start_server: ServerFactory) -> None:
+    server = start_server({"t": WEIGHTS, "half": WEIGHTS.astype(np.float16)})
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+        with pytest.raises(EmbeddingError, match="2 rows of dim 16 in float32 need 128"):
+            client.update_rows([1, 2], np.zeros((2, 4), np.float32), "t")
+        with pytest.raises(EmbeddingError, match="which is not a finite float16"):
+            client.update_rows([1], np.full((1, 16), 1e6, np.float32), "half")
+
+
+def test_readers_never_see_a_torn_row(start_server: ServerFactory) -> None:
+    """Every row of the table is always one constant vector (all elements equal); a
+    writer keeps replacing rows with new constants while readers check every answer."""
+    rows, dim = 64, 512
+    server = start_server({"t": np.zeros((rows, dim), np.float32)})
+    target = f"127.0.0.1:{server.port}"
+    stop = threading.Event()
+    torn: list[str] = []
+    reads = [0]
+    versions_went_back = []
+
+    def read(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        last = 0
+        with EmbeddingClient(target) as client:
+            while not stop.is_set():
+                result = client.lookup_result(rng.integers(0, rows, size=32), "t")
+                values = result.vectors
+                for row in values:
+                    if not (row == row[0]).all():
+                        torn.append(f"row mixes {np.unique(row)[:4]}")
+                if result.version < last:
+                    versions_went_back.append((last, result.version))
+                last = result.version
+                reads[0] += 1
+
+    def write() -> None:
+        rng = np.random.default_rng(99)
+        with EmbeddingClient(target) as client:
+            for k in range(1, 400):
+                if stop.is_set():
+                    return
+                ids = rng.choice(rows, size=int(rng.integers(1, rows)), replace=False)
+                client.update_rows(ids, np.full((ids.size, dim), float(k), np.float32), "t")
+
+    readers = [threading.Thread(target=read, args=(seed,)) for seed in range(3)]
+    writer = threading.Thread(target=write)
+    for thread in [*readers, writer]:
+        thread.start()
+    writer.join(timeout=120)
+    stop.set()
+    for thread in readers:
+        thread.join(timeout=30)
+    assert reads[0] > 50, "the readers hardly ran"
+    assert not torn, torn[:3]
+    assert not versions_went_back
+
+
+def test_snapshot_writes_a_file_the_server_can_reload(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    bf = torch.from_numpy(WEIGHTS[:10]).bfloat16()
+    server = start_server({"t": WEIGHTS, "bf": bf})
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+        client.update_rows([3], np.ones((1, 16), np.float32), "t")
+        info, version = client.snapshot_table(str(tmp_path / "t.npy"), "t")
+        assert (info.version, version) == (2, 2)
+        saved = np.load(tmp_path / "t.npy")
+        expected = WEIGHTS.copy()
+        expected[3] = 1
+        np.testing.assert_array_equal(saved, expected)
+        client.snapshot_table(str(tmp_path / "t.safetensors"), "t")
+        client.update_rows([3], np.zeros((1, 16), np.float32), "t")
+        assert client.reload_table("t", str(tmp_path / "t.safetensors")).version == 4
+        np.testing.assert_array_equal(client.lookup([3], "t"), np.ones((1, 16)))
+        client.snapshot_table(str(tmp_path / "bf.npy"), "bf")  # .npy: bfloat16 as float32
+        assert np.load(tmp_path / "bf.npy").dtype == np.float32
+        for path, message in (
+            ("relative.npy", "must be absolute and end in .npy or .safetensors"),
+            (str(tmp_path / "t.csv"), "must be absolute"),
+            (str(tmp_path / "missing" / "t.npy"), "cannot write"),
+        ):
+            with pytest.raises(EmbeddingError) as refused:
+                client.snapshot_table(path, "t")
+            assert message in refused.value.details
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_updates_need_the_admin_credential(start_server: ServerFactory) -> None:
+    server = start_server({"t": WEIGHTS}, auth_tokens=("reader-token",))
+    target = f"127.0.0.1:{server.port}"
+    with EmbeddingClient(target, max_attempts=1) as anonymous:
+        with pytest.raises(EmbeddingError) as refused:
+            anonymous.update_rows([1], np.zeros((1, 16)), "t")
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with EmbeddingClient(target, security=Security(token="reader-token")) as client:
+        assert client.update_rows([1], np.zeros((1, 16)), "t").version == 2
+
+
+def test_processes_refuse_updates(tmp_path: Path) -> None:
+
+    store = TableStore(shared=True)
+    store.add(Table("t", torch.from_numpy(WEIGHTS.copy()), "test"))
+    with pytest.raises(FailedPrecondition, match="shared by several server processes"):
+        store.update_rows("t", np.array([1]), np.zeros((1, 16), np.float32))
