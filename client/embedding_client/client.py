@@ -186,7 +186,7 @@ def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
             name=t.name,
             rows=t.rows,
             dim=t.dim,
-            dtype=codec.dtype_name(t.dtype),
+            dtype=codec.storage_dtype_name(t.dtype),
             device=t.device,
             version=t.version,
             bytes=t.bytes,

@@ -45,10 +45,29 @@ def dtype_to_wire(name: str) -> pb.DType:
     raise WireError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
 
 
+STORAGE_ONLY = {"int8": pb.DTYPE_INT8_ROWWISE}
+
+
+def storage_dtype_to_wire(name: str) -> pb.DType:
+    """A table's storage dtype name ("float32", ..., "int8") as its wire enum value."""
+    return STORAGE_ONLY[name] if name in STORAGE_ONLY else dtype_to_wire(name)
+
+
+def storage_dtype_name(value: int) -> str:
+    """A TableInfo dtype enum value as its name (the float dtypes, or "int8")."""
+    names: dict[int, str] = {v: k for k, v in STORAGE_ONLY.items()}
+    return names[value] if value in names else dtype_name(value)
+
+
 def dtype_name(value: int) -> str:
     """Map a wire dtype enum value to its name; unspecified means float32."""
     if value == pb.DTYPE_UNSPECIFIED:
         return "float32"
+    if value in STORAGE_ONLY.values():
+        raise WireError(
+            "int8 is a storage type (row-wise quantized tables); vectors come back as "
+            f"{', '.join(DTYPE_NAMES)}"
+        )
     try:
         return _DTYPE_NAMES[value]
     except KeyError:

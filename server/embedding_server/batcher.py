@@ -124,7 +124,7 @@ class Batcher:
     def _serve(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
         table = batch[0].table
-        weights = table.weights
+        weights = table.rows_for_kernels()
         flat = np.concatenate([r.ids.reshape(-1) for r in batch]) if len(batch) > 1 else None
         ids = batch[0].ids.reshape(-1) if flat is None else flat
         device_ids = torch.from_numpy(ids).to(weights.device)

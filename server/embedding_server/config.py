@@ -17,7 +17,7 @@ from typing import Any
 ENV_PREFIX = "EMBEDDING_"
 
 
-STORAGE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)

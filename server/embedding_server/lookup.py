@@ -88,12 +88,12 @@ class Lookups:
                 data, seconds, version = arrival.gather(table, ids, out_dtype)
             return LookupOutput(data, shape, dtype, table, version, seconds, name)
         self._check(table, ids, out_dtype, dense, bags, padding_id)
-        weights = table.weights
-        kernel = self._kernel(weights, ids, dense, bags, padding_id, deadline)
+        rows = table.rows_for_kernels()
+        kernel = self._kernel(rows, ids, dense, bags, padding_id, deadline)
         # Row updates wait while the kernel reads; the version read here is the one it saw.
         with table.lock.reading():
             version = table.version
-            vectors, seconds = kernels.timed(weights.device, kernel)
+            vectors, seconds = kernels.timed(rows.device, kernel)
         if vectors.dtype != out_dtype:
             vectors = vectors.to(out_dtype)
         data = to_host(vectors).tobytes()
@@ -101,7 +101,7 @@ class Lookups:
 
     def _kernel(
         self,
-        weights: torch.Tensor,
+        weights: kernels.Rows,
         ids: np.ndarray,
         dense: bool,
         bags: Bags | None,

@@ -191,7 +191,7 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
         name=table.name,
         rows=table.rows,
         dim=table.dim,
-        dtype=codec.dtype_to_wire(table.dtype),
+        dtype=codec.storage_dtype_to_wire(table.dtype),
         device=table.device,
         version=table.version,
         bytes=table.nbytes,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedding_server import kernels
 from embedding_server.config import TableSpec
 from embedding_server.errors import FailedPrecondition, InvalidRequest, OverLimit, TableNotFound
 
@@ -93,6 +94,9 @@ class Table:
     version: int = 1
     # The file it came from, for reloads; None for the demo table and tables made in code.
     spec: TableSpec | None = None
+    # Row-wise int8 storage: `weights` holds uint8 codes, this the float32 (scale, bias)
+    # of each row; None for float tables.
+    qparams: torch.Tensor | None = None
     lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
 
     @property
@@ -105,7 +109,13 @@ class Table:
 
     @property
     def dtype(self) -> str:
-        return STORAGE_DTYPES[self.weights.dtype]
+        return "int8" if self.qparams is not None else STORAGE_DTYPES[self.weights.dtype]
+
+    def rows_for_kernels(self) -> kernels.Rows:
+        """What the kernels read: the weights, or the quantized codes with their params."""
+        if self.qparams is None:
+            return self.weights
+        return kernels.QuantizedRows(self.weights, self.qparams)
 
     @property
     def device(self) -> str:
@@ -113,7 +123,8 @@ class Table:
 
     @property
     def nbytes(self) -> int:
-        return self.weights.numel() * self.weights.element_size()
+        extra = 0 if self.qparams is None else self.qparams.numel() * self.qparams.element_size()
+        return self.weights.numel() * self.weights.element_size() + extra
 
 
 @dataclass
@@ -225,7 +236,7 @@ class TableStore:
                 f"id {int(unique[counts > 1][0])} is given twice; give each row once"
             )
         rows = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
-        stored = rows.to(table.weights.dtype)
+        stored = rows.to(torch.float32 if table.qparams is not None else table.weights.dtype)
         bad_values = ~torch.isfinite(stored)
         if bool(bad_values.any()):
             row, col = (int(i) for i in bad_values.nonzero()[0])
@@ -235,9 +246,15 @@ class TableStore:
             )
         stored.add_(0.0)  # -0.0 -> +0.0, as at load
         index = torch.from_numpy(ids).to(table.weights.device)
+        params = None
+        if table.qparams is not None:
+            stored, params = kernels.quantize(stored)
+            params = params.to(table.weights.device)
         stored = stored.to(table.weights.device)
         with table.lock.writing():
             table.weights.index_copy_(0, index, stored)
+            if table.qparams is not None and params is not None:
+                table.qparams.index_copy_(0, index, params)
             table.version += 1
         return table
 
@@ -259,7 +276,11 @@ class TableStore:
                 f"snapshot path {str(path)!r} must be absolute and end in .npy or .safetensors"
             )
         with table.lock.reading():
-            contents = table.weights.to("cpu", copy=True)
+            rows = table.rows_for_kernels()
+            # int8 tables are written dequantized (float32): any loader reads them.
+            contents = (rows[:] if isinstance(rows, kernels.QuantizedRows) else rows).to(
+                "cpu", copy=True
+            )
             version = table.version
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -485,15 +506,21 @@ def _materialise(
     dtype: str | None = None,
 ) -> Table:
     rows, dim = source.shape
-    storage = _storage_dtype(source) if dtype is None else STORAGE_NAMES[dtype]
-    if storage != source.dtype:
-        log.info("table %r: stored as %s (file holds %s)", name, STORAGE_DTYPES[storage],
+    quantized = dtype == "int8"
+    storage = torch.float32 if quantized else _storage_dtype(source)
+    if dtype is not None and not quantized:
+        storage = STORAGE_NAMES[dtype]
+    if storage != source.dtype or quantized:
+        log.info("table %r: stored as %s (file holds %s)", name, dtype or STORAGE_DTYPES[storage],
                  source.dtype)  # fmt: skip
-    weights = torch.empty((rows, dim), dtype=storage, device=device)
+    weights = torch.empty((rows, dim), dtype=torch.uint8 if quantized else storage, device=device)
+    qparams = torch.empty((rows, 2), dtype=torch.float32, device=device) if quantized else None
     if shared and device.type == "cpu":
-        # Moved before it is filled: the empty pages cost nothing to move. CUDA memory
+        # Moved before they are filled: empty pages cost nothing to move. CUDA memory
         # needs nothing here: torch hands it to other processes as an IPC handle.
         weights.share_memory_()
+        if qparams is not None:
+            qparams.share_memory_()
     chunk_rows = max(1, CHUNK_BYTES // (dim * weights.element_size()))
     started = last_report = time.monotonic()
     for start in range(0, rows, chunk_rows):
@@ -515,17 +542,23 @@ def _materialise(
                 "must be finite"
             )
         chunk.add_(0.0)  # -0.0 + 0.0 == +0.0: one sign of zero on both RPC paths
-        weights[start:stop].copy_(chunk)
+        if qparams is not None:
+            codes, params = kernels.quantize(chunk)
+            weights[start:stop].copy_(codes)
+            qparams[start:stop].copy_(params)
+        else:
+            weights[start:stop].copy_(chunk)
         now = time.monotonic()
         if now - last_report >= PROGRESS_EVERY_S:
             log.info("table %r: loaded %d / %d rows (%.0f%%)", name, stop, rows, 100 * stop / rows)
             last_report = now
+    table = Table(name=name, weights=weights, source=origin, qparams=qparams)
     log.info(
         "table %r: %d x %d %s on %s (%.1f MiB) from %s in %.2f s",
-        name, rows, dim, STORAGE_DTYPES[storage], device, weights.numel() * weights.element_size()
-        / 2**20, origin, time.monotonic() - started,
+        name, rows, dim, table.dtype, device, table.nbytes / 2**20, origin,
+        time.monotonic() - started,
     )  # fmt: skip
-    return Table(name=name, weights=weights, source=origin)
+    return table
 
 
 def demo_table(
