@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service
+	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service bench-cache
 
 help:
 	@echo "make run     start the server on the seeded demo table (gRPC :50051, metrics :8000)"
@@ -65,7 +65,7 @@ lock: $(STAMP)
 	rm -rf .venv-lock
 
 # Benchmarks print markdown tables and write plots under bench/results/.
-bench: bench-kernels bench-service
+bench: bench-kernels bench-service bench-cache
 
 bench-kernels: $(STAMP)
 	$(BIN)/python bench/kernels.py
@@ -74,6 +74,9 @@ bench-service: $(STAMP)
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq redis-server >/dev/null; } \
 		|| echo "warning: redis-server not installed: the Redis comparison is skipped"
 	$(BIN)/python bench/service.py
+
+bench-cache: $(STAMP)
+	$(BIN)/python bench/cache.py
 
 # 60 s at 64 concurrent calls against a real server: calls, errors, latency, RSS.
 soak: $(STAMP)

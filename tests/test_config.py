@@ -83,11 +83,12 @@ def test_a_toml_file_lists_many_tables(tmp_path: Path) -> None:
     config_file.write_text(
         '[[table]]\nname = "users"\nsource = "users.npy"\ndtype = "float16"\n\n'
         '[[table]]\nname = "items"\nsource = "/data/model.pt:item.weight"\ndevice = "cpu"\n'
+        "cache_rows = 1000\n"
     )
     config = load_config(["--config", str(config_file), "--table", "extra=/x/e.npy"], env={})
     assert config.tables == (
         TableSpec("users", tmp_path / "users.npy", dtype="float16"),
-        TableSpec("items", Path("/data/model.pt"), "item.weight", device="cpu"),
+        TableSpec("items", Path("/data/model.pt"), "item.weight", device="cpu", cache_rows=1000),
         TableSpec("extra", Path("/x/e.npy")),
     )
     assert load_config([], env={"EMBEDDING_CONFIG": str(config_file)}).tables[0].name == "users"
@@ -100,6 +101,7 @@ def test_a_toml_file_lists_many_tables(tmp_path: Path) -> None:
         ("[[table]]\nname = 'a'\nsource = 'a.npy'\ndtype = 'int4'\n", "dtype 'int4' is not one of"),
         ("[[table]]\nname = 'a'\nsource = 'a.npy'\ndevice = 'tpu'\n", "device must be auto"),
         ("[[table]]\nname = 'a'\nsource = 'a.npy'\nrows = 3\n", "unknown key(s) rows"),
+        ("[[table]]\nname = 'a'\nsource = 'a.npy'\ncache_rows = '9'\n", "cache_rows must be"),
         ("[tables]\n", "unknown top-level key(s) tables"),
         ("name = \n", "not valid TOML"),
         ("", "no [[table]] entries"),

@@ -117,6 +117,7 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "embedding_device_memory_allocated_bytes", 'method="LookupStream"',
         "embedding_batch_queue_seconds_bucket", "embedding_batch_requests_sum",
         "embedding_batch_ids_sum", "embedding_request_bags_sum",
-        "embedding_rows_updated_total",
+        "embedding_rows_updated_total", "embedding_cache_lookups_total",
+        "embedding_cache_evictions_total",
     ):  # fmt: skip
         assert needed in exprs, f"the dashboard has no panel on {needed}"

@@ -88,11 +88,15 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     work = tmp_path_factory.mktemp("prometheus")
     np.save(work / "users.npy", random_table(5000, 32, seed=1))
     np.save(work / "items.npy", random_table(300, 17, seed=2))
+    # items: host table with a device cache of 100 of its 300 rows (the cache panel).
+    (work / "tables.toml").write_text(
+        '[[table]]\nname = "items"\nsource = "items.npy"\ncache_rows = 100\n'
+    )
     grpc_port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
     server = subprocess.Popen(
         [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(grpc_port),
          "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
-         "--table", f"users={work / 'users.npy'}", "--table", f"items={work / 'items.npy'}",
+         "--table", f"users={work / 'users.npy'}", "--config", str(work / "tables.toml"),
          "--processes", "2", "--batching", "true"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
     )  # fmt: skip

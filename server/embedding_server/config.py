@@ -30,9 +30,17 @@ class TableSpec:
     key: str | None = None
     dtype: str | None = None  # storage dtype; None: the file's (float64 as float32)
     device: str | None = None  # None: the server's --device
+    # Keep the table in host memory and this many hot rows on the device (None: all there).
+    cache_rows: int | None = None
 
     @classmethod
-    def parse(cls, text: str, dtype: str | None = None, device: str | None = None) -> TableSpec:
+    def parse(
+        cls,
+        text: str,
+        dtype: str | None = None,
+        device: str | None = None,
+        cache_rows: int | None = None,
+    ) -> TableSpec:
         name, sep, location = text.partition("=")
         name = name.strip()
         if not sep or not name or not location:
@@ -48,23 +56,32 @@ class TableSpec:
                 device = _device(device)
             except ValueError as exc:
                 raise ValueError(f"table {name!r}: {exc}") from None
+        if cache_rows is not None:
+            if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 1:
+                raise ValueError(f"table {name!r}: cache_rows must be a positive integer")
+            if dtype == "int8":
+                raise ValueError(f"table {name!r}: cache_rows works with float tables, not int8")
         path, key = Path(location), None
         # PATH:KEY only when PATH itself is not a file: paths may contain ':'.
         if not path.exists() and ":" in location:
             head, _, tail = location.rpartition(":")
             path, key = Path(head), tail or None
-        return cls(name=name, path=path, key=key, dtype=dtype, device=device)
+        return cls(name=name, path=path, key=key, dtype=dtype, device=device, cache_rows=cache_rows)
 
     def __str__(self) -> str:
         text = f"{self.name}={self.path}" + (f":{self.key}" if self.key else "")
-        extras = [f"{k} {v}" for k, v in (("dtype", self.dtype), ("device", self.device)) if v]
+        extras = [
+            f"{k} {v}"
+            for k, v in (("dtype", self.dtype), ("device", self.device), ("cache", self.cache_rows))
+            if v
+        ]
         return text + (f" ({', '.join(extras)})" if extras else "")
 
 
 def read_table_config(path: Path) -> tuple[TableSpec, ...]:
     """The tables of a TOML config file: one `[[table]]` entry each, with `name` and
     `source` (PATH or PATH:KEY, relative to the file's folder) and optional `dtype`
-    (storage) and `device`.
+    (storage), `device` and `cache_rows` (host table, hot rows cached on the device).
 
     Raises
     ------
@@ -89,7 +106,7 @@ def read_table_config(path: Path) -> tuple[TableSpec, ...]:
     specs = []
     for number, entry in enumerate(entries, 1):
         where = f"{path}: [[table]] #{number}"
-        extra = sorted(set(entry) - {"name", "source", "dtype", "device"})
+        extra = sorted(set(entry) - {"name", "source", "dtype", "device", "cache_rows"})
         if extra:
             raise ValueError(f"{where}: unknown key(s) {', '.join(extra)}")
         missing = [k for k in ("name", "source") if not isinstance(entry.get(k), str)]
@@ -101,7 +118,10 @@ def read_table_config(path: Path) -> tuple[TableSpec, ...]:
         try:
             specs.append(
                 TableSpec.parse(
-                    f"{entry['name']}={source}", entry.get("dtype"), entry.get("device")
+                    f"{entry['name']}={source}",
+                    entry.get("dtype"),
+                    entry.get("device"),
+                    entry.get("cache_rows"),
                 )
             )
         except ValueError as exc:

@@ -131,6 +131,20 @@ TABLE_VERSION = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+CACHE_LOOKUPS = Counter(
+    "embedding_cache_lookups_total",
+    "Distinct ids per request looked up in a table's device cache, by result (hit, miss).",
+    ["table", "result"],
+)
+CACHE_EVICTIONS = Counter(
+    "embedding_cache_evictions_total", "Rows evicted from a table's device cache.", ["table"]
+)
+CACHE_ROWS = Gauge(
+    "embedding_cache_capacity_rows",
+    "Rows a table's device cache holds at most (tables with cache_rows).",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
 ROWS_UPDATED = Counter("embedding_rows_updated_total", "Rows overwritten by UpdateRows.", ["table"])
 TABLE_RELOADS = Counter(
     "embedding_table_reloads_total", "Table reloads, by result (ok, failed).", ["table", "result"]
@@ -154,6 +168,20 @@ def child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
+class CacheMetrics:
+    """Records one cached table's hits, misses and evictions (picklable: a worker process
+    gets its own, writing to the same series)."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+
+    def __call__(self, hits: int, misses: int, evictions: int) -> None:
+        child(CACHE_LOOKUPS, self.table, "hit").inc(hits)
+        child(CACHE_LOOKUPS, self.table, "miss").inc(misses)
+        if evictions:
+            child(CACHE_EVICTIONS, self.table).inc(evictions)
+
+
 _table_bytes_labels: dict[str, tuple[str, str, str]] = {}
 
 
@@ -168,6 +196,11 @@ def publish_table(table: Table) -> None:
     TABLE_DIM.labels(table.name).set(table.dim)
     TABLE_BYTES.labels(*metrics_labels).set(table.nbytes)
     TABLE_VERSION.labels(table.name).set(table.version)
+    if table.cache is not None:
+        CACHE_ROWS.labels(table.name).set(table.cache.slots)
+        CACHE_EVICTIONS.labels(table.name)
+        for result in ("hit", "miss"):
+            CACHE_LOOKUPS.labels(table.name, result)
 
 
 class DeviceMemoryCollector(Collector):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedding_server import kernels
+from embedding_server import kernels, metrics
 from embedding_server.config import TableSpec
 from embedding_server.errors import FailedPrecondition, InvalidRequest, OverLimit, TableNotFound
 
@@ -97,6 +97,8 @@ class Table:
     # Row-wise int8 storage: `weights` holds uint8 codes, this the float32 (scale, bias)
     # of each row; None for float tables.
     qparams: torch.Tensor | None = None
+    # Tables bigger than the device: `weights` stays in host memory, hot rows live here.
+    cache: kernels.CachedRows | None = None
     lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
 
     @property
@@ -112,14 +114,18 @@ class Table:
         return "int8" if self.qparams is not None else STORAGE_DTYPES[self.weights.dtype]
 
     def rows_for_kernels(self) -> kernels.Rows:
-        """What the kernels read: the weights, or the quantized codes with their params."""
+        """What the kernels read: the weights, the quantized codes with their params, or
+        the device cache in front of the host weights."""
+        if self.cache is not None:
+            return self.cache
         if self.qparams is None:
             return self.weights
         return kernels.QuantizedRows(self.weights, self.qparams)
 
     @property
     def device(self) -> str:
-        return str(self.weights.device)
+        """Where lookups run: the weights' device, or the cache's for a cached table."""
+        return str(self.cache.device if self.cache is not None else self.weights.device)
 
     @property
     def nbytes(self) -> int:
@@ -189,6 +195,8 @@ class TableStore:
                 old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype
             )
             new.version, new.spec = old.version + 1, spec
+            if old.cache is not None:
+                attach_cache(new, old.cache.slots, old.cache.device)
             self.replace(new)
             return new
 
@@ -252,7 +260,10 @@ class TableStore:
             params = params.to(table.weights.device)
         stored = stored.to(table.weights.device)
         with table.lock.writing():
-            table.weights.index_copy_(0, index, stored)
+            if table.cache is not None:
+                table.cache.write(index, stored)
+            else:
+                table.weights.index_copy_(0, index, stored)
             if table.qparams is not None and params is not None:
                 table.qparams.index_copy_(0, index, params)
             table.version += 1
@@ -277,10 +288,10 @@ class TableStore:
             )
         with table.lock.reading():
             rows = table.rows_for_kernels()
-            # int8 tables are written dequantized (float32): any loader reads them.
-            contents = (rows[:] if isinstance(rows, kernels.QuantizedRows) else rows).to(
-                "cpu", copy=True
-            )
+            # int8 tables are written dequantized (float32): any loader reads them; a
+            # cached table's whole contents are its host weights.
+            whole = rows[:] if isinstance(rows, kernels.QuantizedRows) else table.weights
+            contents = whole.to("cpu", copy=True)
             version = table.version
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -442,9 +453,22 @@ def load_table(spec: TableSpec, device: torch.device, *, shared: bool = False) -
         For a missing, unreadable, wrongly shaped, non-float or non-finite table.
     """
     source = _open_table(spec)
-    table = _materialise(spec.name, str(spec), source, device, shared=shared, dtype=spec.dtype)
+    if spec.cache_rows is None:
+        table = _materialise(spec.name, str(spec), source, device, shared=shared, dtype=spec.dtype)
+    else:
+        host = torch.device("cpu")
+        table = _materialise(spec.name, str(spec), source, host, shared=shared, dtype=spec.dtype)
+        attach_cache(table, spec.cache_rows, device)
     table.spec = spec
     return table
+
+
+def attach_cache(table: Table, rows: int, device: torch.device) -> None:
+    """Serve `table` (in host memory) through a cache of `rows` hot rows on `device`."""
+    table.cache = kernels.CachedRows(table.weights, rows, device, metrics.CacheMetrics(table.name))
+    log.info("table %r: %d of its %d rows cached on %s (%.1f MiB there)", table.name,
+             table.cache.slots, table.rows, device,
+             table.cache.slots * table.dim * table.weights.element_size() / 2**20)  # fmt: skip
 
 
 def _open_table(spec: TableSpec) -> _RowSource:
