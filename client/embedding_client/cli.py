@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,22 +22,22 @@ from embedding_client.client import (
 from embedding_client.codec import DTYPE_NAMES, POOLING_MODES
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+def _numbers(convert: type, what: str) -> Callable[[str], list[Any]]:
+    """An argparse type for a comma-separated list of `convert`-able values."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [convert(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+_int_list = _numbers(int, "integers")
+_float_list = _numbers(float, "numbers")
 
 
 def _feature(text: str) -> tuple[str, str, list[int]]:
