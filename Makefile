@@ -22,7 +22,7 @@ help:
 	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
 	@echo "make soak    60 s at 64 concurrent calls: errors, latency percentiles, RSS"
-	@echo "make bench   kernel and service benchmarks: markdown tables and plots in bench/results/"
+	@echo "make bench   kernel, service and device-cache benchmarks: tables and plots in bench/results/"
 	@echo "make clean   remove .venv and caches"
 
 $(STAMP): pyproject.toml constraints.txt
