@@ -93,7 +93,7 @@ def serve(config: ServerConfig, metrics_dir: str = "") -> int:
         config.processes, "es" if config.processes > 1 else "", config.metrics_host,
         running.metrics_port,
     )  # fmt: skip
-    server.wait_for_stop(reload=running.reload_all)
+    server.StopSignals(reload=running.reload_all).wait()
     log.info(
         "shutting down: health NOT_SERVING, in-flight calls get %.1f s to finish", config.grace_s
     )

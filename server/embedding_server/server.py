@@ -300,32 +300,45 @@ class EmbeddingServer:
             stop_metrics(self._metrics_httpd)
 
 
-def wait_for_stop(
-    reload: Callable[[], None] | None = None, stopped: threading.Event | None = None
-) -> int:
-    """Block until SIGTERM or SIGINT (or `stopped` is set); run `reload` in a thread on
-    each SIGHUP (ignored when None). Returns the stopping signal's number (0: `stopped`).
+class StopSignals:
+    """SIGTERM, SIGINT (and SIGHUP, for `reload`) for the main thread to wait on.
 
-    The handlers only append to a list: a handler that took a lock (Event.set does)
-    deadlocks when a second signal lands while the first one holds it, which happens
-    when a signal goes to a whole process group and to the process itself.
+    Python's C-level handler writes each signal's number to a socket
+    (`signal.set_wakeup_fd`) and the Python-level handlers do nothing, so no handler ever
+    takes a lock: one that did (Event.set) deadlocked when a second signal arrived inside
+    it, as when a signal goes to the process group and to the process itself. Create it
+    in the main thread; `stop()` may be called from any thread.
     """
-    received: list[int] = []
 
-    def note(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
+    _STOP = 0  # the byte stop() writes: no signal has number 0
 
-    signal.signal(signal.SIGTERM, note)
-    signal.signal(signal.SIGINT, note)
-    signal.signal(signal.SIGHUP, note if reload is not None else signal.SIG_IGN)
-    while True:
-        while received:
-            signum = received.pop(0)
-            log.info("received %s", signal.Signals(signum).name)
-            if signum != signal.SIGHUP:
-                return signum
-            assert reload is not None
-            threading.Thread(target=reload, name="reload", daemon=True).start()
-        if stopped is not None and stopped.is_set():
-            return 0
-        time.sleep(0.05)
+    def __init__(self, reload: Callable[[], None] | None = None) -> None:
+        self.reload = reload
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._noted)
+        if reload is None:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    @staticmethod
+    def _noted(signum: int, frame: FrameType | None) -> None:
+        """Nothing to do: the number already went down the wakeup socket."""
+
+    def stop(self) -> None:
+        """Wake `wait()` as if a stopping signal had come (e.g. the supervisor is gone)."""
+        self._writer.send(bytes([self._STOP]))
+
+    def wait(self) -> int:
+        """Block until a stopping signal (its number) or `stop()` (0); start `reload` in a
+        thread for each SIGHUP meanwhile."""
+        while True:
+            for signum in self._reader.recv(64):
+                if signum == self._STOP:
+                    return 0
+                log.info("received %s", signal.Signals(signum).name)
+                if signum != signal.SIGHUP:
+                    return signum
+                if self.reload is not None:
+                    threading.Thread(target=self.reload, name="reload", daemon=True).start()

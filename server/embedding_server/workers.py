@@ -45,9 +45,9 @@ from embedding_server.config import ServerConfig
 from embedding_server.server import (
     EmbeddingServer,
     StartupError,
+    StopSignals,
     start_metrics,
     stop_metrics,
-    wait_for_stop,
 )
 from embedding_server.servicer import reload_table
 from embedding_server.tables import Table, TableStore
@@ -395,10 +395,11 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
     except StartupError as exc:
         link.send(("failed", str(exc)))
         return
-    closed = threading.Event()  # the supervisor is gone
+    signals = StopSignals()  # SIGHUP ignored: reloads go through the supervisor
+    # The supervisor gone (its pipe closed) stops this worker like SIGTERM.
     threading.Thread(
-        target=link.run, args=(closed.set,), name="supervisor-pipe", daemon=True
+        target=link.run, args=(signals.stop,), name="supervisor-pipe", daemon=True
     ).start()
     link.send(("ready", server.port))
-    wait_for_stop(stopped=closed)
+    signals.wait()
     server.stop()
