@@ -142,10 +142,16 @@ class Supervisor:
         reservation = None
         if self.config.port == 0:
             reservation, self.port = reserve_port(self.config.host, 0)
+        # All start at once (each imports torch and grpc: ~1.3 s here), then each is
+        # waited for; one that fails stops the others.
+        launched = [self._launch(index) for index in range(self.config.processes)]
         try:
-            for index in range(self.config.processes):
-                self.workers.append(self._spawn(index))
+            for index, process, conn in launched:
+                self.workers.append(self._await_ready(index, process, conn))
         except WorkerError:
+            for _, process, _ in launched:
+                if process.is_alive():
+                    process.kill()
             self.stop()
             raise
         finally:
@@ -155,6 +161,10 @@ class Supervisor:
         self._monitor.start()
 
     def _spawn(self, index: int) -> _Worker:
+        """Start worker `index` and wait until it serves."""
+        return self._await_ready(*self._launch(index))
+
+    def _launch(self, index: int) -> tuple[int, BaseProcess, Connection]:
         parent_conn, child_conn = self._context.Pipe()
         config = replace(self.config, port=self.port)
         process = self._context.Process(
@@ -167,12 +177,16 @@ class Supervisor:
         )
         process.start()
         child_conn.close()
+        return index, process, parent_conn
+
+    def _await_ready(self, index: int, process: BaseProcess, conn: Connection) -> _Worker:
+        """Wait for a launched worker's "ready" (WorkerError if it fails or takes too long)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
-            ready = wait([parent_conn, process.sentinel], timeout=deadline - time.monotonic())
-            if parent_conn in ready:
+            ready = wait([conn, process.sentinel], timeout=deadline - time.monotonic())
+            if conn in ready:
                 try:
-                    message = parent_conn.recv()
+                    message = conn.recv()
                 except (EOFError, OSError):
                     message = ("failed", "its pipe closed")
                 break
@@ -187,7 +201,7 @@ class Supervisor:
         if message[0] != "ready":
             process.join(timeout=5)
             raise WorkerError(f"worker {index} did not start: {message[1]}")
-        worker = _Worker(index, process, parent_conn)
+        worker = _Worker(index, process, conn)
         threading.Thread(
             target=self._listen, args=(worker,), name=f"worker-{index}-pipe", daemon=True
         ).start()
