@@ -181,6 +181,8 @@ def test_metrics_add_up_over_workers(server: Running) -> None:
     assert server.metric('embedding_table_rows{table="t"}') == len(WEIGHTS)
     assert server.metric('embedding_inflight_requests{method="Lookup"}') == 0
     assert server.metric('embedding_device_memory_allocated_bytes{device="cpu"}') == WEIGHTS.nbytes
+    for process in ("supervisor", "worker-0", "worker-1"):
+        assert server.metric(f'embedding_process_pss_bytes{{process="{process}"}}') > 0
 
 
 def test_a_reload_reaches_every_worker(server: Running) -> None:

@@ -252,6 +252,39 @@ def watch_devices(tables: Callable[[], Iterable[tuple[torch.device, int]]]) -> N
     REGISTRY.register(_device_collector)
 
 
+class ProcessMemoryCollector(Collector):
+    """Proportional set size (PSS) of the supervisor and each worker, read from
+    /proc/PID/smaps_rollup at scrape time: shared pages (the tables) are split between the
+    processes that map them, so the series add up to what the server really uses (RSS
+    would count a shared table once per process)."""
+
+    def __init__(self, processes: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self.processes = processes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "embedding_process_pss_bytes",
+            "Proportional set size of each server process (supervisor, worker-N).",
+            labels=["process"],
+        )
+        for name, pid in self.processes():
+            pss = _pss_bytes(pid)
+            if pss is not None:
+                family.add_metric([name], pss)
+        yield family
+
+
+def _pss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None  # not Linux, or the process is gone
+    return None
+
+
 def in_multiprocess_mode() -> bool:
     """Whether this process writes its metrics to PROMETHEUS_MULTIPROC_DIR's files, which
     prometheus-client decides once, when it is first imported."""
@@ -259,13 +292,17 @@ def in_multiprocess_mode() -> bool:
 
 
 def multiprocess_registry(
-    directory: str, tables: Callable[[], Iterable[tuple[torch.device, int]]]
+    directory: str,
+    tables: Callable[[], Iterable[tuple[torch.device, int]]],
+    processes: Callable[[], Iterable[tuple[str, int]]],
 ) -> CollectorRegistry:
     """What the supervisor of several server processes serves on /metrics: every process's
     metrics from `directory`, summed as each metric's mode says, this process's own memory
-    and CPU, and the memory of the devices holding the (shared) tables."""
+    and CPU, every process's PSS, and the memory of the devices holding the (shared)
+    tables."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)
     ProcessCollector(registry=registry)
+    registry.register(ProcessMemoryCollector(processes))
     registry.register(DeviceMemoryCollector(tables))
     return registry

@@ -132,7 +132,9 @@ class Supervisor:
                 "(embedding-server does this itself)"
             )
         registry = metrics.multiprocess_registry(
-            self.metrics_dir, lambda: [(t.weights.device, t.nbytes) for t in self.store]
+            self.metrics_dir,
+            lambda: [(t.weights.device, t.nbytes) for t in self.store],
+            self._processes,
         )
         self._metrics_httpd, self.metrics_port = start_metrics(self.config, registry)
         for table in self.store:
@@ -159,6 +161,12 @@ class Supervisor:
                 reservation.close()
         self._monitor = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._monitor.start()
+
+    def _processes(self) -> list[tuple[str, int]]:
+        """(name, pid) of this process and every live worker, for the memory metric."""
+        with self._changed:
+            workers = [(f"worker-{w.index}", w.process.pid) for w in self.workers]
+        return [("supervisor", os.getpid()), *((n, p) for n, p in workers if p is not None)]
 
     def _spawn(self, index: int) -> _Worker:
         """Start worker `index` and wait until it serves."""
