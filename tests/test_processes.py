@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -271,3 +272,53 @@ def test_a_signal_to_the_whole_group_stops_in_order(tmp_path: Path) -> None:
     assert running.process.returncode == 0, output
     assert "starting a new one" not in output
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_row_updates_reach_every_worker_and_no_read_is_torn(tmp_path: Path) -> None:
+    """Every row is one constant vector; a writer replaces rows through the admin RPC
+    (run by the supervisor) while readers on separate connections (both workers) check
+    that no answer mixes two versions of a row."""
+    rows, dim = 64, 4096  # 16 KiB rows: a write takes long enough to overlap reads
+    path = tmp_path / "t.npy"
+    np.save(path, np.zeros((rows, dim), np.float32))
+    running = _start(path)
+    stop = threading.Event()
+    torn: list[str] = []
+    reads = [0]
+
+    def read(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with EmbeddingClient(running.target) as client:
+            while not stop.is_set():
+                for row in client.lookup(rng.integers(0, rows, size=32), "t"):
+                    if not (row == row[0]).all():
+                        torn.append(f"a row mixes {np.unique(row)[:4]}")
+                reads[0] += 1
+
+    readers = [threading.Thread(target=read, args=(seed,)) for seed in range(4)]
+    for thread in readers:
+        thread.start()
+    try:
+        rng = np.random.default_rng(7)
+        with EmbeddingClient(running.target) as writer:
+            for k in range(1, 150):
+                ids = rng.choice(rows, size=int(rng.integers(1, rows)), replace=False)
+                info = writer.update_rows(ids, np.full((ids.size, dim), float(k), np.float32))
+                assert info.version == k + 1
+            last = writer.update_rows(np.arange(rows), np.full((rows, dim), -1.0, np.float32))
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(timeout=30)
+    clients = [EmbeddingClient(running.target) for _ in range(CLIENTS)]
+    try:
+        for client in clients:  # every worker sees the last update and its version
+            result = client.lookup_result([0, rows - 1], "t")
+            assert result.version == last.version == 151
+            assert (result.vectors == -1).all()
+    finally:
+        for client in clients:
+            client.close()
+        _stop(running)
+    assert reads[0] > 50, "the readers hardly ran"
+    assert not torn, torn[:3]

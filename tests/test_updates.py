@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient, EmbeddingError, Security
 from embedding_server.errors import FailedPrecondition
+from embedding_server.kernels import CachedRows
 from embedding_server.tables import Table, TableStore
 
 from .conftest import ServerFactory, random_table
@@ -167,9 +168,17 @@ def test_updates_need_the_admin_credential(start_server: ServerFactory) -> None:
         assert client.update_rows([1], np.zeros((1, 16)), "t").version == 2
 
 
-def test_processes_refuse_updates(tmp_path: Path) -> None:
-
+def test_a_shared_table_is_updated_under_its_seqlock() -> None:
+    """Tables shared by processes carry [sequence, version] in shared memory: an update
+    leaves the sequence even again and moves the version there."""
+    table = Table("t", torch.from_numpy(WEIGHTS.copy()).share_memory_(), "test")
+    table.shared_state = torch.tensor([0, 1]).share_memory_()
     store = TableStore(shared=True)
-    store.add(Table("t", torch.from_numpy(WEIGHTS.copy()), "test"))
-    with pytest.raises(FailedPrecondition, match="shared by several server processes"):
+    store.add(table)
+    store.update_rows("t", np.array([1]), np.ones((1, 16), np.float32))
+    assert table.shared_state.tolist() == [2, 2] and table.version == 2
+    vectors, version = table.read(lambda: table.weights[[1, 2]].clone())
+    assert version == 2 and (vectors[0] == 1).all()
+    table.cache = CachedRows(table.weights, 10, torch.device("cpu"))
+    with pytest.raises(FailedPrecondition, match="cached on the device by each"):
         store.update_rows("t", np.array([1]), np.zeros((1, 16), np.float32))

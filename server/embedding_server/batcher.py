@@ -128,11 +128,9 @@ class Batcher:
         flat = np.concatenate([r.ids.reshape(-1) for r in batch]) if len(batch) > 1 else None
         ids = batch[0].ids.reshape(-1) if flat is None else flat
         device_ids = torch.from_numpy(ids).to(weights.device)
-        with table.lock.reading():  # row updates wait; the version is the one read
-            version = table.version
-            vectors, seconds = kernels.timed(
-                weights.device, lambda: kernels.gather(weights, device_ids)
-            )
+        (vectors, seconds), version = table.read(  # no half-updated row; the version seen
+            lambda: kernels.timed(weights.device, lambda: kernels.gather(weights, device_ids))
+        )
         if vectors.dtype != batch[0].dtype:
             vectors = vectors.to(batch[0].dtype)
         host = self.to_host(vectors)

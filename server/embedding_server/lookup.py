@@ -90,10 +90,8 @@ class Lookups:
         self._check(table, ids, out_dtype, dense, bags, padding_id)
         rows = table.rows_for_kernels()
         kernel = self._kernel(rows, ids, dense, bags, padding_id, deadline)
-        # Row updates wait while the kernel reads; the version read here is the one it saw.
-        with table.lock.reading():
-            version = table.version
-            vectors, seconds = kernels.timed(rows.device, kernel)
+        # No row the kernel reads is half-updated; the version is the one it saw.
+        (vectors, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
         if vectors.dtype != out_dtype:
             vectors = vectors.to(out_dtype)
         data = to_host(vectors).tobytes()

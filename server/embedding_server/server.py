@@ -35,6 +35,7 @@ from embedding_server.servicer import (
     EmbeddingServicer,
     Reload,
     StatusInterceptor,
+    UpdateRows,
     reload_table,
 )
 from embedding_server.tables import TableStore, demo_table, load_table
@@ -161,7 +162,8 @@ class EmbeddingServer:
     """A running gRPC server plus its metrics endpoint, over a loaded TableStore.
 
     A worker of several server processes shares the port (`reuse_port`), leaves /metrics
-    to its supervisor (`metrics_endpoint=False`) and reloads through it (`reload`).
+    to its supervisor (`metrics_endpoint=False`) and reloads and updates rows through it
+    (`reload`, `update`).
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class EmbeddingServer:
         reuse_port: bool = False,
         metrics_endpoint: bool = True,
         reload: Reload | None = None,
+        update: UpdateRows | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -213,7 +216,7 @@ class EmbeddingServer:
             EmbeddingServicer(Lookups(store, limits, self.batcher)), self._grpc
         )
         pb_grpc.add_EmbeddingAdminServicer_to_server(
-            EmbeddingAdminServicer(store, reload), self._grpc
+            EmbeddingAdminServicer(store, reload, update), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if config.reflection:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2
 
 from embedding_client import codec
@@ -200,15 +201,20 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
 
 
 Reload = Callable[[str, str], Table]
+UpdateRows = Callable[[str, np.ndarray, np.ndarray], Table]
 
 
 class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
-    """embedding.v1.EmbeddingAdmin: table reloads, done by `reload(name, source)` (default:
-    `reload_table` on this store; a worker process asks its supervisor instead)."""
+    """embedding.v1.EmbeddingAdmin: reloads, row updates and snapshots. Reloads and updates
+    are done by `reload(name, source)` and `update(name, ids, vectors)` (default: on this
+    store; a worker process asks its supervisor instead)."""
 
-    def __init__(self, store: TableStore, reload: Reload | None = None) -> None:
+    def __init__(
+        self, store: TableStore, reload: Reload | None = None, update: UpdateRows | None = None
+    ) -> None:
         self.store = store
         self.reload = reload or partial(reload_table, store)
+        self.update = update or store.update_rows
 
     def ReloadTable(
         self, request: pb.ReloadTableRequest, context: grpc.ServicerContext
@@ -223,7 +229,7 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
     ) -> pb.UpdateRowsResponse:
         table = self.store.get(request.table)
         ids, vectors = codec.decode_update_rows(request, table.dim)
-        table = self.store.update_rows(request.table, ids, vectors)
+        table = self.update(request.table, ids, vectors)
         metrics.child(metrics.ROWS_UPDATED, table.name).inc(ids.size)
         metrics.TABLE_VERSION.labels(table.name).set(table.version)
         return pb.UpdateRowsResponse(table=table_info(table, self.store))

@@ -12,11 +12,13 @@ import contextlib
 import logging
 import math
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ from embedding_server.config import TableSpec
 from embedding_server.errors import FailedPrecondition, InvalidRequest, OverLimit, TableNotFound
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Storage dtypes a table keeps; float64 files are stored as float32.
 STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -83,15 +87,16 @@ class ReadWriteLock:
 class Table:
     """One embedding table `weights` of shape [rows, dim] on its device.
 
-    Readers hold `lock.reading()` while a kernel reads the weights (and read `version`
-    there); `TableStore.update_rows` writes rows under `lock.writing()`, so a reader sees
-    each row before or after an update, never a mix.
+    Kernels read the weights through `read()`, and `TableStore.update_rows` writes rows,
+    so that a reader sees each row before or after an update, never a mix: in one process
+    by a read/write lock; for a table shared by several processes (`shared_state` set) by
+    a seqlock in shared memory (the writer, the supervisor, makes the sequence number odd
+    while it writes; a reader whose read overlapped a write reads again).
     """
 
     name: str
     weights: torch.Tensor
     source: str
-    version: int = 1
     # The file it came from, for reloads; None for the demo table and tables made in code.
     spec: TableSpec | None = None
     # Row-wise int8 storage: `weights` holds uint8 codes, this the float32 (scale, bias)
@@ -100,6 +105,37 @@ class Table:
     # Tables bigger than the device: `weights` stays in host memory, hot rows live here.
     cache: kernels.CachedRows | None = None
     lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
+    # [sequence number, version] in shared memory, for tables several processes read.
+    shared_state: torch.Tensor | None = field(default=None, repr=False)
+    _version: int = field(default=1, repr=False)
+
+    @property
+    def version(self) -> int:
+        """Version of the contents: 1 at load, +1 per reload or row update."""
+        return self._version if self.shared_state is None else int(self.shared_state[1])
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._version = value
+        if self.shared_state is not None:
+            self.shared_state[1] = value
+
+    def read(self, kernel: Callable[[], T]) -> tuple[T, int]:
+        """`kernel()` (which reads the weights, and has finished on the device when it
+        returns) run so that no row it reads is half-updated; with the version it saw."""
+        with self.lock.reading():
+            state = self.shared_state
+            if state is None:
+                return kernel(), self._version
+            while True:  # seqlock: read again if a write overlapped
+                before = int(state[0])
+                if before % 2:
+                    os.sched_yield()  # a write is under way: it takes microseconds
+                    continue
+                result = kernel()
+                version = int(state[1])
+                if int(state[0]) == before:
+                    return result, version
 
     @property
     def rows(self) -> int:
@@ -217,13 +253,20 @@ class TableStore:
             No such table; ids not 1-D, out of range or repeated; vectors of the wrong
             shape, non-finite, or not fitting the table's storage dtype.
         FailedPrecondition
-            The table is shared by several server processes (--processes > 1).
+            A table shared by several server processes that is cached on the device, or
+            on a host that is not x86-64.
         """
         table = self.get(name)
-        if self.shared:
+        if table.shared_state is not None and table.cache is not None:
             raise FailedPrecondition(
-                f"table {table.name!r} is shared by several server processes (--processes > 1), "
-                "which cannot update rows yet; reload a new version instead"
+                f"table {table.name!r} is cached on the device by each of several server "
+                "processes (--processes > 1), which cannot update rows yet; reload instead"
+            )
+        if table.shared_state is not None and platform.machine() not in ("x86_64", "AMD64"):
+            raise FailedPrecondition(
+                f"table {table.name!r} is shared by several server processes; updating it in "
+                "place relies on x86-64 memory ordering, and this is "
+                f"{platform.machine()}: reload a new version instead"
             )
         if ids.ndim != 1:
             raise InvalidRequest(f"ids to update must be 1-D, got shape {list(ids.shape)}")
@@ -259,14 +302,23 @@ class TableStore:
             stored, params = kernels.quantize(stored)
             params = params.to(table.weights.device)
         stored = stored.to(table.weights.device)
+        state = table.shared_state
         with table.lock.writing():
-            if table.cache is not None:
-                table.cache.write(index, stored)
-            else:
-                table.weights.index_copy_(0, index, stored)
-            if table.qparams is not None and params is not None:
-                table.qparams.index_copy_(0, index, params)
-            table.version += 1
+            if state is not None:
+                state[0] += 1  # odd: readers in other processes will read again
+            try:
+                if table.cache is not None:
+                    table.cache.write(index, stored)
+                else:
+                    table.weights.index_copy_(0, index, stored)
+                if table.qparams is not None and params is not None:
+                    table.qparams.index_copy_(0, index, params)
+                if table.weights.device.type == "cuda":
+                    torch.cuda.synchronize(table.weights.device)  # written before "even"
+                table.version += 1
+            finally:
+                if state is not None:
+                    state[0] += 1
         return table
 
     def snapshot(self, name: str, path: Path) -> tuple[Table, int, int]:
@@ -286,13 +338,15 @@ class TableStore:
             raise InvalidRequest(
                 f"snapshot path {str(path)!r} must be absolute and end in .npy or .safetensors"
             )
-        with table.lock.reading():
-            rows = table.rows_for_kernels()
+        rows = table.rows_for_kernels()
+
+        def copy() -> torch.Tensor:
             # int8 tables are written dequantized (float32): any loader reads them; a
             # cached table's whole contents are its host weights.
             whole = rows[:] if isinstance(rows, kernels.QuantizedRows) else table.weights
-            contents = whole.to("cpu", copy=True)
-            version = table.version
+            return whole.to("cpu", copy=True)
+
+        contents, version = table.read(copy)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             if path.suffix == ".npy":
@@ -577,6 +631,8 @@ def _materialise(
             log.info("table %r: loaded %d / %d rows (%.0f%%)", name, stop, rows, 100 * stop / rows)
             last_report = now
     table = Table(name=name, weights=weights, source=origin, qparams=qparams)
+    if shared:
+        table.shared_state = torch.tensor([0, 1], dtype=torch.int64).share_memory_()
     log.info(
         "table %r: %d x %d %s on %s (%.1f MiB) from %s in %.2f s",
         name, rows, dim, table.dtype, device, table.nbytes / 2**20, origin,

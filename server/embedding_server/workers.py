@@ -14,8 +14,13 @@ ReloadTable there, and SIGHUP arrives there. The new version goes to every worke
 the caller is answered once all of them serve it. A worker that dies is replaced.
 
 Pipe messages, supervisor <- worker: ("ready", port), ("failed", why),
-("reload", request_id, table, source), ("ack", table, version);
-supervisor -> worker: ("table", Table), ("reloaded", request_id, error or None).
+("reload", request_id, table, source), ("update", request_id, table, ids, vectors),
+("ack", table, version); supervisor -> worker: ("table", Table),
+("done", request_id, error or None).
+
+Row updates (UpdateRows) also run in the supervisor, the one writer: it writes the shared
+rows under the table's seqlock (see `Table.read`), so workers need no message to see
+them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import numpy as np
 import torch
 import torch.multiprocessing as torch_mp
 from prometheus_client import multiprocess
@@ -109,7 +115,8 @@ class Supervisor:
         self._context = torch_mp.get_context("spawn")
         self._changed = threading.Condition()  # a worker acked, or the worker list changed
         self._reload_lock = threading.Lock()
-        self._reloads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reload")
+        # Reloads and row updates, one at a time, off the pipe-reading threads.
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writes")
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
         self._metrics_httpd: WSGIServer | None = None
@@ -225,21 +232,35 @@ class Supervisor:
                 return
             if message[0] == "reload":
                 _, request_id, name, source = message
-                self._reloads.submit(self._reload_for, worker, request_id, name, source)
+                self._writes.submit(self._answer, worker, request_id, self.reload, name, source)
+            elif message[0] == "update":
+                _, request_id, name, ids, vectors = message
+                self._writes.submit(
+                    self._answer, worker, request_id, self.update_rows, name, ids, vectors
+                )
             elif message[0] == "ack":
                 with self._changed:
                     worker.acks.add((message[1], message[2]))
                     self._changed.notify_all()
 
-    def _reload_for(self, worker: _Worker, request_id: int, name: str, source: str) -> None:
+    def _answer(
+        self, worker: _Worker, request_id: int, action: Callable[..., Any], *args: Any
+    ) -> None:
+        """Run a worker's request (a reload or an update) and send it the outcome."""
         error: Exception | None = None
         try:
-            self.reload(name, source)
+            action(*args)
         except Exception as exc:
             error = exc
         # A worker gone meanwhile took its caller's connection with it: nobody to answer.
         with contextlib.suppress(OSError, ValueError):
-            worker.send(("reloaded", request_id, error))
+            worker.send(("done", request_id, error))
+
+    def update_rows(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> Table:
+        """Write rows of a shared table in place (every worker reads them at once)."""
+        table = self.store.update_rows(name, ids, vectors)
+        metrics.publish_table(table)
+        return table
 
     def reload(self, name: str, source: str = "") -> Table:
         """Load a new version of a table and return once every live worker serves it."""
@@ -341,14 +362,14 @@ class Supervisor:
             self._forget(worker)
         if self._monitor is not None:
             self._monitor.join(timeout=5)
-        self._reloads.shutdown(wait=False, cancel_futures=True)
+        self._writes.shutdown(wait=False, cancel_futures=True)
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)
 
 
 class SupervisorLink:
     """A worker's end of its pipe: applies new table versions the supervisor sends and
-    forwards reloads to it."""
+    forwards reloads and row updates to it."""
 
     def __init__(self, conn: Connection, store: TableStore) -> None:
         self.conn = conn
@@ -364,14 +385,23 @@ class SupervisorLink:
     def reload(self, name: str, source: str) -> Table:
         """Have the supervisor reload table `name` for every worker; the new version once
         this worker serves it. Raises what the supervisor's reload raised."""
+        self._ask("reload", name, source)
+        return self.store.get(name)
+
+    def update(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> Table:
+        """Have the supervisor write rows of table `name` (shared: this worker sees them
+        once it answers). Raises what the supervisor's update raised."""
+        self._ask("update", name, ids, vectors)
+        return self.store.get(name)
+
+    def _ask(self, kind: str, *args: Any) -> None:
         request_id = next(self._ids)
         answer: Future[Exception | None] = Future()
         self._pending[request_id] = answer
-        self.send(("reload", request_id, name, source))
+        self.send((kind, request_id, *args))
         error = answer.result()
         if error is not None:
             raise error
-        return self.store.get(name)
 
     def run(self, on_closed: Callable[[], None]) -> None:
         """Read the pipe until the supervisor is gone, then call `on_closed`."""
@@ -385,7 +415,7 @@ class SupervisorLink:
                 self.store.replace(table)
                 metrics.publish_table(table)
                 self.send(("ack", table.name, table.version))
-            elif message[0] == "reloaded":
+            elif message[0] == "done":
                 self._pending.pop(message[1]).set_result(message[2])
         gone = ConnectionError("the supervisor process is gone")
         for answer in self._pending.values():
@@ -410,7 +440,12 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
         store.add(table)
     link = SupervisorLink(conn, store)
     server = EmbeddingServer(
-        config, store, reuse_port=True, metrics_endpoint=False, reload=link.reload
+        config,
+        store,
+        reuse_port=True,
+        metrics_endpoint=False,
+        reload=link.reload,
+        update=link.update,
     )
     try:
         server.start()

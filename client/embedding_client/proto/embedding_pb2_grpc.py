@@ -372,7 +372,8 @@ class EmbeddingAdminServicer:
     def UpdateRows(self, request, context):
         """Overwrite some rows of a table in place (online updates): a reader sees each row
         before or after the update, never a mix, and the table's version goes up by one.
-        Refused (FAILED_PRECONDITION) for tables shared by several server processes.
+        With several server processes the supervisor writes the shared rows under a seqlock;
+        refused (FAILED_PRECONDITION) there for tables each process caches on its device.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
