@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from embedding_client import EmbeddingClient, EmbeddingError
+from embedding_client import EmbeddingClient, EmbeddingError, Feature
 
 from .conftest import BIN, free_port, random_table, server_env, wait_serving
 
@@ -322,3 +322,41 @@ def test_row_updates_reach_every_worker_and_no_read_is_torn(tmp_path: Path) -> N
         _stop(running)
     assert reads[0] > 50, "the readers hardly ran"
     assert not torn, torn[:3]
+
+
+def test_int8_cached_and_half_tables_across_processes(tmp_path: Path) -> None:
+    """Every storage kind a worker can receive: int8 codes with their row params, a host
+    table behind a per-worker cache, bfloat16; updates reach the shared ones."""
+    half = random_table(300, 8, seed=33)
+    np.save(tmp_path / "t.npy", WEIGHTS)
+    np.save(tmp_path / "h.npy", half)
+    (tmp_path / "tables.toml").write_text(
+        '[[table]]\nname = "q"\nsource = "t.npy"\ndtype = "int8"\n'
+        '[[table]]\nname = "c"\nsource = "h.npy"\ncache_rows = 50\n'
+        '[[table]]\nname = "b"\nsource = "h.npy"\ndtype = "bfloat16"\n'
+    )
+    running = _start(tmp_path / "t.npy", "--config", str(tmp_path / "tables.toml"))
+    clients = [EmbeddingClient(running.target, max_attempts=1) for _ in range(CLIENTS)]
+    try:
+        ids = np.arange(0, 294, 7)  # 42 ids
+        for client in clients:
+            assert np.abs(client.lookup(ids, "q") - WEIGHTS[ids]).max() < 0.05
+            np.testing.assert_array_equal(client.lookup(ids, "c"), half[ids])
+            pooled = client.lookup_many({"c": Feature(ids.reshape(-1, 3)[:4], pooling="mean")})
+            np.testing.assert_allclose(
+                pooled["c"].vectors, half[ids.reshape(-1, 3)[:4]].mean(1), rtol=1e-6
+            )
+        assert clients[0].update_rows([1], np.full((1, 24), 2.5, np.float32), "q").version == 2
+        assert clients[0].update_rows([7], np.full((1, 8), 0.5, np.float32), "b").version == 2
+        with pytest.raises(EmbeddingError) as refused:
+            clients[0].update_rows([1], np.ones((1, 8), np.float32), "c")
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        for client in clients:
+            np.testing.assert_allclose(client.lookup([1], "q"), np.full((1, 24), 2.5), atol=1e-6)
+            np.testing.assert_array_equal(client.lookup([7], "b"), np.full((1, 8), 0.5))
+            versions = {t.name: (t.dtype, t.version) for t in client.tables()}
+            assert versions["q"] == ("int8", 2) and versions["c"] == ("float32", 1)
+    finally:
+        for client in clients:
+            client.close()
+        _stop(running)
