@@ -14,7 +14,6 @@ from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient, EmbeddingError
 from embedding_server.batcher import Batcher
-from embedding_server.lookup import to_host
 from embedding_server.tables import Table
 
 from .conftest import ServerFactory, random_table
@@ -28,7 +27,7 @@ def _table(name: str, weights: np.ndarray = WEIGHTS) -> Table:
 
 @pytest.fixture
 def batcher() -> Iterator[Batcher]:
-    instance = Batcher(max_delay_s=0.005, max_ids=4096, to_host=to_host)
+    instance = Batcher(max_delay_s=0.005, max_ids=4096)
     yield instance
     instance.close()
 
@@ -104,7 +103,7 @@ def test_bfloat16_bits_leave_unchanged(batcher: Batcher) -> None:
 
 
 def test_a_gather_never_exceeds_max_ids() -> None:
-    batcher = Batcher(max_delay_s=0.005, max_ids=10, to_host=to_host)
+    batcher = Batcher(max_delay_s=0.005, max_ids=10)
     try:
         table = _table("capped")
         results = _concurrently(
@@ -125,7 +124,7 @@ def test_a_gather_never_exceeds_max_ids() -> None:
 
 
 def test_a_lone_call_does_not_wait_for_nobody() -> None:
-    batcher = Batcher(max_delay_s=5.0, max_ids=4096, to_host=to_host)
+    batcher = Batcher(max_delay_s=5.0, max_ids=4096)
     try:
         table = _table("lone")
         started = time.monotonic()

@@ -13,7 +13,7 @@ import torch
 from embedding_client import EmbeddingClient
 from embedding_server import kernels
 from embedding_server.config import TableSpec
-from embedding_server.lookup import to_host
+from embedding_server.kernels import to_host
 from embedding_server.server import resolve_device
 from embedding_server.tables import load_table
 

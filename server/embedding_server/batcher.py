@@ -16,7 +16,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -39,12 +38,9 @@ class _Request:
 class Batcher:
     """Coalesces gathers; `gather()` is called from many handler threads at once."""
 
-    def __init__(
-        self, max_delay_s: float, max_ids: int, to_host: Callable[[torch.Tensor], np.ndarray]
-    ) -> None:
+    def __init__(self, max_delay_s: float, max_ids: int) -> None:
         self.max_delay_s = max_delay_s
         self.max_ids = max_ids
-        self.to_host = to_host
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._held: list[_Request | None] = []  # taken from the queue, left for the next batch
         self._arriving = 0  # calls announced by expect() and not yet queued or given up
@@ -125,15 +121,12 @@ class Batcher:
         started = time.perf_counter()
         table = batch[0].table
         weights = table.rows_for_kernels()
-        flat = np.concatenate([r.ids.reshape(-1) for r in batch]) if len(batch) > 1 else None
-        ids = batch[0].ids.reshape(-1) if flat is None else flat
+        ids = np.concatenate([r.ids.reshape(-1) for r in batch])
         device_ids = torch.from_numpy(ids).to(weights.device)
         (vectors, seconds), version = table.read(  # no half-updated row; the version seen
             lambda: kernels.timed(weights.device, lambda: kernels.gather(weights, device_ids))
         )
-        if vectors.dtype != batch[0].dtype:
-            vectors = vectors.to(batch[0].dtype)
-        host = self.to_host(vectors)
+        host = kernels.to_host(vectors, batch[0].dtype)
         metrics.child(metrics.BATCH_IDS, table.name).observe(ids.size)
         metrics.child(metrics.BATCH_REQUESTS, table.name).observe(len(batch))
         queue_wait = metrics.child(metrics.BATCH_QUEUE_SECONDS, table.name)

@@ -244,6 +244,28 @@ def _deadline_check(deadline: float | None) -> Callable[[], None]:
     return check
 
 
+# bfloat16 has no numpy dtype; its bits leave the device as int16.
+_WIRE_VIEW = {torch.bfloat16: torch.int16}
+
+
+def to_host(vectors: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
+    """A numpy array of `vectors`' bits, converted to `dtype` first if given (bfloat16
+    as int16: numpy has no bfloat16).
+
+    From CUDA the copy goes through pinned host memory (torch caches those blocks), which
+    the device copies into several times faster than into pageable memory.
+    """
+    if dtype is not None and vectors.dtype != dtype:
+        vectors = vectors.to(dtype)
+    vectors = vectors.view(_WIRE_VIEW.get(vectors.dtype, vectors.dtype))
+    if vectors.device.type != "cuda":
+        return vectors.numpy()
+    staging = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+    staging.copy_(vectors, non_blocking=True)
+    torch.cuda.current_stream(vectors.device).synchronize()
+    return staging.numpy()
+
+
 def timed(device: torch.device, kernel: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     """Run `kernel` and return its result with its device time in seconds.
 

@@ -17,15 +17,13 @@ from embedding_client.codec import Bags
 from embedding_server import kernels
 from embedding_server.batcher import Batcher
 from embedding_server.errors import InvalidRequest, OverLimit
-from embedding_server.tables import Table, TableStore
+from embedding_server.tables import Table, TableStore, check_ids
 
 # Ids arrive as read-only views of the request bytes; the kernels never write them,
 # so torch's warning about non-writable arrays does not apply.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# bfloat16 has no numpy dtype; its bits leave the device as int16.
-_WIRE_VIEW = {torch.bfloat16: torch.int16}
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class LookupOutput:
     table: Table
     version: int
     kernel_seconds: float
-    kernel: str  # the metric label of the kernel that ran (see kernel_name)
+    kernel: str  # the metric label of the kernel that ran (see KERNELS)
 
 
 class Lookups:
@@ -81,7 +79,7 @@ class Lookups:
         table = self.store.get(table_name)
         out_dtype = OUTPUT_DTYPES[dtype]
         shape = (*(tuple(ids.shape) if bags is None else bags.shape), table.dim)
-        name = kernel_name(dense, pooled=bags is not None)
+        name = KERNELS[dense, bags is not None]
         if self.batcher is not None and not dense and bags is None and padding_id is None:
             with self.batcher.expect() as arrival:  # others may wait for this one
                 self._check(table, ids, out_dtype, dense, bags, padding_id)
@@ -92,9 +90,7 @@ class Lookups:
         kernel = self._kernel(rows, ids, dense, bags, padding_id, deadline)
         # No row the kernel reads is half-updated; the version is the one it saw.
         (vectors, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
-        if vectors.dtype != out_dtype:
-            vectors = vectors.to(out_dtype)
-        data = to_host(vectors).tobytes()
+        data = kernels.to_host(vectors, out_dtype).tobytes()
         return LookupOutput(data, shape, dtype, table, version, seconds, name)
 
     def _kernel(
@@ -157,7 +153,7 @@ class Lookups:
                     f"({table.rows} x {table.dim}) costs {macs} multiply-adds, over the limit "
                     f"of {limits.max_dense_macs} (--max-dense-macs): use Lookup, or fewer ids"
                 )
-        _check_range(ids, table.rows)
+        check_ids(ids, table.rows)
         if padding_id is not None and not 0 <= padding_id < table.rows:
             raise InvalidRequest(
                 f"padding_id {padding_id} is not a row of table {table.name!r}: it must be in "
@@ -165,46 +161,10 @@ class Lookups:
             )
 
 
-def kernel_name(dense: bool, pooled: bool) -> str:
-    """The `kernel` label of embedding_kernel_seconds for a lookup of this kind."""
-    return KERNELS[dense, pooled]
-
-
+# The `kernel` label of embedding_kernel_seconds, by (dense, pooled).
 KERNELS = {
     (False, False): "gather",
     (True, False): "one_hot_matmul",
     (False, True): "embedding_bag",
     (True, True): "multi_hot_matmul",
 }
-
-
-def to_host(vectors: torch.Tensor) -> np.ndarray:
-    """A numpy array of `vectors`' bits (bfloat16 as int16: numpy has no bfloat16).
-
-    From CUDA the copy goes through pinned host memory (torch caches those blocks), which
-    the device copies into several times faster than into pageable memory.
-    """
-    vectors = vectors.view(_WIRE_VIEW.get(vectors.dtype, vectors.dtype))
-    if vectors.device.type != "cuda":
-        return vectors.numpy()
-    staging = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
-    staging.copy_(vectors, non_blocking=True)
-    torch.cuda.current_stream(vectors.device).synchronize()
-    return staging.numpy()
-
-
-def _check_range(ids: np.ndarray, rows: int) -> None:
-    if ids.size == 0:
-        return
-    if int(ids.min()) >= 0 and int(ids.max()) < rows:
-        return
-    flat = ids.reshape(-1)
-    position = int(np.flatnonzero((flat < 0) | (flat >= rows))[0])
-    where = f"position {position}"
-    if ids.ndim > 1:
-        index = tuple(int(i) for i in np.unravel_index(position, ids.shape))
-        where += f" (index {list(index)})"
-    raise InvalidRequest(
-        f"id {int(flat[position])} at {where} is out of range: table has {rows} rows, "
-        f"ids must be in [0, {rows})"
-    )

@@ -26,7 +26,7 @@ from embedding_server import metrics
 from embedding_server.auth import Authenticator
 from embedding_server.batcher import Batcher
 from embedding_server.config import ServerConfig
-from embedding_server.lookup import Limits, Lookups, to_host
+from embedding_server.lookup import Limits, Lookups
 from embedding_server.servicer import (
     ADMIN_SERVICE,
     HEALTH_SERVICE,
@@ -208,9 +208,7 @@ class EmbeddingServer:
             ],
         )
         self.batcher = (
-            Batcher(config.batch_delay_us / 1e6, config.batch_max_ids, to_host)
-            if config.batching
-            else None
+            Batcher(config.batch_delay_us / 1e6, config.batch_max_ids) if config.batching else None
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(Lookups(store, limits, self.batcher)), self._grpc

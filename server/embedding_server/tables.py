@@ -275,12 +275,7 @@ class TableStore:
                 f"{ids.size} ids need vectors of shape [{ids.size}, {table.dim}], got "
                 f"{list(vectors.shape)}"
             )
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.rows):
-            bad = int(np.flatnonzero((ids < 0) | (ids >= table.rows))[0])
-            raise InvalidRequest(
-                f"id {int(ids[bad])} at position {bad} is out of range: table {table.name!r} "
-                f"has {table.rows} rows"
-            )
+        check_ids(ids, table.rows)
         unique, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             raise InvalidRequest(
@@ -493,6 +488,24 @@ def _open_source(spec: TableSpec) -> _RowSource:
     )
 
 
+def check_ids(ids: np.ndarray, rows: int) -> None:
+    """Refuse ids outside [0, rows), naming the first bad one and where it is."""
+    if ids.size == 0:
+        return
+    if int(ids.min()) >= 0 and int(ids.max()) < rows:
+        return
+    flat = ids.reshape(-1)
+    position = int(np.flatnonzero((flat < 0) | (flat >= rows))[0])
+    where = f"position {position}"
+    if ids.ndim > 1:
+        index = tuple(int(i) for i in np.unravel_index(position, ids.shape))
+        where += f" (index {list(index)})"
+    raise InvalidRequest(
+        f"id {int(flat[position])} at {where} is out of range: table has {rows} rows, "
+        f"ids must be in [0, {rows})"
+    )
+
+
 def load_table(spec: TableSpec, device: torch.device, *, shared: bool = False) -> Table:
     """Load the table `spec` names onto `device`, checking it on the way; `shared` places
     a CPU table in shared memory, for several server processes to read.
@@ -585,9 +598,12 @@ def _materialise(
 ) -> Table:
     rows, dim = source.shape
     quantized = dtype == "int8"
-    storage = torch.float32 if quantized else _storage_dtype(source)
-    if dtype is not None and not quantized:
+    if quantized:
+        storage = torch.float32  # checked and normalised as float32, then quantized
+    elif dtype is not None:
         storage = STORAGE_NAMES[dtype]
+    else:
+        storage = _storage_dtype(source)
     if storage != source.dtype or quantized:
         log.info("table %r: stored as %s (file holds %s)", name, dtype or STORAGE_DTYPES[storage],
                  source.dtype)  # fmt: skip

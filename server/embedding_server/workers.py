@@ -224,7 +224,7 @@ class Supervisor:
         return worker
 
     def _listen(self, worker: _Worker) -> None:
-        """Read one worker's pipe until it closes: reload requests and acks."""
+        """Read one worker's pipe until it closes: reload and update requests, acks."""
         while True:
             try:
                 message = worker.conn.recv()
