@@ -284,7 +284,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the demo table")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
     parser.add_argument("--processes", type=int, default=2, help="client processes per cell")
-    parser.add_argument("--workers", type=int, default=16, help="server handler threads")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="handler threads of the ceiling and (unless a variant sets "
+                             "--workers) of the embedding server")  # fmt: skip
     parser.add_argument("--max-dense-batch", type=int, default=64,
                         help="largest batch sent to LookupDense (it is ~1e4x slower)")  # fmt: skip
     parser.add_argument("--max-streams", type=int, default=8,

@@ -13,9 +13,11 @@ docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,9 +40,15 @@ class _Request:
 class Batcher:
     """Coalesces gathers; `gather()` is called from many handler threads at once."""
 
-    def __init__(self, max_delay_s: float, max_ids: int) -> None:
+    def __init__(
+        self,
+        max_delay_s: float,
+        max_ids: int,
+        waiting: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
         self.max_delay_s = max_delay_s
         self.max_ids = max_ids
+        self.waiting = waiting  # entered while a call waits for its batch (CallPool.blocking)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._held: list[_Request | None] = []  # taken from the queue, left for the next batch
         self._arriving = 0  # calls announced by expect() and not yet queued or given up
@@ -66,7 +74,8 @@ class Batcher:
         self._queue.put(request)
         if arrival is not None:
             arrival.leave()  # queued: no longer on its way
-        return request.answer.result()
+        with self.waiting():
+            return request.answer.result()
 
     def _count_arriving(self, delta: int) -> None:
         with self._arriving_lock:

@@ -144,7 +144,8 @@ class ServerConfig:
     max_dense_macs: int = 16_000_000_000
     dense_chunk_cells: int = 16_777_216
     max_message_bytes: int = 1 << 30
-    workers: int = 16
+    workers: int = 4
+    max_threads: int = 64
     processes: int = 1
     batching: bool = False
     batch_delay_us: float = 200.0
@@ -243,7 +244,12 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "one-hot cells (ids x rows) materialised at once on the dense path"),
     ("--max-message-bytes", "max_message_bytes", _positive_int,
      "largest request or response message, in bytes"),
-    ("--workers", "workers", _positive_int, "gRPC handler threads (per process)"),
+    ("--workers", "workers", _positive_int,
+     "calls running at once per process; more queue (calls waiting in a dense lookup, a "
+     "reload or an open stream do not count)"),
+    ("--max-threads", "max_threads", _positive_int,
+     "most handler threads per process, counting those waiting in a dense lookup, a reload "
+     "or an open stream"),
     ("--processes", "processes", _positive_int,
      "server processes sharing the gRPC port (SO_REUSEPORT) and one copy of each table; "
      "1 serves from this process"),
@@ -263,8 +269,8 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--max-inflight", "max_inflight", _positive_int,
      "most RPCs in flight (running or queued); past it calls get RESOURCE_EXHAUSTED at once"),
     ("--max-streams", "max_streams", _positive_int,
-     "most LookupStream streams open at once; each holds a handler thread, so keep it "
-     "below --workers"),
+     "most LookupStream streams open at once; each holds a handler thread, so it must be "
+     "below --max-threads minus --workers"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (chain): turns TLS on"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", str,
@@ -352,10 +358,11 @@ def load_config(
         except ValueError as exc:
             parser.error(f"--config {exc}")
     values["auth_tokens"] = _auth_tokens(parser, values["auth_tokens_file"], env)
-    if values["max_streams"] >= values["workers"]:
+    if values["max_streams"] > values["max_threads"] - values["workers"] - 1:
         parser.error(
-            f"--max-streams ({values['max_streams']}) must be below --workers "
-            f"({values['workers']}): each open stream holds a handler thread"
+            f"--max-streams ({values['max_streams']}) must be below --max-threads minus "
+            f"--workers ({values['max_threads']} - {values['workers']}): each open stream "
+            "holds a handler thread, and the rest must not wait for them"
         )
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")

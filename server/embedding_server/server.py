@@ -25,6 +25,7 @@ from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
 from embedding_server.auth import Authenticator
 from embedding_server.batcher import Batcher
+from embedding_server.callpool import CallPool
 from embedding_server.config import ServerConfig
 from embedding_server.lookup import Limits, Lookups
 from embedding_server.servicer import (
@@ -192,9 +193,13 @@ class EmbeddingServer:
         self.authenticator = Authenticator(
             config.auth_tokens, mutual_tls=bool(config.tls_client_ca)
         )
-        self._interceptor = StatusInterceptor(self.authenticator, config.max_streams)
+        # Few calls run at once (the GIL), more threads only for calls that wait.
+        self.pool = CallPool(config.workers, config.max_threads)
+        self._interceptor = StatusInterceptor(
+            self.authenticator, config.max_streams, waiting=self.pool.blocking
+        )
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            self.pool,  # type: ignore[arg-type]  # grpc only calls submit(); stubs say ThreadPoolExecutor
             interceptors=[self._interceptor],
             # Backpressure: past this many RPCs running or queued, grpc answers
             # RESOURCE_EXHAUSTED at once instead of queueing without bound.
@@ -208,7 +213,9 @@ class EmbeddingServer:
             ],
         )
         self.batcher = (
-            Batcher(config.batch_delay_us / 1e6, config.batch_max_ids) if config.batching else None
+            Batcher(config.batch_delay_us / 1e6, config.batch_max_ids, self.pool.blocking)
+            if config.batching
+            else None
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(Lookups(store, limits, self.batcher)), self._grpc
@@ -297,6 +304,7 @@ class EmbeddingServer:
         self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.batcher is not None:
             self.batcher.close()
+        self.pool.shutdown(wait=False)
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)
 

@@ -9,6 +9,7 @@ under the gRPC ecosystem's standard metric names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -269,6 +270,9 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
+_END = object()  # no further message on a stream
+
+
 class _Draining(Exception):
     """A stream's next request arrived while the server drains."""
 
@@ -303,11 +307,19 @@ class StatusInterceptor(grpc.ServerInterceptor):
     (health checks excepted) get UNAVAILABLE while running ones finish.
     """
 
-    def __init__(self, authenticator: Authenticator | None = None, max_streams: int = 8) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator | None = None,
+        max_streams: int = 8,
+        waiting: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
         self.authenticator = authenticator or Authenticator()
         # A sync gRPC server runs each open stream on one handler thread for its lifetime:
         # past the thread count, further streams (and unary calls) would wait forever.
         self.max_streams = max_streams
+        # Entered around calls that wait long (dense, admin, streams) so that the handler
+        # pool lets another call run meanwhile (CallPool.blocking).
+        self.waiting = waiting
         self._running = 0
         self._draining = False
         self._idle = threading.Condition()
@@ -365,6 +377,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is None:
             return self._streaming(handler, service, method)
         behavior = handler.unary_unary
+        slow = service == ADMIN_SERVICE or method in DENSE_METHODS
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             metrics.child(metrics.GRPC_STARTED, "unary", service, method).inc()
@@ -381,6 +394,9 @@ class StatusInterceptor(grpc.ServerInterceptor):
                     raise codec.WireError(
                         f"the request is not a valid {service}/{method} message: {request.error}"
                     )
+                if slow:
+                    with self.waiting():
+                        return behavior(request, context)
                 return behavior(request, context)
             except _MAPPED_ERRORS as exc:
                 code = status_code(exc)
@@ -422,7 +438,11 @@ class StatusInterceptor(grpc.ServerInterceptor):
             busy = [False]
 
             def counted() -> Any:
-                for request in requests:
+                while True:
+                    with self.waiting():  # for the next message: let other calls run
+                        request = next(requests, _END)
+                    if request is _END:
+                        return
                     if not self._enter(service):
                         raise _Draining
                     busy[0] = True

@@ -1,0 +1,101 @@
+"""Handler threads: --workers calls run at once; calls that wait long do not hold a place."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+
+from embedding_client import EmbeddingClient
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.proto import embedding_pb2_grpc as pb_grpc
+from embedding_server.server import EmbeddingServer
+from embedding_server.tables import Table
+
+from .conftest import TEST_CONFIG, ServerFactory, make_store, random_table
+
+
+def test_open_streams_do_not_take_the_only_running_place(start_server: ServerFactory) -> None:
+    table = random_table(10, 4)
+    server = start_server({"t": table}, workers=1, max_streams=3)
+    release = threading.Event()
+    target = f"127.0.0.1:{server.port}"
+
+    def held():  # type: ignore[no-untyped-def]
+        yield pb.LookupRequest(ids_list=[1])
+        release.wait(30)
+        yield pb.LookupRequest(ids_list=[5])
+
+    channels = [grpc.insecure_channel(target) for _ in range(3)]
+    try:
+        streams = [
+            pb_grpc.EmbeddingServiceStub(c).LookupStream(held(), timeout=15) for c in channels
+        ]
+        for stream in streams:
+            assert next(stream).HasField("result")  # three streams open on one place
+        with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+            np.testing.assert_array_equal(client.lookup([2, 3]), table[[2, 3]])
+        release.set()
+        for stream in streams:  # and each stream is still there for its next request
+            answer = next(stream)
+            np.testing.assert_array_equal(
+                np.frombuffer(answer.result.vectors, "<f4").reshape(1, 4), table[[5]]
+            )
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
+
+
+def test_a_long_admin_call_does_not_take_the_only_running_place() -> None:
+    """A reload (here one that waits until told) runs beside lookups with --workers 1."""
+    table = random_table(10, 4)
+    store = make_store({"t": table})
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_reload(name: str, source: str) -> Table:
+        entered.set()
+        assert release.wait(30)
+        return store.get(name)
+
+    server = EmbeddingServer(replace(TEST_CONFIG, workers=1), store, reload=slow_reload)
+    server.start()
+    target = f"127.0.0.1:{server.port}"
+    try:
+        with EmbeddingClient(target, max_attempts=1, timeout=20) as admin:
+            reloading = threading.Thread(target=admin.reload_table, args=("t",))
+            reloading.start()
+            assert entered.wait(10)
+            with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+                for _ in range(3):
+                    np.testing.assert_array_equal(client.lookup([4]), table[[4]])
+            assert reloading.is_alive()  # the reload still waits: the lookups ran beside it
+            release.set()
+            reloading.join(timeout=20)
+    finally:
+        release.set()
+        server.stop(grace=0)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_more_calls_than_workers_all_answer(start_server: ServerFactory, workers: int) -> None:
+    table = random_table(1000, 8)
+    server = start_server({"t": table}, workers=workers)
+    rng = np.random.default_rng(3)
+    requests = [rng.integers(0, 1000, size=int(rng.integers(1, 200))) for _ in range(64)]
+    results: list[np.ndarray | None] = [None] * len(requests)
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=30) as client:
+
+        def call(i: int) -> None:
+            results[i] = client.lookup(requests[i])
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(timeout=30)
+    for ids, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result, table[ids])
