@@ -281,16 +281,12 @@ class TableStore:
             raise InvalidRequest(
                 f"id {int(unique[counts > 1][0])} is given twice; give each row once"
             )
-        rows = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
-        stored = rows.to(torch.float32 if table.qparams is not None else table.weights.dtype)
-        bad_values = ~torch.isfinite(stored)
-        if bool(bad_values.any()):
-            row, col = (int(i) for i in bad_values.nonzero()[0])
-            raise InvalidRequest(
-                f"vector {row} (id {int(ids[row])}), element {col} is {rows[row, col].item()}, "
-                f"which is not a finite {table.dtype}"
-            )
-        stored.add_(0.0)  # -0.0 -> +0.0, as at load
+        stored = storable(
+            torch.from_numpy(np.asarray(vectors, dtype=np.float32)),
+            torch.float32 if table.qparams is not None else table.weights.dtype,
+            lambda row, col: f"vector {row} (id {int(ids[row])}), element {col}",
+            InvalidRequest,
+        )
         index = torch.from_numpy(ids).to(table.weights.device)
         params = None
         if table.qparams is not None:
@@ -587,6 +583,32 @@ def _check_shape(name: str, source: _RowSource) -> None:
         )
 
 
+def storable(
+    values: torch.Tensor,
+    storage: torch.dtype,
+    place: Callable[[int, int], str],
+    error: type[Exception],
+    hint: str = "",
+) -> torch.Tensor:
+    """`values` (rows x dim) as a new tensor of `storage` with -0.0 made +0.0 (one sign
+    of zero on both RPC paths). The first value that is not finite, or does not fit
+    `storage`, is refused with `error`, naming its place as `place(row, column)` says.
+    Loads and row updates both come through here."""
+    stored = values.to(dtype=storage, copy=True)
+    finite = torch.isfinite(stored)
+    if not bool(finite.all()):
+        row, col = (int(i) for i in (~finite).nonzero()[0])
+        value = values[row, col].item()
+        if math.isfinite(value):
+            raise error(
+                f"{place(row, col)} holds {value}, which does not fit "
+                f"{STORAGE_DTYPES[storage]}{hint}"
+            )
+        raise error(f"{place(row, col)} holds {value}; tables must be finite")
+    stored.add_(0.0)  # -0.0 + 0.0 == +0.0
+    return stored
+
+
 def _materialise(
     name: str,
     origin: str,
@@ -619,23 +641,13 @@ def _materialise(
     started = last_report = time.monotonic()
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
-        raw = source.read(start, stop)
-        chunk = raw.to(dtype=storage, copy=True)
-        finite = torch.isfinite(chunk)
-        if not bool(finite.all()):
-            row, col = (int(i) for i in (~finite).nonzero()[0])
-            value = raw[row, col].item()
-            if math.isfinite(value):
-                raise TableLoadError(
-                    f"table {name!r}: row {start + row}, column {col} holds {value}, which "
-                    f"does not fit {STORAGE_DTYPES[storage]}; store the table as float32 "
-                    "or bfloat16"
-                )
-            raise TableLoadError(
-                f"table {name!r}: row {start + row}, column {col} holds {value}; tables "
-                "must be finite"
-            )
-        chunk.add_(0.0)  # -0.0 + 0.0 == +0.0: one sign of zero on both RPC paths
+        chunk = storable(
+            source.read(start, stop),
+            storage,
+            lambda row, col: f"table {name!r}: row {start + row}, column {col}",  # noqa: B023
+            TableLoadError,
+            hint="; store the table as float32 or bfloat16",
+        )
         if qparams is not None:
             codes, params = kernels.quantize(chunk)
             weights[start:stop].copy_(codes)
