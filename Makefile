@@ -10,7 +10,8 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service bench-cache
+	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service bench-cache \
+	device-wheels
 
 help:
 	@echo "make run     start the server on the seeded demo table (gRPC :50051, metrics :8000)"
@@ -23,6 +24,7 @@ help:
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
 	@echo "make soak    60 s at 64 concurrent calls: errors, latency percentiles, RSS"
 	@echo "make bench   kernel, service and device-cache benchmarks: tables and plots in bench/results/"
+	@echo "make device-wheels   wheels for bench/device.sh, the GPU measurements on a lent machine"
 	@echo "make clean   remove .venv and caches"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -77,6 +79,17 @@ bench-service: $(STAMP)
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py
+
+# The Python packages a lent GPU machine (Python 3.12, x86-64, no network) lacks, at the
+# versions the suite runs with here, for bench/device.sh: `carry` .whl with each call.
+DEVICE_WHEELS := grpcio grpcio-health-checking grpcio-reflection protobuf cryptography cffi pycparser
+device-wheels: $(STAMP)
+	rm -rf .whl
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp -d .whl \
+		$(foreach n,28 27 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 \
+		$$($(BIN)/python -m pip freeze | grep -i -E '^($(subst $() ,|,$(DEVICE_WHEELS)))==')
+	@ls .whl && du -sh .whl
 
 # 60 s at 64 concurrent calls against a real server: calls, errors, latency, RSS.
 soak: $(STAMP)
