@@ -295,7 +295,9 @@ def main() -> int:
     parser.add_argument("--variants", default="",
                         help="compare server configurations side by side: 'LABEL=FLAGS;LABEL=FLAGS' "
                         "(e.g. '1p=;2p=--processes 2'); each runs its own embedding-server and "
-                        "names its rows KIND[LABEL]")  # fmt: skip
+                        "names its rows KIND[LABEL]. FLAGS starting with @TREE run the server "
+                        "from that source tree, e.g. a `git worktree` of an earlier commit: "
+                        "'before=@/tmp/before;after='")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure every cell this many times, targets interleaved, and "
                         "report the median (single cells vary up to ~1.7x on a shared VM)")  # fmt: skip
@@ -312,11 +314,16 @@ def main() -> int:
             if not service_kinds:
                 break
             port = free_port()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            words = flags.split()
+            if words and words[0].startswith("@"):  # the server from another source tree
+                tree = Path(words.pop(0)[1:]).resolve()
+                env["PYTHONPATH"] = f"{tree / 'server'}{os.pathsep}{tree / 'client'}"
             server = subprocess.Popen(
                 [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
                  "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--demo-rows", str(args.rows),
-                 "--workers", str(args.workers), "--log-level", "WARNING", *flags.split()],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                 "--workers", str(args.workers), "--log-level", "WARNING", *words],
+                env=env,
             )  # fmt: skip
             processes.append(server)
             wait_listening(port, server, _flag_value(flags, "--processes", 1))

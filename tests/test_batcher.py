@@ -71,7 +71,7 @@ def test_coalesced_results_equal_unbatched(batcher: Batcher) -> None:
         [lambda ids=ids: _announced(batcher, table, ids, torch.float32) for ids in id_sets]
     )
     for ids, (data, seconds, _) in zip(id_sets, results, strict=True):
-        assert data == WEIGHTS[ids].tobytes()
+        assert data.tobytes() == WEIGHTS[ids].tobytes()
         assert seconds >= 0
     gathers = _sample("embedding_batch_requests_count", "coalesce")
     requests = _sample("embedding_batch_requests_sum", "coalesce")
@@ -91,7 +91,7 @@ def test_dtypes_and_versions_are_never_mixed(batcher: Batcher) -> None:
         expected = table.weights.numpy()[ids].astype(
             np.float16 if dtype == torch.float16 else np.float32
         )
-        assert data == expected.tobytes()
+        assert data.tobytes() == expected.tobytes()
 
 
 def test_bfloat16_bits_leave_unchanged(batcher: Batcher) -> None:
@@ -99,7 +99,7 @@ def test_bfloat16_bits_leave_unchanged(batcher: Batcher) -> None:
     ids = np.array([3, 1, 4])
     data, _, _ = batcher.gather(table, ids, torch.bfloat16)
     expected = table.weights[torch.from_numpy(ids)].bfloat16().view(torch.int16).numpy()
-    assert data == expected.tobytes()
+    assert data.tobytes() == expected.tobytes()
 
 
 def test_a_gather_never_exceeds_max_ids() -> None:
@@ -116,8 +116,8 @@ def test_a_gather_never_exceeds_max_ids() -> None:
     finally:
         batcher.close()
     for k, (data, _, _) in enumerate(results):
-        assert data == WEIGHTS[k : k + 6].tobytes()
-    assert big == WEIGHTS[:50].tobytes()
+        assert data.tobytes() == WEIGHTS[k : k + 6].tobytes()
+    assert big.tobytes() == WEIGHTS[:50].tobytes()
     # 6 + 6 > 10: every gather served exactly one request.
     assert _sample("embedding_batch_requests_sum", "capped") == 41
     assert _sample("embedding_batch_requests_count", "capped") == 41
@@ -135,7 +135,7 @@ def test_a_lone_call_does_not_wait_for_nobody() -> None:
         assert time.monotonic() - started < 2.5, "waited the 5 s delay with nobody coming"
     finally:
         batcher.close()
-    assert data == WEIGHTS[[1, 2]].tobytes() and data2 == WEIGHTS[[3]].tobytes()
+    assert data.tobytes() == WEIGHTS[[1, 2]].tobytes() and data2.tobytes() == WEIGHTS[[3]].tobytes()
 
 
 def test_a_failing_gather_fails_its_callers_only(batcher: Batcher) -> None:
@@ -143,7 +143,7 @@ def test_a_failing_gather_fails_its_callers_only(batcher: Batcher) -> None:
     with pytest.raises(IndexError):
         batcher.gather(table, np.array([10_000]), torch.float32)  # past the checks: a bug
     data, _, _ = batcher.gather(table, np.array([7]), torch.float32)
-    assert data == WEIGHTS[[7]].tobytes()
+    assert data.tobytes() == WEIGHTS[[7]].tobytes()
 
 
 def test_server_with_batching_answers_like_without(start_server: ServerFactory) -> None:

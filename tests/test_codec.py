@@ -118,6 +118,44 @@ def test_vectors_decode_without_copy(dtype: str, numpy_dtype: type) -> None:
     assert not decoded.flags.writeable  # a view of the message bytes, not a copy
 
 
+@pytest.mark.parametrize(
+    ("rows", "dim", "dtype", "version"),
+    [
+        (3, 4, "float32", 1),
+        (0, 8, "float32", 2),  # no vectors: protobuf leaves the field out
+        (2, 64, "float16", 0),
+        (5, 3, "bfloat16", 2**40),
+        (16, 8, "float32", 300),  # a length that needs two varint bytes
+        (2048, 128, "float32", 7),  # a 1 MiB field: a three-byte length
+    ],
+)
+@pytest.mark.parametrize("sequence", [0, 1, 200])
+def test_hand_serialized_lookup_responses_are_protobufs_own_bytes(
+    rows: int, dim: int, dtype: str, version: int, sequence: int
+) -> None:
+    numpy_dtype = np.dtype("<i2") if dtype == "bfloat16" else np.dtype(dtype)
+    values = np.random.default_rng(rows).standard_normal((rows, dim)).astype(numpy_dtype)
+    encoded = codec.EncodedLookupResponse(values, dtype, (rows, dim), "table", version)
+    reference = codec.encode_lookup_response(values.tobytes(), dtype, (rows, dim), "table", version)
+    assert encoded.SerializeToString() == reference.SerializeToString()
+    assert encoded.message() == reference
+    assert encoded.nbytes == values.nbytes
+    stream = codec.EncodedStreamResult(sequence, encoded).SerializeToString()
+    expected = pb.LookupStreamResponse(sequence=sequence, result=reference)
+    assert stream == expected.SerializeToString()
+    np.testing.assert_array_equal(
+        codec.decode_vectors(pb.LookupStreamResponse.FromString(stream).result).view(numpy_dtype),
+        values,
+    )
+
+
+def test_hand_serialized_vectors_of_a_non_contiguous_array_are_its_rows_in_order() -> None:
+    values = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]  # a strided view
+    encoded = codec.EncodedLookupResponse(values, "float32", (4, 3), "t", 1)
+    decoded = codec.decode_vectors(pb.LookupResponse.FromString(encoded.SerializeToString()))
+    np.testing.assert_array_equal(decoded, values)
+
+
 def test_vectors_of_the_wrong_length_are_refused() -> None:
     response = codec.encode_lookup_response(b"\x00" * 10, "float32", (2, 2), "t", 1)
     with pytest.raises(codec.WireError, match="needs 16"):

@@ -33,7 +33,7 @@ class _Request:
     table: Table
     ids: np.ndarray
     dtype: torch.dtype
-    answer: Future[tuple[bytes, float, int]] = field(default_factory=Future)
+    answer: Future[tuple[np.ndarray, float, int]] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -62,15 +62,18 @@ class Batcher:
         `gather()` inside, or leave the block without (a refused request)."""
         return Arrival(self)
 
-    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float, int]:
-        """table.weights[ids] in `dtype` as row-major bytes, with the device time of the
+    def gather(
+        self, table: Table, ids: np.ndarray, dtype: torch.dtype
+    ) -> tuple[np.ndarray, float, int]:
+        """table.weights[ids] in `dtype` as a row-major array (a slice of the coalesced
+        result, which it keeps alive), with the device time of the
         coalesced gather it was part of and the table version it read. Ids must already be
         checked against the table."""
         return self._submit(_Request(table, ids, dtype))
 
     def _submit(
         self, request: _Request, arrival: Arrival | None = None
-    ) -> tuple[bytes, float, int]:
+    ) -> tuple[np.ndarray, float, int]:
         self._queue.put(request)
         if arrival is not None:
             arrival.leave()  # queued: no longer on its way
@@ -143,7 +146,7 @@ class Batcher:
         for request in batch:
             queue_wait.observe(started - request.queued_at)
             stop = start + request.ids.size
-            request.answer.set_result((host[start:stop].tobytes(), seconds, version))
+            request.answer.set_result((host[start:stop], seconds, version))
             start = stop
 
 
@@ -167,6 +170,8 @@ class Arrival:
             self._counted = False
             self.batcher._count_arriving(-1)
 
-    def gather(self, table: Table, ids: np.ndarray, dtype: torch.dtype) -> tuple[bytes, float, int]:
+    def gather(
+        self, table: Table, ids: np.ndarray, dtype: torch.dtype
+    ) -> tuple[np.ndarray, float, int]:
         """`Batcher.gather`, counting this call as arrived once it is queued."""
         return self.batcher._submit(_Request(table, ids, dtype), self)

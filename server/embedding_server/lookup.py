@@ -38,9 +38,10 @@ class Limits:
 
 @dataclass(frozen=True)
 class LookupOutput:
-    """Vectors as raw row-major bytes, with what the transport reports about them."""
+    """Vectors as a row-major array of their wire bytes (bfloat16 as int16), with what the
+    transport reports about them."""
 
-    vectors: bytes
+    vectors: np.ndarray
     shape: tuple[int, ...]
     dtype: str
     table: Table
@@ -90,7 +91,7 @@ class Lookups:
         kernel = self._kernel(rows, ids, dense, bags, padding_id, deadline)
         # No row the kernel reads is half-updated; the version is the one it saw.
         (vectors, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
-        data = kernels.to_host(vectors, out_dtype).tobytes()
+        data = kernels.to_host(vectors, out_dtype)  # serialized later, with one copy
         return LookupOutput(data, shape, dtype, table, version, seconds, name)
 
     def _kernel(

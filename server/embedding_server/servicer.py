@@ -79,17 +79,19 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, lookups: Lookups) -> None:
         self.lookups = lookups
 
-    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+    def Lookup(
+        self, request: pb.LookupRequest, context: grpc.ServicerContext
+    ) -> codec.EncodedLookupResponse:
         return self._lookup("Lookup", request, context)
 
     def LookupDense(
         self, request: pb.LookupRequest, context: grpc.ServicerContext
-    ) -> pb.LookupResponse:
+    ) -> codec.EncodedLookupResponse:
         return self._lookup("LookupDense", request, context)
 
     def LookupStream(
         self, requests: Iterator[pb.LookupRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.LookupStreamResponse]:
+    ) -> Iterator[pb.LookupStreamResponse | codec.EncodedStreamResult]:
         for sequence, request in enumerate(requests):
             try:
                 if isinstance(request, _Malformed):
@@ -99,7 +101,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 error = pb.StreamError(code=status_code(exc).value[0], message=str(exc))
                 yield pb.LookupStreamResponse(sequence=sequence, error=error)
             else:
-                yield pb.LookupStreamResponse(sequence=sequence, result=result)
+                yield codec.EncodedStreamResult(sequence, result)
 
     def LookupMany(
         self, request: pb.LookupManyRequest, context: grpc.ServicerContext
@@ -132,14 +134,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 result = self._lookup(method, feature.lookup, context)
             except _MAPPED_ERRORS as exc:
                 raise type(exc)(f"feature {feature.feature!r}: {exc}") from None
-            total_bytes += len(result.vectors)
+            total_bytes += result.nbytes
             if total_bytes > limits.max_response_bytes:
                 raise OverLimit(
                     f"the response would exceed the {limits.max_response_bytes}-byte message "
                     "limit (--max-message-bytes): split the features over calls or ask for "
                     "float16/bfloat16"
                 )
-            results.append(pb.FeatureResult(feature=feature.feature, result=result))
+            results.append(pb.FeatureResult(feature=feature.feature, result=result.message()))
         return pb.LookupManyResponse(results=results)
 
     def ListTables(
@@ -150,7 +152,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def _lookup(
         self, method: str, request: pb.LookupRequest, context: grpc.ServicerContext
-    ) -> pb.LookupResponse:
+    ) -> codec.EncodedLookupResponse:
         started = time.perf_counter()
         # Label by the resolved table only: a caller's made-up names must not become series.
         table = self.lookups.store.resolve_name(request.table) or ""
@@ -171,11 +173,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             metrics.child(metrics.REQUEST_IDS, method, table).observe(ids.size)
             if bags is not None:
                 metrics.child(metrics.REQUEST_BAGS, method, table).observe(bags.count)
-            metrics.child(metrics.RESPONSE_BYTES, method, table).inc(len(out.vectors))
+            metrics.child(metrics.RESPONSE_BYTES, method, table).inc(out.vectors.nbytes)
             metrics.child(metrics.KERNEL_SECONDS, out.kernel, table, out.table.device).observe(
                 out.kernel_seconds
             )
-            return codec.encode_lookup_response(
+            return codec.EncodedLookupResponse(
                 out.vectors, out.dtype, out.shape, out.table.name, out.version
             )
         except Exception as exc:
@@ -283,6 +285,16 @@ class _Malformed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
+
+
+def _serializer(handler: grpc.RpcMethodHandler) -> Callable[[Any], bytes] | None:
+    """Serialize responses by their own SerializeToString: protobuf messages and the
+    lookup responses codec serializes by hand (EncodedLookupResponse) alike."""
+    return None if handler.response_serializer is None else _serialize
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -421,7 +433,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             observed,
             request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            response_serializer=_serializer(handler),
         )
 
     def _streaming(
@@ -482,5 +494,5 @@ class StatusInterceptor(grpc.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             checked,
             request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            response_serializer=_serializer(handler),
         )
