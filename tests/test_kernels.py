@@ -10,6 +10,9 @@ import torch
 
 from embedding_server import kernels
 from embedding_server.errors import DeadlineExceeded
+from embedding_server.lookup import Limits, Lookups
+
+from .conftest import make_store
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -27,6 +30,51 @@ def test_gather_equals_numpy_indexing(shape: tuple[int, ...], dim: int) -> None:
     out = kernels.gather(table, torch.from_numpy(ids))
     assert out.shape == (*shape, dim)
     np.testing.assert_array_equal(out.numpy(), table.numpy()[ids])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (17,), (4, 5), (2, 3, 4)])
+def test_host_take_gives_the_bits_of_the_torch_gather(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    table = _table(50, 16, dtype)
+    ids = np.random.default_rng(len(shape)).integers(0, 50, size=shape)
+    assert kernels.takes_on_host(table, ids)
+    expected = kernels.to_host(kernels.gather(table, torch.from_numpy(ids)))
+    taken = kernels.host_take(table, ids)
+    assert taken.dtype == expected.dtype and taken.shape == expected.shape
+    assert taken.tobytes() == expected.tobytes()
+
+
+def test_host_take_only_takes_small_gathers_from_plain_host_tables() -> None:
+    table = _table(50, 16, torch.float32)
+    limit = kernels.HOST_TAKE_ELEMENTS // 16
+    assert kernels.takes_on_host(table, np.zeros(limit, dtype=np.int64))
+    assert not kernels.takes_on_host(table, np.zeros(limit + 1, dtype=np.int64))
+    codes, qparams = kernels.quantize(table)
+    quantized = kernels.QuantizedRows(codes, qparams)
+    assert not kernels.takes_on_host(quantized, np.zeros(1, dtype=np.int64))
+
+
+@pytest.mark.parametrize("storage", DTYPES)
+@pytest.mark.parametrize("output", ["float32", "float16", "bfloat16"])
+def test_lookups_on_both_sides_of_the_host_take_limit_give_the_same_bits(
+    storage: torch.dtype, output: str
+) -> None:
+    """Small gathers go through numpy, larger ones and conversions through torch: the
+    bytes are the torch gather's either way."""
+    table = _table(3000, 16, storage)
+    store = make_store({"t": table})
+    lookups = Lookups(store, Limits(1 << 20, 1 << 40, 1 << 24, 1 << 30))
+    limit = kernels.HOST_TAKE_ELEMENTS // 16
+    rng = np.random.default_rng(5)
+    for count in (1, limit, limit + 1):
+        ids = rng.integers(0, 3000, size=count)
+        out = lookups.lookup("t", ids, output)
+        wanted = getattr(torch, output)
+        expected = kernels.to_host(kernels.gather(table, torch.from_numpy(ids)), wanted)
+        assert out.vectors.tobytes() == expected.tobytes()
+        assert out.shape == (count, 16) and out.kernel == "gather"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

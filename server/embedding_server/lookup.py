@@ -88,6 +88,17 @@ class Lookups:
             return LookupOutput(data, shape, dtype, table, version, seconds, name)
         self._check(table, ids, out_dtype, dense, bags, padding_id)
         rows = table.rows_for_kernels()
+        if (
+            kernels.takes_on_host(rows, ids)
+            and rows.dtype == out_dtype
+            and not dense
+            and bags is None
+            and padding_id is None
+        ):
+            (data, seconds), version = table.read(
+                lambda: kernels.timed(rows.device, lambda: kernels.host_take(rows, ids))
+            )
+            return LookupOutput(data, shape, dtype, table, version, seconds, name)
         kernel = self._kernel(rows, ids, dense, bags, padding_id, deadline)
         # No row the kernel reads is half-updated; the version is the one it saw.
         (vectors, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
