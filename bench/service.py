@@ -10,7 +10,9 @@ Every figure comes from one run on one machine, so the ratios compare like with 
   fetched with MGET: what users would pick instead.
 
 Load comes from separate client processes (asyncio, many calls in flight each), for a
-bounded time per cell, on loopback only. Prints a markdown table, writes it and a plot.
+bounded time per cell, on loopback only. Besides throughput and latency each cell reports
+the server's CPU time per call (the process and its children, over the measured window).
+Prints a markdown table, writes it and a plot.
 
     .venv/bin/python bench/service.py                       (make bench-service)
     .venv/bin/python bench/service.py --batch 1,1024 --concurrency 1,32 --seconds 2
@@ -28,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -166,8 +169,26 @@ def client_process(target: str, kind: str, batch: int, rows: int, inflight: int,
         out.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a server process and all its descendants."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for process in (root, *root.children(recursive=True)):
+            times = process.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:  # a worker that just exited: its time is lost, not an error
+        pass
+    return total
+
+
 def measure(target: str, kind: str, batch: int, rows: int, concurrency: int, seconds: float,
-            processes: int) -> dict[str, float]:  # fmt: skip
+            processes: int, server_pid: int | None = None) -> dict[str, float]:  # fmt: skip
+    """One cell: req/s, rows/s, MB/s, latency percentiles and, given the server's pid, its
+    CPU time per call over the measured window (a steadier figure than req/s on a shared
+    machine: it does not depend on how much CPU the load generator left the server)."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     procs = min(processes, concurrency)
@@ -180,17 +201,31 @@ def measure(target: str, kind: str, batch: int, rows: int, concurrency: int, sec
     ]  # fmt: skip
     for worker in workers:
         worker.start()
+    cpu: list[float] = []
+    if server_pid is not None:
+
+        def sample() -> None:  # the server's CPU time at the window's start and end
+            for at in (start_at, start_at + seconds):
+                time.sleep(max(0.0, at - time.time()))
+                cpu.append(server_cpu_seconds(server_pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
     results = [queue.get(timeout=seconds + 120) for _ in workers]
     for worker in workers:
         worker.join(timeout=30)
+    if server_pid is not None:
+        sampler.join(timeout=10)
     errors = [r[1] for r in results if r[0] == "error"]
     if errors:
         raise RuntimeError(f"{kind} B={batch} C={concurrency}: {errors[0]}")
     latencies = np.concatenate([r[1] for r in results]) * 1e3
     rps = len(latencies) / seconds
     p50, p99, p999 = np.percentile(latencies, [50, 99, 99.9]) if len(latencies) else (0, 0, 0)
+    cpu_us = (cpu[1] - cpu[0]) / len(latencies) * 1e6 if len(cpu) == 2 and len(latencies) else 0.0
     return {"req_s": rps, "rows_s": rps * batch, "mb_s": rps * batch * DIM * 4 / 1e6,
-            "p50": p50, "p99": p99, "p999": p999, "calls": len(latencies)}  # fmt: skip
+            "p50": p50, "p99": p99, "p999": p999, "calls": len(latencies),
+            "cpu_us": cpu_us}  # fmt: skip
 
 
 # ---------------------------------------------------------------- targets (server side)
@@ -307,6 +342,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     processes: list[subprocess.Popen | mp.Process] = []  # type: ignore[type-arg]
     targets: dict[str, str] = {}
+    pids: dict[str, int | None] = {}
     try:
         service_kinds = [k for k in kinds if k in SERVICE_KINDS]
         served: list[str] = []
@@ -330,6 +366,7 @@ def main() -> int:
             for kind in service_kinds:
                 name = f"{kind}[{label}]" if label else kind
                 targets[name] = f"127.0.0.1:{port}"
+                pids[name] = server.pid
                 served.append(name)
         kinds = served + [k for k in kinds if k not in SERVICE_KINDS]
         if "ceiling" in kinds:
@@ -341,6 +378,7 @@ def main() -> int:
             processes.append(ceiling)
             wait_port(port)
             targets["ceiling"] = f"127.0.0.1:{port}"
+            pids["ceiling"] = ceiling.pid
         if "redis" in kinds:
             if shutil.which("redis-server") is None:
                 print("redis-server not installed (apt-get install redis-server): skipping redis")
@@ -349,6 +387,7 @@ def main() -> int:
                 redis_process, port = start_redis(args.rows, work)
                 processes.append(redis_process)
                 targets["redis"] = f"127.0.0.1:{port}"
+                pids["redis"] = redis_process.pid
         time.sleep(1.0)  # let the servers settle (the embedding server builds its demo table)
         print(f"service benchmark on {os.cpu_count()} cores, demo table {args.rows} x {DIM} float32, "
               f"{args.seconds:.0f} s per cell, {args.processes} client processes", flush=True)  # fmt: skip
@@ -360,11 +399,13 @@ def main() -> int:
                 for _ in range(args.repeat):
                     for kind in cell:  # interleaved, so drifts of the machine hit all alike
                         row = measure(targets[kind], kind.split("[")[0], batch, args.rows,
-                                      concurrency, args.seconds, args.processes)  # fmt: skip
+                                      concurrency, args.seconds, args.processes,
+                                      pids.get(kind))  # fmt: skip
                         runs[kind].append(row)
                         print(f"  {kind:15} B={batch:>6} C={concurrency:>4}: {row['req_s']:9.0f} req/s "
                               f"{row['rows_s']:12,.0f} rows/s  p50 {row['p50']:8.2f} ms  "
-                              f"p99 {row['p99']:8.2f} ms", flush=True)  # fmt: skip
+                              f"p99 {row['p99']:8.2f} ms  server CPU {row['cpu_us']:7.0f} us/call",
+                              flush=True)  # fmt: skip
                 for kind, rows in runs.items():
                     median = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
                     results.append(
@@ -395,8 +436,8 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
         f"{args.seconds:.0f} s per cell, {args.processes} client processes (asyncio), "
         f"median of {args.repeat} interleaved run(s) per cell.",
         "",
-        "| target | B | in flight | req/s | rows/s | MB/s | p50 ms | p99 ms | p99.9 ms | rows/s vs ceiling |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| target | B | in flight | req/s | rows/s | MB/s | p50 ms | p99 ms | p99.9 ms | rows/s vs ceiling | server CPU us/call |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         base = ceiling.get((r["batch"], r["concurrency"]))
@@ -404,7 +445,7 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
         lines.append(
             f"| {r['kind']} | {r['batch']:,} | {r['concurrency']} | {r['req_s']:,.0f} | "
             f"{r['rows_s']:,.0f} | {r['mb_s']:,.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-            f"{r['p999']:.2f} | {share} |"
+            f"{r['p999']:.2f} | {share} | {r['cpu_us']:,.0f} |"
         )
     text = "\n".join(lines)
     print(text)
