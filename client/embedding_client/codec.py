@@ -299,17 +299,18 @@ def encode_update_rows(ids: Any, vectors: Any, table: str | None) -> pb.UpdateRo
 
 def decode_update_rows(request: pb.UpdateRowsRequest, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The ids and the [len(ids), dim] rows of an UpdateRowsRequest for a table of `dim`."""
-    if len(request.ids) % ID_DTYPE.itemsize:
-        raise WireError(f"ids is {len(request.ids)} bytes, not a multiple of 8")
-    ids = np.frombuffer(request.ids, dtype=ID_DTYPE)
+    raw_ids, raw_vectors = request.ids, request.vectors  # each read copies: read once
+    if len(raw_ids) % ID_DTYPE.itemsize:
+        raise WireError(f"ids is {len(raw_ids)} bytes, not a multiple of 8")
+    ids = np.frombuffer(raw_ids, dtype=ID_DTYPE)
     dtype = numpy_dtype(request.dtype)
     expected = ids.size * dim * dtype.itemsize
-    if len(request.vectors) != expected:
+    if len(raw_vectors) != expected:
         raise WireError(
-            f"vectors is {len(request.vectors)} bytes; {ids.size} rows of dim {dim} in "
+            f"vectors is {len(raw_vectors)} bytes; {ids.size} rows of dim {dim} in "
             f"{dtype_name(request.dtype)} need {expected}"
         )
-    return ids, np.frombuffer(request.vectors, dtype=dtype).reshape(ids.size, dim)
+    return ids, np.frombuffer(raw_vectors, dtype=dtype).reshape(ids.size, dim)
 
 
 def encode_lookup_response(

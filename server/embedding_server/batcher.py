@@ -66,9 +66,9 @@ class Batcher:
         self, table: Table, ids: np.ndarray, dtype: torch.dtype
     ) -> tuple[np.ndarray, float, int]:
         """table.weights[ids] in `dtype` as a row-major array (a slice of the coalesced
-        result, which it keeps alive), with the device time of the
-        coalesced gather it was part of and the table version it read. Ids must already be
-        checked against the table."""
+        result, which it keeps alive), with the device time of the coalesced gather it was
+        part of and the table version it read. Ids must already be checked against the
+        table."""
         return self._submit(_Request(table, ids, dtype))
 
     def _submit(

@@ -88,32 +88,27 @@ class Lookups:
             return LookupOutput(data, shape, dtype, table, version, seconds, name)
         self._check(table, ids, out_dtype, dense, bags, padding_id)
         rows = table.rows_for_kernels()
-        if (
-            kernels.takes_on_host(rows, ids)
-            and rows.dtype == out_dtype
-            and not dense
-            and bags is None
-            and padding_id is None
-        ):
-            (data, seconds), version = table.read(
-                lambda: kernels.timed(rows.device, lambda: kernels.host_take(rows, ids))
-            )
-            return LookupOutput(data, shape, dtype, table, version, seconds, name)
-        kernel = self._kernel(rows, ids, dense, bags, padding_id, deadline)
+        kernel = self._kernel(rows, ids, out_dtype, dense, bags, padding_id, deadline)
         # No row the kernel reads is half-updated; the version is the one it saw.
-        (vectors, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
-        data = kernels.to_host(vectors, out_dtype)  # serialized later, with one copy
+        (result, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
+        data = result if isinstance(result, np.ndarray) else kernels.to_host(result, out_dtype)
         return LookupOutput(data, shape, dtype, table, version, seconds, name)
 
     def _kernel(
         self,
         weights: kernels.Rows,
         ids: np.ndarray,
+        dtype: torch.dtype,
         dense: bool,
         bags: Bags | None,
         padding_id: int | None,
         deadline: float | None,
-    ) -> Callable[[], torch.Tensor]:
+    ) -> Callable[[], torch.Tensor | np.ndarray]:
+        """The lookup to run: a torch kernel, or for a small plain gather from a host table
+        in its own dtype, numpy's take (whose result already is the wire's bits)."""
+        plain = not dense and bags is None and padding_id is None
+        if plain and weights.dtype == dtype and kernels.takes_on_host(weights, ids):
+            return partial(kernels.host_take, weights, ids)
         device = weights.device
         device_ids = torch.from_numpy(ids).to(device)
         chunk = self.limits.dense_chunk_cells
