@@ -18,7 +18,8 @@ import torch
 from embedding_client import EmbeddingClient
 from embedding_server.config import ServerConfig
 from embedding_server.server import EmbeddingServer
-from embedding_server.tables import Table, TableStore
+from embedding_server.store import TableStore
+from embedding_server.tables import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

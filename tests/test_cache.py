@@ -14,7 +14,8 @@ from embedding_client import EmbeddingClient
 from embedding_server.config import TableSpec
 from embedding_server.kernels import CachedRows
 from embedding_server.server import EmbeddingServer
-from embedding_server.tables import TableStore, load_table
+from embedding_server.sources import load_table
+from embedding_server.store import TableStore
 
 from .conftest import TEST_CONFIG, random_table
 

@@ -15,7 +15,7 @@ from embedding_server import kernels
 from embedding_server.config import TableSpec
 from embedding_server.kernels import to_host
 from embedding_server.server import resolve_device
-from embedding_server.tables import load_table
+from embedding_server.sources import load_table
 
 from .conftest import BIN, ServerFactory, free_port, random_table, server_env, wait_serving
 

@@ -17,7 +17,9 @@ from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import kernels
 from embedding_server.config import TableSpec
 from embedding_server.server import EmbeddingServer
-from embedding_server.tables import Table, TableStore, load_table
+from embedding_server.sources import load_table
+from embedding_server.store import TableStore
+from embedding_server.tables import Table
 
 from .conftest import TEST_CONFIG, random_table
 

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from embedding_client import EmbeddingClient, EmbeddingError
-from embedding_server import tables as tables_module
+from embedding_server import store as store_module
 from embedding_server.config import TableSpec
 from embedding_server.server import EmbeddingServer
-from embedding_server.tables import TableStore, load_table
+from embedding_server.sources import load_table
+from embedding_server.store import TableStore
 
 from .conftest import BIN, TEST_CONFIG, free_port, server_env, wait_serving
 
@@ -122,7 +123,7 @@ def test_bad_new_versions_are_refused(reloadable, write, message: str) -> None: 
 
 def test_reload_that_does_not_fit_is_refused(reloadable, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     server, folder = reloadable
-    monkeypatch.setattr(tables_module, "available_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(store_module, "available_bytes", lambda device: 1 << 20)
     path = _save(folder / "v2.npy", version_table(2))
     error = _reload_error(server, str(path))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -15,7 +15,8 @@ from prometheus_client import REGISTRY
 from embedding_client import EmbeddingClient, EmbeddingError, Security
 from embedding_server.errors import FailedPrecondition
 from embedding_server.kernels import CachedRows
-from embedding_server.tables import Table, TableStore
+from embedding_server.store import TableStore
+from embedding_server.tables import Table
 
 from .conftest import ServerFactory, random_table
 

@@ -17,7 +17,8 @@ from embedding_client.codec import Bags
 from embedding_server import kernels
 from embedding_server.batcher import Batcher
 from embedding_server.errors import InvalidRequest, OverLimit
-from embedding_server.tables import Table, TableStore, check_ids
+from embedding_server.store import TableStore
+from embedding_server.tables import Table, check_ids
 
 # Ids arrive as read-only views of the request bytes; the kernels never write them,
 # so torch's warning about non-writable arrays does not apply.

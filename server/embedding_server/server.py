@@ -23,23 +23,21 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
+from embedding_server.admin import EmbeddingAdminServicer, Reload, UpdateRows, reload_table
 from embedding_server.auth import Authenticator
 from embedding_server.batcher import Batcher
 from embedding_server.callpool import CallPool
 from embedding_server.config import ServerConfig
-from embedding_server.lookup import Limits, Lookups
-from embedding_server.servicer import (
+from embedding_server.interceptor import (
     ADMIN_SERVICE,
     HEALTH_SERVICE,
     SERVICE_NAME,
-    EmbeddingAdminServicer,
-    EmbeddingServicer,
-    Reload,
     StatusInterceptor,
-    UpdateRows,
-    reload_table,
 )
-from embedding_server.tables import TableStore, demo_table, load_table
+from embedding_server.lookup import Limits, Lookups
+from embedding_server.servicer import EmbeddingServicer
+from embedding_server.sources import demo_table, load_table
+from embedding_server.store import TableStore
 
 log = logging.getLogger("embedding_server")
 

@@ -47,6 +47,7 @@ import torch.multiprocessing as torch_mp
 from prometheus_client import multiprocess
 
 from embedding_server import metrics
+from embedding_server.admin import reload_table
 from embedding_server.config import ServerConfig
 from embedding_server.server import (
     EmbeddingServer,
@@ -55,8 +56,8 @@ from embedding_server.server import (
     start_metrics,
     stop_metrics,
 )
-from embedding_server.servicer import reload_table
-from embedding_server.tables import Table, TableStore
+from embedding_server.store import TableStore
+from embedding_server.tables import Table
 
 log = logging.getLogger("embedding_server")
 

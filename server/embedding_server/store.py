@@ -1,0 +1,249 @@
+"""The store of the tables a server holds, by name: reloads (a new version swapped in),
+row updates in place, and snapshots back to a file."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedding_server import kernels
+from embedding_server.config import TableSpec
+from embedding_server.errors import FailedPrecondition, InvalidRequest, OverLimit, TableNotFound
+from embedding_server.sources import (
+    CHUNK_BYTES,
+    TableLoadError,
+    attach_cache,
+    materialise,
+    open_table,
+    storable,
+    storage_bytes,
+)
+from embedding_server.tables import Table, check_ids
+
+
+@dataclass
+class TableStore:
+    """The tables a server holds, by name; the first added is the default."""
+
+    tables: dict[str, Table] = field(default_factory=dict)
+    default_name: str = ""
+    # Reloads place CPU tables in shared memory (several server processes read them).
+    shared: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, table: Table) -> None:
+        with self._lock:
+            self.tables[table.name] = table
+            self.default_name = self.default_name or table.name
+
+    def reload(self, name: str, source: str = "") -> Table:
+        """Load a new version of table `name` (from `source`, PATH[:KEY], or its own file)
+        and swap it in; calls already running finish on the version they started with.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest
+            No such table; no file to reload from.
+        TableLoadError
+            The new file cannot be served (the old version keeps serving).
+        OverLimit
+            The device has no room for the new copy beside the serving one.
+        """
+        with self._reload_lock:
+            old = self.get(name)
+            if source:
+                try:  # a new file, stored as the serving version is
+                    dtype = old.spec.dtype if old.spec is not None else None
+                    spec = TableSpec.parse(f"{old.name}={source}", dtype, None)
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
+            elif old.spec is not None:
+                spec = old.spec
+            else:
+                raise InvalidRequest(
+                    f"table {old.name!r} was not loaded from a file; give a source to reload from"
+                )
+            opened = open_table(spec)
+            if opened.shape[1] != old.dim:
+                raise TableLoadError(
+                    f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "
+                    f"serves dim {old.dim}; callers depend on it, so a reload keeps the dim"
+                )
+            device = old.weights.device
+            needed = storage_bytes(opened) + CHUNK_BYTES
+            free = available_bytes(device)
+            if needed > free:
+                raise OverLimit(
+                    f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {device} "
+                    f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
+                    f"{free / 2**20:.0f} MiB are free"
+                )
+            new = materialise(
+                old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype
+            )
+            new.version, new.spec = old.version + 1, spec
+            if old.cache is not None:
+                attach_cache(new, old.cache.slots, old.cache.device)
+            self.replace(new)
+            return new
+
+    def replace(self, table: Table) -> None:
+        """Serve `table` in place of the table of the same name (a new version of it)."""
+        with self._lock:
+            if table.name not in self.tables:
+                raise TableNotFound(f"no table {table.name!r} to replace")
+            self.tables[table.name] = table
+
+    def update_rows(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> Table:
+        """Overwrite rows `ids` of table `name` with `vectors` ([len(ids), dim]) in place,
+        atomically for readers, and bump its version.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest
+            No such table; ids not 1-D, out of range or repeated; vectors of the wrong
+            shape, non-finite, or not fitting the table's storage dtype.
+        FailedPrecondition
+            A table shared by several server processes that is cached on the device, or
+            on a host that is not x86-64.
+        """
+        table = self.get(name)
+        if table.shared_state is not None and table.cache is not None:
+            raise FailedPrecondition(
+                f"table {table.name!r} is cached on the device by each of several server "
+                "processes (--processes > 1), which cannot update rows yet; reload instead"
+            )
+        if table.shared_state is not None and platform.machine() not in ("x86_64", "AMD64"):
+            raise FailedPrecondition(
+                f"table {table.name!r} is shared by several server processes; updating it in "
+                "place relies on x86-64 memory ordering, and this is "
+                f"{platform.machine()}: reload a new version instead"
+            )
+        if ids.ndim != 1:
+            raise InvalidRequest(f"ids to update must be 1-D, got shape {list(ids.shape)}")
+        if vectors.shape != (ids.size, table.dim):
+            raise InvalidRequest(
+                f"{ids.size} ids need vectors of shape [{ids.size}, {table.dim}], got "
+                f"{list(vectors.shape)}"
+            )
+        check_ids(ids, table.rows)
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise InvalidRequest(
+                f"id {int(unique[counts > 1][0])} is given twice; give each row once"
+            )
+        stored = storable(
+            torch.from_numpy(np.asarray(vectors, dtype=np.float32)),
+            torch.float32 if table.qparams is not None else table.weights.dtype,
+            lambda row, col: f"vector {row} (id {int(ids[row])}), element {col}",
+            InvalidRequest,
+        )
+        index = torch.from_numpy(ids).to(table.weights.device)
+        params = None
+        if table.qparams is not None:
+            stored, params = kernels.quantize(stored)
+            params = params.to(table.weights.device)
+        stored = stored.to(table.weights.device)
+        state = table.shared_state
+        with table.lock.writing():
+            if state is not None:
+                state[0] += 1  # odd: readers in other processes will read again
+            try:
+                if table.cache is not None:
+                    table.cache.write(index, stored)
+                else:
+                    table.weights.index_copy_(0, index, stored)
+                if table.qparams is not None and params is not None:
+                    table.qparams.index_copy_(0, index, params)
+                if table.weights.device.type == "cuda":
+                    torch.cuda.synchronize(table.weights.device)  # written before "even"
+                table.version += 1
+            finally:
+                if state is not None:
+                    state[0] += 1
+        return table
+
+    def snapshot(self, name: str, path: Path) -> tuple[Table, int, int]:
+        """Write table `name`'s current contents to `path` (.npy: float32 for bfloat16
+        tables; .safetensors: the storage dtype, under the table's name), atomically (a
+        temporary file renamed). Returns the table, the version written and the bytes.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest
+            No such table; a path that is not .npy/.safetensors or not absolute.
+        FailedPrecondition
+            The file cannot be written (the message says why).
+        """
+        table = self.get(name)
+        if not path.is_absolute() or path.suffix not in (".npy", ".safetensors"):
+            raise InvalidRequest(
+                f"snapshot path {str(path)!r} must be absolute and end in .npy or .safetensors"
+            )
+        rows = table.rows_for_kernels()
+
+        def copy() -> torch.Tensor:
+            # int8 tables are written dequantized (float32): any loader reads them; a
+            # cached table's whole contents are its host weights.
+            whole = rows[:] if isinstance(rows, kernels.QuantizedRows) else table.weights
+            return whole.to("cpu", copy=True)
+
+        contents, version = table.read(copy)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            if path.suffix == ".npy":
+                if contents.dtype == torch.bfloat16:
+                    contents = contents.float()  # .npy has no bfloat16
+                with temporary.open("wb") as out:
+                    np.save(out, contents.numpy())
+            else:
+                from safetensors.torch import save_file
+
+                save_file({table.name: contents}, str(temporary))
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise FailedPrecondition(f"cannot write {path}: {exc.strerror}") from None
+        return table, version, path.stat().st_size
+
+    def resolve_name(self, name: str) -> str | None:
+        """The name of the table an empty or given `name` selects, None if there is none."""
+        name = name or self.default_name
+        return name if name in self.tables else None
+
+    def get(self, name: str) -> Table:
+        """The table called `name`; the default table for an empty name."""
+        table = self.tables.get(name or self.default_name)
+        if table is None:
+            if not name:
+                raise TableNotFound("no table name given and the server has no default table")
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise TableNotFound(f"unknown table {name!r}; this server holds: {known}")
+        return table
+
+    def __iter__(self) -> Iterator[Table]:
+        return iter(list(self.tables.values()))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Bytes a new table could take on `device` now (CUDA: free plus torch's unused cache;
+    CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
