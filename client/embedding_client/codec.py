@@ -218,9 +218,10 @@ def _bag_offsets(request: pb.LookupRequest, count: int) -> np.ndarray:
         offsets = np.asarray(request.offsets, dtype=ID_DTYPE)
         if offsets[0] != 0:
             raise WireError(f"offsets must start at 0, got {int(offsets[0])}")
-        steps = np.diff(offsets)
-        if (steps < 0).any():
-            at = int(np.flatnonzero(steps < 0)[0]) + 1
+        # Compared, not subtracted: np.diff wraps around near the int64 limits.
+        falls = offsets[1:] < offsets[:-1]
+        if falls.any():
+            at = int(np.flatnonzero(falls)[0]) + 1
             raise WireError(
                 f"offsets must not decrease: offsets[{at}] = {int(offsets[at])} "
                 f"< offsets[{at - 1}] = {int(offsets[at - 1])}"
@@ -234,6 +235,11 @@ def _bag_offsets(request: pb.LookupRequest, count: int) -> np.ndarray:
     if (lengths < 0).any():
         at = int(np.flatnonzero(lengths < 0)[0])
         raise WireError(f"lengths[{at}] = {int(lengths[at])} is negative")
+    if (lengths > count).any():
+        # Each at most the id count (< 2^28 in a message under 2 GiB), over fewer than 2^31
+        # lengths: the int64 sum below cannot wrap around to the id count.
+        at = int(np.flatnonzero(lengths > count)[0])
+        raise WireError(f"lengths[{at}] = {int(lengths[at])} is more than the {count} ids sent")
     if int(lengths.sum()) != count:
         raise WireError(f"lengths add up to {int(lengths.sum())} but {count} ids were sent")
     return np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(ID_DTYPE)

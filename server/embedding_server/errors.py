@@ -1,4 +1,5 @@
-"""Errors the core raises for a request it refuses; the transport maps each to a gRPC status."""
+"""Errors the core raises for a request it refuses (the transport maps each to a gRPC status),
+and how caller text is quoted in them."""
 
 
 class RequestError(Exception):
@@ -31,3 +32,20 @@ class PermissionDenied(RequestError):
 
 class FailedPrecondition(RequestError):
     """The server is not in a state to do this (e.g. updating rows shared by processes)."""
+
+
+class AlreadyExists(RequestError):
+    """A file the request would create is there already (and may not be replaced)."""
+
+
+# At most this many characters of a caller's text go into a message or a log line.
+QUOTE_CHARS = 100
+
+
+def quoted(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`text` as a Python literal (control characters escaped), cut to its first `limit`
+    characters: a caller's 1 MB name must not come back whole in its error, nor forge a
+    line in a log."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

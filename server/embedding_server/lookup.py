@@ -144,6 +144,11 @@ class Lookups:
                 f"{ids.size} ids in one request; this server takes at most {limits.max_ids} "
                 "(--max-ids): split the request"
             )
+        if bags is not None and bags.count > limits.max_ids:
+            raise OverLimit(
+                f"{bags.count} bags in one request; this server takes at most "
+                f"{limits.max_ids} (--max-ids): split the request"
+            )
         response_bytes = vectors * table.dim * dtype.itemsize
         if response_bytes > limits.max_response_bytes:
             raise OverLimit(

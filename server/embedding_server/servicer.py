@@ -8,6 +8,7 @@ draining are the interceptor's (`interceptor.py`).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import grpc
@@ -16,7 +17,7 @@ from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
-from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit
+from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit, quoted
 from embedding_server.interceptor import DENSE_METHODS, MAPPED_ERRORS, Malformed, status_code
 from embedding_server.lookup import Lookups
 from embedding_server.store import TableStore
@@ -68,9 +69,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.LookupManyResponse:
         """Every feature's lookup in order; the first refusal fails the call, naming it."""
         names = [f.feature for f in request.features]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
+        # Counted once (not names.count per name: quadratic in a caller's feature count).
+        duplicated = sorted(n for n, seen in Counter(names).items() if seen > 1)
         if duplicated:
-            raise InvalidRequest(f"feature name(s) given twice: {', '.join(map(repr, duplicated))}")
+            shown = ", ".join(quoted(n) for n in duplicated[:5])
+            more = f" and {len(duplicated) - 5} more" if len(duplicated) > 5 else ""
+            raise InvalidRequest(f"feature name(s) given twice: {shown}{more}")
         limits = self.lookups.limits
         total_ids = sum(codec.id_count(f.lookup) for f in request.features)
         if total_ids > limits.max_ids:
@@ -83,7 +87,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             try:
                 result = self._lookup(method, feature.lookup, context)
             except MAPPED_ERRORS as exc:
-                raise type(exc)(f"feature {feature.feature!r}: {exc}") from None
+                raise type(exc)(f"feature {quoted(feature.feature)}: {exc}") from None
             total_bytes += result.nbytes
             if total_bytes > limits.max_response_bytes:
                 raise OverLimit(
