@@ -32,6 +32,15 @@ WORKED_WEIGHTS = np.array(
 TEST_CONFIG = ServerConfig(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
 
 
+def admin_settings(folder: Path | None = None) -> dict[str, object]:
+    """Config overrides for tests that call admin RPCs from this host: loopback admin on,
+    and `folder` (when given) as the table and snapshot directory."""
+    settings: dict[str, object] = {"allow_loopback_admin": True}
+    if folder is not None:
+        settings.update(table_dirs=(str(folder),), snapshot_dir=str(folder))
+    return settings
+
+
 def random_table(rows: int, dim: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from embedding_server.server import EmbeddingServer
 from embedding_server.sources import load_table
 from embedding_server.store import TableStore
 
-from .conftest import TEST_CONFIG, random_table
+from .conftest import TEST_CONFIG, admin_settings, random_table
 
 WEIGHTS = random_table(1000, 8, seed=91)
 
@@ -98,7 +99,7 @@ def test_a_cached_table_on_both_rpc_paths(tmp_path: Path) -> None:
     store.add(load_table(spec, torch.device("cpu")))
     table = store.get("t")
     assert table.cache is not None and table.weights.device.type == "cpu"
-    server = EmbeddingServer(TEST_CONFIG, store)
+    server = EmbeddingServer(replace(TEST_CONFIG, **admin_settings(tmp_path)), store)
     server.start()
     try:
         with EmbeddingClient(f"127.0.0.1:{server.port}") as client:

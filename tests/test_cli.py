@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -20,12 +21,13 @@ from embedding_client import EmbeddingClient, EmbeddingError
 from .conftest import BIN, WORKED_WEIGHTS, free_port, random_table, server_env, wait_serving
 
 
-def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
+def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
          "--metrics-host", "127.0.0.1", "--metrics-port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**server_env(), **(env or {})},
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
     wait_serving(target, process)
@@ -42,10 +44,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     process.communicate(timeout=30)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "embedding-client"), *args], capture_output=True, text=True, timeout=60
-    )
+        [str(BIN / "embedding-client"), *args], capture_output=True, text=True, timeout=60,
+        env=None if env is None else {**os.environ, **env},
+    )  # fmt: skip
 
 
 def test_cli_lookup_both_paths(served: tuple[str, Path]) -> None:
@@ -101,18 +104,29 @@ def test_cli_many_features(served: tuple[str, Path]) -> None:
 
 def test_cli_update_and_snapshot(tmp_path: Path) -> None:
     np.save(tmp_path / "t.npy", WORKED_WEIGHTS)
-    process, target = _start(["--table", f"t={tmp_path / 't.npy'}"])
+    process, target = _start(
+        ["--table", f"t={tmp_path / 't.npy'}", "--snapshot-dir", str(tmp_path)],
+        env={"EMBEDDING_ADMIN_TOKENS": "admin-secret"},
+    )
+    admin = {"EMBEDDING_TOKEN": "admin-secret"}
     try:
         np.save(tmp_path / "rows.npy", np.full((2, 4), 7.0, np.float32))
         done = _cli("--target", target, "update", "--ids", "0,2", "--vectors",
                     str(tmp_path / "rows.npy"))  # fmt: skip
+        assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr  # no token
+        done = _cli("--target", target, "update", "--ids", "0,2", "--vectors",
+                    str(tmp_path / "rows.npy"), env=admin)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "updated 2 rows of t: version 2"
-        done = _cli("--target", target, "snapshot", "--path", str(tmp_path / "snap.npy"))
+        done = _cli("--target", target, "snapshot", "--path", "snap.npy", env=admin)
         assert done.returncode == 0, done.stderr
         expected = WORKED_WEIGHTS.copy()
         expected[[0, 2]] = 7
         np.testing.assert_array_equal(np.load(tmp_path / "snap.npy"), expected)
+        done = _cli("--target", target, "snapshot", "--path", "snap.npy", env=admin)
+        assert done.returncode == 1 and "ALREADY_EXISTS" in done.stderr
+        done = _cli("--target", target, "snapshot", "--path", "snap.npy", "--overwrite", env=admin)
+        assert done.returncode == 0, done.stderr
         done = _cli("--target", target, "update", "--ids", "0", "--vectors", "/nope.npy")
         assert done.returncode == 2 and "cannot read /nope.npy" in done.stderr
     finally:

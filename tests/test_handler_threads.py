@@ -15,7 +15,7 @@ from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server.server import EmbeddingServer
 from embedding_server.tables import Table
 
-from .conftest import TEST_CONFIG, ServerFactory, make_store, random_table
+from .conftest import TEST_CONFIG, ServerFactory, admin_settings, make_store, random_table
 
 
 def test_open_streams_do_not_take_the_only_running_place(start_server: ServerFactory) -> None:
@@ -61,7 +61,9 @@ def test_a_long_admin_call_does_not_take_the_only_running_place() -> None:
         assert release.wait(30)
         return store.get(name)
 
-    server = EmbeddingServer(replace(TEST_CONFIG, workers=1), store, reload=slow_reload)
+    server = EmbeddingServer(
+        replace(TEST_CONFIG, workers=1, **admin_settings()), store, reload=slow_reload
+    )
     server.start()
     target = f"127.0.0.1:{server.port}"
     try:

@@ -71,7 +71,8 @@ def _start(path: Path, *extra: str) -> Running:
     process = subprocess.Popen(  # a session of its own, so tests may signal its group
         [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
          "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
-         "--processes", "2", "--grace", "2", "--table", f"t={path}", *extra],
+         "--processes", "2", "--grace", "2", "--table", f"t={path}",
+         "--allow-loopback-admin", "true", "--table-dir", str(path.parent), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
         start_new_session=True,
     )  # fmt: skip
@@ -203,6 +204,10 @@ def test_a_reload_reaches_every_worker(server: Running) -> None:
             clients[1].reload_table("t", source=str(other.with_name("missing.npy")))
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "missing.npy" in refused.value.details
+        with pytest.raises(EmbeddingError) as refused:  # checked in the supervisor too
+            clients[1].reload_table("t", source=f"{server.path.parent}/../../../etc/passwd")
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not inside a table directory" in refused.value.details
         np.save(other, WEIGHTS)
         server.process.send_signal(signal.SIGHUP)  # re-reads t's file, now t2.npy
         deadline = time.monotonic() + 30
@@ -214,7 +219,7 @@ def test_a_reload_reaches_every_worker(server: Running) -> None:
     finally:
         for client in clients:
             client.close()
-    assert server.metric('embedding_table_reloads_total{result="failed",table="t"}') == 1
+    assert server.metric('embedding_table_reloads_total{result="failed",table="t"}') == 2
 
 
 def test_a_dead_worker_is_replaced_and_sigterm_stops_all(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import kernels
 from embedding_server.config import TableSpec
+from embedding_server.filesystem import FileAccess
 from embedding_server.server import EmbeddingServer
 from embedding_server.sources import load_table
 from embedding_server.store import TableStore
@@ -109,14 +110,14 @@ def test_pooled_lookups_of_an_int8_table(
 def test_updates_are_quantized_too(tmp_path: Path) -> None:
     path = tmp_path / "t.npy"
     np.save(path, WEIGHTS)
-    store = TableStore()
+    store = TableStore(files=FileAccess(snapshot_dir=str(tmp_path)))
     store.add(load_table(TableSpec("q", path, dtype="int8"), torch.device("cpu")))
     new = random_table(2, 32, seed=82) * 10
     store.update_rows("q", np.array([7, 9]), new)
     rows = store.get("q").rows_for_kernels()[7:10].numpy()
     assert (np.abs(rows[[0, 2]] - new) <= _bound(new)).all()
     np.testing.assert_array_equal(rows[1], store.get("q").rows_for_kernels()[8:9].numpy()[0])
-    _, version, _ = store.snapshot("q", tmp_path / "snap.npy")
+    _, version, _, _ = store.snapshot("q", "snap.npy")
     assert version == 2
     saved = np.load(tmp_path / "snap.npy")
     assert saved.dtype == np.float32  # written dequantized

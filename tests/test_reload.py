@@ -22,7 +22,7 @@ from embedding_server.server import EmbeddingServer
 from embedding_server.sources import load_table
 from embedding_server.store import TableStore
 
-from .conftest import BIN, TEST_CONFIG, free_port, server_env, wait_serving
+from .conftest import BIN, TEST_CONFIG, admin_settings, free_port, server_env, wait_serving
 
 ROWS, DIM = 400, 8
 
@@ -47,7 +47,7 @@ def reloadable(tmp_path: Path):  # type: ignore[no-untyped-def]
     path = _save(tmp_path / "t.npy", version_table(1))
     store = TableStore()
     store.add(load_table(TableSpec("t", path), torch.device("cpu")))
-    server = EmbeddingServer(replace(TEST_CONFIG), store)
+    server = EmbeddingServer(replace(TEST_CONFIG, **admin_settings(tmp_path)), store)
     server.start()
     yield server, tmp_path
     server.stop(grace=0)

@@ -16,9 +16,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from embedding_client import EmbeddingClient, EmbeddingError, Security
-from embedding_server.auth import Authenticator
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.proto import embedding_pb2_grpc as pb_grpc
+from embedding_server.auth import is_loopback_peer
 from embedding_server.config import ServerConfig
-from embedding_server.errors import PermissionDenied, Unauthenticated
 
 from .certs import issue, make_ca
 from .conftest import ServerFactory, random_table
@@ -37,6 +38,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         other_ca=other,
         server=issue(folder, "server", ca_cert, ca_key, server=True),
         client=issue(folder, "client", ca_cert, ca_key, server=False),
+        operator=issue(folder, "operator", ca_cert, ca_key, server=False),
         stranger=issue(folder, "stranger", other_cert, other_key, server=False),
     )
 
@@ -107,8 +109,9 @@ def test_bearer_tokens_guard_every_rpc_but_health(start_server: ServerFactory) -
         with _client(server.port, token=token) as client:
             np.testing.assert_array_equal(client.lookup([3]), TABLE[[3]])
             with pytest.raises(EmbeddingError) as raised:
-                client.reload_table("t")  # authorised; the table has no file to reload
-            assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                client.reload_table("t")  # a data token: no admin
+            assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert "admin RPCs are off on this server" in raised.value.details
     with (
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
         pytest.raises(grpc.RpcError) as raised_rpc,
@@ -143,27 +146,104 @@ def test_reflection_can_be_turned_off(start_server: ServerFactory) -> None:
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_admin_policy() -> None:
-    open_server = Authenticator()
-    open_server.check([], admin=True, peer="ipv4:127.0.0.1:5555")
-    open_server.check([], admin=True, peer="ipv6:[::1]:5555")
-    open_server.check([], admin=False, peer="ipv4:10.1.2.3:5555")
-    with pytest.raises(PermissionDenied, match="admin RPCs from other hosts need auth"):
-        open_server.check([], admin=True, peer="ipv4:10.1.2.3:5555")
-    mutual = Authenticator(mutual_tls=True)  # the certificate was checked at the handshake
-    mutual.check([], admin=True, peer="ipv4:10.1.2.3:5555")
-    tokens = Authenticator(TOKENS)
-    tokens.check(
-        [("authorization", "Bearer s3cret-token-beta")], admin=True, peer="ipv4:10.1.2.3:1"
+def _admin_code(target: str, **security: object) -> str:
+    """The status code of an admin call (a reload of a table with no file: past the
+    credential check it is INVALID_ARGUMENT)."""
+    with EmbeddingClient(
+        target, timeout=5, max_attempts=1, security=Security.from_files(**security)
+    ) as client:
+        try:
+            client.reload_table("t")
+        except EmbeddingError as exc:
+            return exc.code.name
+    return "OK"
+
+
+ADMITTED = "INVALID_ARGUMENT"  # the reload itself fails: the call got past the credentials
+
+
+def test_admin_is_off_by_default_even_from_loopback(start_server: ServerFactory) -> None:
+    server = start_server({"t": TABLE}, host="localhost")
+    for host in ("localhost", "127.0.0.1", "[::1]"):
+        assert _admin_code(f"{host}:{server.port}") == "PERMISSION_DENIED", host
+    with _client(server.port) as client:  # data calls stay open
+        np.testing.assert_array_equal(client.lookup([1]), TABLE[[1]])
+
+
+def test_loopback_admin_works_over_every_loopback_address(start_server: ServerFactory) -> None:
+    """grpc writes an IPv6 peer as ipv6:%5B::1%5D:PORT: every loopback spelling, through
+    real connections (localhost resolves to ::1 first here)."""
+    server = start_server({"t": TABLE}, host="localhost", allow_loopback_admin=True)
+    for host in ("localhost", "127.0.0.1", "[::1]"):
+        assert _admin_code(f"{host}:{server.port}") == ADMITTED, host
+
+
+@pytest.mark.parametrize(
+    ("peer", "loopback"),
+    [
+        ("ipv4:127.0.0.1:5555", True),
+        ("ipv4:127.8.9.10:5555", True),
+        ("ipv6:[::1]:5555", True),
+        ("ipv6:%5B::1%5D:5555", True),
+        ("ipv6:%5B::ffff:127.0.0.1%5D:5555", True),
+        ("unix:/run/embedding.sock", True),
+        ("ipv4:10.1.2.3:5555", False),
+        ("ipv6:%5B2001:db8::1%5D:5555", False),
+        ("ipv6:%5B::ffff:10.0.0.1%5D:5555", False),
+        ("ipv4:127.0.0.1.evil.example:5555", False),
+        ("dns:localhost:5555", False),
+        ("", False),
+    ],
+)
+def test_loopback_peers(peer: str, loopback: bool) -> None:
+    assert is_loopback_peer(peer) is loopback
+
+
+def test_admin_and_data_tokens_have_their_roles(start_server: ServerFactory) -> None:
+    server = start_server(
+        {"t": TABLE}, auth_tokens=("data-token",), admin_tokens=("admin-token",),
+        allow_loopback_admin=True,
+    )  # fmt: skip
+    target = f"127.0.0.1:{server.port}"
+    assert _admin_code(target) == "UNAUTHENTICATED"  # loopback admin still needs a token
+    assert _admin_code(target, token="data-token") == ADMITTED  # loopback: allowed as said
+    remote_like = start_server({"t": TABLE}, auth_tokens=("data-token",),
+                               admin_tokens=("admin-token",))  # fmt: skip
+    target = f"127.0.0.1:{remote_like.port}"
+    assert _admin_code(target, token="data-token") == "PERMISSION_DENIED"
+    assert _admin_code(target, token="admin-token") == ADMITTED
+    assert _admin_code(target, token="admin-tokeN") == "UNAUTHENTICATED"
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        metadata = (("authorization", f"{scheme} admin-token"),)
+        with (
+            grpc.insecure_channel(target) as channel,
+            pytest.raises(grpc.RpcError) as raised,
+        ):
+            pb_grpc.EmbeddingAdminStub(channel).ReloadTable(
+                pb.ReloadTableRequest(table="t"), metadata=metadata, timeout=5
+            )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, scheme
+    with _client(remote_like.port, token="admin-token") as admin:  # admin works for data
+        np.testing.assert_array_equal(admin.lookup([2]), TABLE[[2]])
+
+
+def test_mutual_tls_admin_by_client_certificate_name(
+    start_server: ServerFactory, pki: SimpleNamespace
+) -> None:
+    server = start_server(
+        {"t": TABLE},
+        host="localhost",
+        tls_cert=str(pki.server.cert),
+        tls_key=str(pki.server.key),
+        tls_client_ca=str(pki.ca.cert),
+        admin_client_names=("operator",),
     )
-    for metadata in (
-        [],
-        [("authorization", "Bearer ")],
-        [("authorization", "Basic s3cret-token-beta")],
-        [("authorization", "Bearer s3cret-token-bet")],
-    ):
-        with pytest.raises(Unauthenticated):
-            tokens.check(metadata, admin=False, peer="ipv4:127.0.0.1:1")
+    target = f"localhost:{server.port}"
+    client = {"ca": str(pki.ca.cert), "cert": str(pki.client.cert), "key": str(pki.client.key)}
+    operator = {**client, "cert": str(pki.operator.cert), "key": str(pki.operator.key)}
+    assert _admin_code(target, **client) == "PERMISSION_DENIED"  # CN=client: data only
+    assert _admin_code(target, **operator) == ADMITTED
+    assert _code(server.port, **client) is None  # data calls for any certificate of the CA
 
 
 def test_tokens_file_and_env(tmp_path: Path) -> None:

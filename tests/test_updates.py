@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import REGISTRY
+from safetensors.torch import load_file as load_safetensors
 
 from embedding_client import EmbeddingClient, EmbeddingError, Security
 from embedding_server.errors import FailedPrecondition
@@ -18,7 +19,7 @@ from embedding_server.kernels import CachedRows
 from embedding_server.store import TableStore
 from embedding_server.tables import Table
 
-from .conftest import ServerFactory, random_table
+from .conftest import ServerFactory, admin_settings, random_table
 
 WEIGHTS = random_table(200, 16, seed=71)
 
@@ -26,7 +27,7 @@ WEIGHTS = random_table(200, 16, seed=71)
 def test_updated_rows_are_served_by_both_paths_and_bump_the_version(
     start_server: ServerFactory,
 ) -> None:
-    server = start_server({"t": WEIGHTS, "half": WEIGHTS.astype(np.float16)})
+    server = start_server({"t": WEIGHTS, "half": WEIGHTS.astype(np.float16)}, **admin_settings())
     labels = {"table": "t"}
     before = REGISTRY.get_sample_value("embedding_rows_updated_total", labels) or 0.0
     new = random_table(3, 16, seed=72)
@@ -60,7 +61,7 @@ def test_updated_rows_are_served_by_both_paths_and_bump_the_version(
 def test_bad_updates_are_refused_and_change_nothing(
     start_server: ServerFactory, ids: list[int], vectors: np.ndarray, message: str
 ) -> None:
-    server = start_server({"t": WEIGHTS})
+    server = start_server({"t": WEIGHTS}, **admin_settings())
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
         with pytest.raises(EmbeddingError) as refused:
             client.update_rows(ids, vectors, "t")
@@ -72,7 +73,7 @@ def test_bad_updates_are_refused_and_change_nothing(
 
 
 def test_wrong_dim_and_too_large_for_float16(start_server: ServerFactory) -> None:
-    server = start_server({"t": WEIGHTS, "half": WEIGHTS.astype(np.float16)})
+    server = start_server({"t": WEIGHTS, "half": WEIGHTS.astype(np.float16)}, **admin_settings())
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
         with pytest.raises(EmbeddingError, match="2 rows of dim 16 in float32 need 128"):
             client.update_rows([1, 2], np.zeros((2, 4), np.float32), "t")
@@ -84,7 +85,7 @@ def test_readers_never_see_a_torn_row(start_server: ServerFactory) -> None:
     """Every row of the table is always one constant vector (all elements equal); a
     writer keeps replacing rows with new constants while readers check every answer."""
     rows, dim = 64, 512
-    server = start_server({"t": np.zeros((rows, dim), np.float32)})
+    server = start_server({"t": np.zeros((rows, dim), np.float32)}, **admin_settings())
     target = f"127.0.0.1:{server.port}"
     stop = threading.Event()
     torn: list[str] = []
@@ -132,7 +133,7 @@ def test_snapshot_writes_a_file_the_server_can_reload(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
     bf = torch.from_numpy(WEIGHTS[:10]).bfloat16()
-    server = start_server({"t": WEIGHTS, "bf": bf})
+    server = start_server({"t": WEIGHTS, "bf": bf}, **admin_settings(tmp_path))
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
         client.update_rows([3], np.ones((1, 16), np.float32), "t")
         info, version = client.snapshot_table(str(tmp_path / "t.npy"), "t")
@@ -147,25 +148,39 @@ def test_snapshot_writes_a_file_the_server_can_reload(
         np.testing.assert_array_equal(client.lookup([3], "t"), np.ones((1, 16)))
         client.snapshot_table(str(tmp_path / "bf.npy"), "bf")  # .npy: bfloat16 as float32
         assert np.load(tmp_path / "bf.npy").dtype == np.float32
-        for path, message in (
-            ("relative.npy", "must be absolute and end in .npy or .safetensors"),
-            (str(tmp_path / "t.csv"), "must be absolute"),
-            (str(tmp_path / "missing" / "t.npy"), "cannot write"),
+        client.snapshot_table(
+            "bf.safetensors", "bf"
+        )  # the storage dtype, by safetensors' own reader
+        assert torch.equal(load_safetensors(tmp_path / "bf.safetensors")["bf"], bf)
+        assert client.snapshot_table("relative.npy", "t")[1] == 4  # in the snapshot dir
+        assert (tmp_path / "relative.npy").exists()
+        for path, code, message in (
+            (str(tmp_path / "t.csv"), "INVALID_ARGUMENT", "must name a file ending in .npy"),
+            (str(tmp_path / "missing" / "t.npy"), "FAILED_PRECONDITION", "does not exist"),
+            ("t.npy", "ALREADY_EXISTS", "exists already; ask to overwrite it"),
         ):
             with pytest.raises(EmbeddingError) as refused:
                 client.snapshot_table(path, "t")
+            assert (refused.value.code.name, message) == (code, message)
             assert message in refused.value.details
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
 
 
 def test_updates_need_the_admin_credential(start_server: ServerFactory) -> None:
-    server = start_server({"t": WEIGHTS}, auth_tokens=("reader-token",))
+    server = start_server(
+        {"t": WEIGHTS}, auth_tokens=("reader-token",), admin_tokens=("writer-token",)
+    )
     target = f"127.0.0.1:{server.port}"
     with EmbeddingClient(target, max_attempts=1) as anonymous:
         with pytest.raises(EmbeddingError) as refused:
             anonymous.update_rows([1], np.zeros((1, 16)), "t")
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with EmbeddingClient(target, security=Security(token="reader-token")) as client:
+    with EmbeddingClient(target, max_attempts=1, security=Security(token="reader-token")) as reader:
+        with pytest.raises(EmbeddingError) as refused:
+            reader.update_rows([1], np.zeros((1, 16)), "t")
+        assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "data role" in refused.value.details
+    with EmbeddingClient(target, security=Security(token="writer-token")) as client:
         assert client.update_rows([1], np.zeros((1, 16)), "t").version == 2
 
 

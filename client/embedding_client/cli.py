@@ -7,7 +7,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from importlib import metadata
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -22,21 +23,46 @@ from embedding_client.client import (
 from embedding_client.codec import DTYPE_NAMES, POOLING_MODES
 
 
-def _numbers(convert: type, what: str) -> Callable[[str], list[Any]]:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line and a pointer to --help, not after
+    the whole usage text (tens of lines for a server's flags)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
+
+
+def version_text(prog: str) -> str:
+    """`prog`'s version line: this distribution's version."""
+    try:
+        return f"{prog} {metadata.version('embedding-service')}"
+    except metadata.PackageNotFoundError:
+        return f"{prog} (not installed: no version)"
+
+
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"{value} does not fit in int64")
+    return value
+
+
+def _numbers(convert: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     """An argparse type for a comma-separated list of `convert`-able values."""
 
     def parse(text: str) -> list[Any]:
         try:
             return [convert(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated {what}, got {text!r}"
-            ) from None
+        except ValueError as exc:
+            reason = str(exc) if "int64" in str(exc) else f"got {text[:100]!r}"
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}: {reason}") from None
 
     return parse
 
 
-_int_list = _numbers(int, "integers")
+_int_list = _numbers(_int64, "integers (int64)")
 _float_list = _numbers(float, "numbers")
 
 
@@ -49,10 +75,13 @@ def _feature(text: str) -> tuple[str, str, list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="embedding-client", description="Talk to an embedding lookup server."
     )
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server host:port (%(default)s)")
+    parser.add_argument("--version", action="version", version=version_text(parser.prog))
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help="server host[:port] (%(default)s; port 50051)"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     parser.add_argument(
         "--token",
@@ -83,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", type=_float_list, help="with --pool sum: a weight per id, e.g. 0.5,2,1"
     )
     lookup.add_argument(
-        "--padding-id", type=int, help="id that stands for nothing: zeros, skipped in bags"
+        "--padding-id", type=_int64, help="id that stands for nothing: zeros, skipped in bags"
     )
 
     many = commands.add_parser("many", help="look up several features in one call (LookupMany)")
@@ -115,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot = commands.add_parser("snapshot", help="write a table to a file on the server (admin)")
     snapshot.add_argument("--table", help="table name (default: the server's default table)")
     snapshot.add_argument(
-        "--path", required=True, help="absolute path on the server, .npy or .safetensors"
+        "--path",
+        required=True,
+        help="file in the server's snapshot directory (relative to it), .npy or .safetensors",
     )
+    snapshot.add_argument("--overwrite", action="store_true", help="replace an existing file")
     health = commands.add_parser("health", help="grpc.health.v1 status (exit 0 when SERVING)")
     health.add_argument("--service", default="", help="service name ('' for the whole server)")
     return parser
@@ -226,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"updated {len(args.ids)} rows of {info.name}: version {info.version}")
                 return 0
             if args.command == "snapshot":
-                info, version = client.snapshot_table(args.path, args.table)
+                info, version = client.snapshot_table(
+                    args.path, args.table, overwrite=args.overwrite
+                )
                 print(f"wrote {info.name} version {version} to {args.path}")
                 return 0
             status = client.health(args.service)

@@ -22,7 +22,8 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
-DEFAULT_TARGET = "localhost:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 DEFAULT_TIMEOUT_S = 30.0
 # 64k ids x 256 dims of float32 is 64 MiB, far over gRPC's 4 MiB default.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
@@ -50,6 +51,19 @@ class EmbeddingError(Exception):
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+def with_default_port(target: str) -> str:
+    """`target` with the service's port (50051) when it names a host without one:
+    grpc itself would go to 443. Targets with a scheme (`dns:///`, `unix:`) and bare
+    IPv6 addresses are left as they are."""
+    if "://" in target or target.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return target
+    if target.startswith("["):  # [v6] or [v6]:port
+        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+    if target.count(":") == 0:
+        return f"{target}:{DEFAULT_PORT}"
+    return target
 
 
 @dataclass(frozen=True)
@@ -280,7 +294,7 @@ class _ClientBase:
         security: Security | None,
         wait_for_ready: bool,
     ) -> None:
-        self.target = target
+        self.target = with_default_port(target)
         self.timeout = timeout
         self.security = security or Security()
         self.wait_for_ready = wait_for_ready
@@ -296,6 +310,30 @@ class _ClientBase:
         if credentials is None:
             return channels.insecure_channel(self.target, options=self._options)
         return channels.secure_channel(self.target, credentials, options=self._options)
+
+    def _error(self, error: grpc.RpcError, *, stream: bool = False) -> EmbeddingError:
+        """The EmbeddingError of a failed call, with a hint where grpc's words alone do
+        not say what to do."""
+        failure = EmbeddingError.from_rpc_error(error)
+        if stream and failure.code == grpc.StatusCode.CANCELLED:
+            return EmbeddingError(
+                failure.code,
+                f"{failure.details} (a server cancels a stream that waits longer than its "
+                "--stream-idle-timeout for the next batch: send batches more often, or "
+                "open a new stream)",
+            )
+        if (
+            failure.code == grpc.StatusCode.UNAVAILABLE
+            and not self.security.uses_tls
+            and "Socket closed" in failure.details
+        ):
+            return EmbeddingError(
+                failure.code,
+                f"{failure.details} (the server closed the connection at once: if it uses "
+                "TLS, connect with TLS: Security(tls=True) or a CA; embedding-client --tls "
+                "or --tls-ca)",
+            )
+        return failure
 
     def _call(self, timeout: float | None) -> dict[str, Any]:
         return {
@@ -351,7 +389,7 @@ class EmbeddingClient(_ClientBase):
         try:
             return method(request, **self._call(timeout))
         except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
+            raise self._error(exc) from None
 
     def lookup(
         self,
@@ -485,7 +523,7 @@ class EmbeddingClient(_ClientBase):
             for response in self._stub.LookupStream(requests, **self._call(timeout)):
                 yield _stream_result(response)
         except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
+            raise self._error(exc, stream=True) from None
 
     def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""
@@ -494,8 +532,9 @@ class EmbeddingClient(_ClientBase):
     def reload_table(
         self, table: str | None = None, source: str = "", *, timeout: float | None = None
     ) -> TableInfo:
-        """Load a new version of `table` from `source` (PATH[:KEY] on the server; empty: its
-        own file) and swap it in atomically (admin RPC). Returns the table as it now serves."""
+        """Load a new version of `table` from `source` (PATH[:KEY] inside one of the server's
+        table directories, or relative to them; empty: its own file) and swap it in
+        atomically (admin RPC). Returns the table as it now serves."""
         request = pb.ReloadTableRequest(table=table or "", source=source)
         return _table_of(self._invoke(self._admin.ReloadTable, request, timeout))
 
@@ -510,11 +549,18 @@ class EmbeddingClient(_ClientBase):
         return _table_of(response)
 
     def snapshot_table(
-        self, path: str, table: str | None = None, *, timeout: float | None = None
+        self,
+        path: str,
+        table: str | None = None,
+        *,
+        overwrite: bool = False,
+        timeout: float | None = None,
     ) -> tuple[TableInfo, int]:
-        """Write `table`'s current contents to `path` on the server (absolute, .npy or
-        .safetensors; admin RPC). Returns the table and the version the file holds."""
-        request = pb.SnapshotTableRequest(table=table or "", path=path)
+        """Write `table`'s current contents to `path` in the server's snapshot directory
+        (relative to it, or absolute inside it; .npy or .safetensors; admin RPC). An
+        existing file is replaced only with `overwrite` (else ALREADY_EXISTS). Returns the
+        table and the version the file holds."""
+        request = pb.SnapshotTableRequest(table=table or "", path=path, overwrite=overwrite)
         response = self._invoke(self._admin.SnapshotTable, request, timeout)
         return _table_of(response), response.version
 
@@ -563,7 +609,7 @@ class AsyncEmbeddingClient(_ClientBase):
         try:
             return await method(request, **self._call(timeout))
         except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
+            raise self._error(exc) from None
 
     async def lookup(
         self,
@@ -634,7 +680,7 @@ class AsyncEmbeddingClient(_ClientBase):
             async for response in self._stub.LookupStream(requests, **self._call(timeout)):
                 yield _stream_result(response)
         except grpc.RpcError as exc:
-            raise EmbeddingError.from_rpc_error(exc) from None
+            raise self._error(exc, stream=True) from None
 
     async def tables(self, *, timeout: float | None = None) -> list[TableInfo]:
         """List the server's tables with rows, dim, dtype, device, version and bytes."""
@@ -657,10 +703,15 @@ class AsyncEmbeddingClient(_ClientBase):
         return _table_of(response)
 
     async def snapshot_table(
-        self, path: str, table: str | None = None, *, timeout: float | None = None
+        self,
+        path: str,
+        table: str | None = None,
+        *,
+        overwrite: bool = False,
+        timeout: float | None = None,
     ) -> tuple[TableInfo, int]:
         """Write a table to a file on the server (see `EmbeddingClient.snapshot_table`)."""
-        request = pb.SnapshotTableRequest(table=table or "", path=path)
+        request = pb.SnapshotTableRequest(table=table or "", path=path, overwrite=overwrite)
         response = await self._invoke(self._admin.SnapshotTable, request, timeout)
         return _table_of(response), response.version
 

@@ -60,12 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(config: ServerConfig, metrics_dir: str = "") -> int:
     """Run the server until SIGTERM or SIGINT; the exit status of `embedding-server`.
     With `config.processes > 1` this process supervises workers that share the port."""
-    from embedding_server import server, workers
+    from embedding_server import logs, server, workers
     from embedding_server.sources import TableLoadError
 
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log_level)
     log.info("embedding-server starting with:")
     for line in config.describe():
         log.info("  %s", line)

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -60,11 +59,12 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
     def SnapshotTable(
         self, request: pb.SnapshotTableRequest, context: grpc.ServicerContext
     ) -> pb.SnapshotTableResponse:
-        table, version, size = self.store.snapshot(request.table, Path(request.path))
-        log.info("table %r version %d written to %s (%d bytes)", table.name, version,
-                 request.path, size)  # fmt: skip
+        table, version, path, size = self.store.snapshot(
+            request.table, request.path, overwrite=request.overwrite
+        )
+        log.info("table %r version %d written to %s (%d bytes)", table.name, version, path, size)
         return pb.SnapshotTableResponse(
-            table=table_info(table, self.store), version=version, bytes=size
+            table=table_info(table, self.store), version=version, bytes=size, path=str(path)
         )
 
 

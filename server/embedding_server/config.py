@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from embedding_client.cli import ArgumentParser, version_text
+
 ENV_PREFIX = "EMBEDDING_"
 
 
@@ -32,6 +34,9 @@ class TableSpec:
     device: str | None = None  # None: the server's --device
     # Keep the table in host memory and this many hot rows on the device (None: all there).
     cache_rows: int | None = None
+    # Named by a caller (ReloadTable), not the operator: read only inside the table
+    # directories, through a checked descriptor (see filesystem.FileAccess).
+    confined: bool = False
 
     @classmethod
     def parse(
@@ -78,10 +83,25 @@ class TableSpec:
         return text + (f" ({', '.join(extras)})" if extras else "")
 
 
-def read_table_config(path: Path) -> tuple[TableSpec, ...]:
+@dataclass(frozen=True)
+class ConfigFile:
+    """What a TOML config file says: its tables and the directories admin RPCs may use."""
+
+    tables: tuple[TableSpec, ...]
+    table_dirs: tuple[str, ...] = ()
+    snapshot_dir: str = ""
+
+
+CONFIG_FILE_KEYS = ("table", "table_dirs", "snapshot_dir")
+
+
+def read_table_config(path: Path) -> ConfigFile:
     """The tables of a TOML config file: one `[[table]]` entry each, with `name` and
     `source` (PATH or PATH:KEY, relative to the file's folder) and optional `dtype`
-    (storage), `device` and `cache_rows` (host table, hot rows cached on the device).
+    (storage), `device` and `cache_rows` (host table, hot rows cached on the device);
+    and, at the top level, optional `table_dirs` (a list) and `snapshot_dir`, the
+    directories ReloadTable may read and SnapshotTable may write (relative to the
+    file's folder).
 
     Raises
     ------
@@ -95,11 +115,18 @@ def read_table_config(path: Path) -> tuple[TableSpec, ...]:
         raise ValueError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML ({exc})") from None
-    unknown = sorted(set(document) - {"table"})
+    unknown = sorted(set(document) - set(CONFIG_FILE_KEYS))
     if unknown:
         raise ValueError(
-            f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected [[table]]"
+            f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected [[table]], "
+            "table_dirs, snapshot_dir"
         )
+    table_dirs = document.get("table_dirs", [])
+    if not isinstance(table_dirs, list) or not all(isinstance(d, str) for d in table_dirs):
+        raise ValueError(f"{path}: table_dirs must be a list of strings")
+    snapshot_dir = document.get("snapshot_dir", "")
+    if not isinstance(snapshot_dir, str):
+        raise ValueError(f"{path}: snapshot_dir must be a string")
     entries = document.get("table", [])
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: no [[table]] entries")
@@ -112,9 +139,7 @@ def read_table_config(path: Path) -> tuple[TableSpec, ...]:
         missing = [k for k in ("name", "source") if not isinstance(entry.get(k), str)]
         if missing:
             raise ValueError(f"{where}: needs {' and '.join(missing)} (strings)")
-        source = entry["source"]
-        if not source.startswith("/"):
-            source = str(path.parent / source)
+        source = _beside(path, entry["source"])
         try:
             specs.append(
                 TableSpec.parse(
@@ -126,7 +151,16 @@ def read_table_config(path: Path) -> tuple[TableSpec, ...]:
             )
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-    return tuple(specs)
+    return ConfigFile(
+        tuple(specs),
+        tuple(_beside(path, d) for d in table_dirs),
+        _beside(path, snapshot_dir) if snapshot_dir else "",
+    )
+
+
+def _beside(config_file: Path, location: str) -> str:
+    """A location from a config file: absolute, or relative to the file's folder."""
+    return location if location.startswith("/") else str(config_file.parent / location)
 
 
 @dataclass(frozen=True)
@@ -161,11 +195,22 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     auth_tokens_file: str = ""
+    admin_tokens_file: str = ""
+    admin_client_names: tuple[str, ...] = ()
+    allow_loopback_admin: bool = False
+    table_dirs: tuple[str, ...] = ()
+    snapshot_dir: str = ""
+    max_connections: int = 1000
+    handshake_timeout_s: float = 10.0
+    connection_idle_s: float = 300.0
+    connection_age_s: float = 3600.0
+    stream_idle_s: float = 30.0
     reflection: bool = True
     malloc_tune: bool = False
-    # Not a flag (secrets stay out of argv): read from --auth-tokens-file and the
-    # EMBEDDING_AUTH_TOKENS environment variable.
+    # Not flags (secrets stay out of argv): read from --auth-tokens-file and
+    # --admin-tokens-file and the EMBEDDING_AUTH_TOKENS / EMBEDDING_ADMIN_TOKENS variables.
     auth_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()
 
     def describe(self) -> list[str]:
         """One `name = value` line per setting, for the start-up log."""
@@ -173,8 +218,8 @@ class ServerConfig:
         for name, value in asdict(self).items():
             if name == "tables":
                 value = ", ".join(str(t) for t in self.tables) or "(none: seeded demo table)"
-            elif name == "auth_tokens":
-                value = f"({len(self.auth_tokens)} tokens)" if self.auth_tokens else "(none)"
+            elif name in ("auth_tokens", "admin_tokens"):
+                value = f"({len(value)} tokens)" if value else "(none)"
             lines.append(f"{name} = {value}")
         return lines
 
@@ -190,6 +235,13 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError(f"port must be in 0..65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {value}")
     return value
 
 
@@ -222,6 +274,10 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _tables(text: str) -> tuple[TableSpec, ...]:
@@ -276,8 +332,33 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--tls-client-ca", "tls_client_ca", str,
      "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"),
     ("--auth-tokens-file", "auth_tokens_file", str,
-     "file of bearer tokens, one per line: every RPC but health needs one "
-     "(EMBEDDING_AUTH_TOKENS adds comma-separated tokens)"),
+     "file of data bearer tokens, one per line: lookups, ListTables and reflection need "
+     "one (or an admin token); EMBEDDING_AUTH_TOKENS adds comma-separated tokens"),
+    ("--admin-tokens-file", "admin_tokens_file", str,
+     "file of admin bearer tokens, one per line: ReloadTable, UpdateRows and SnapshotTable "
+     "need one (they also work for data RPCs); EMBEDDING_ADMIN_TOKENS adds comma-separated "
+     "tokens"),
+    ("--admin-client-names", "admin_client_names", _names,
+     "with mutual TLS: comma-separated client certificate names (subject alternative "
+     "names or common name) that may call admin RPCs"),
+    ("--allow-loopback-admin", "allow_loopback_admin", _bool,
+     "development only: admin RPCs from loopback callers need no admin credential "
+     "(true/false)"),
+    ("--table-dir", "table_dirs", _names,
+     "comma-separated directories ReloadTable may read new table files from (none: "
+     "reloads only re-read a table's own file)"),
+    ("--snapshot-dir", "snapshot_dir", str,
+     "directory SnapshotTable writes into (none: snapshots are off)"),
+    ("--max-connections", "max_connections", _positive_int,
+     "most open client connections; past it new ones are closed at once"),
+    ("--handshake-timeout", "handshake_timeout_s", _positive_float,
+     "seconds a new connection has to finish its TLS and HTTP/2 handshake"),
+    ("--connection-idle-timeout", "connection_idle_s", _non_negative_float,
+     "seconds a connection may stay open with no call before it is closed (0: never)"),
+    ("--connection-max-age", "connection_age_s", _non_negative_float,
+     "seconds after which a connection is asked to go away (clients reconnect; 0: never)"),
+    ("--stream-idle-timeout", "stream_idle_s", _positive_float,
+     "seconds a LookupStream may wait for its next request before it is cancelled"),
     ("--reflection", "reflection", _bool, "serve gRPC reflection (true/false)"),
     ("--malloc-tune", "malloc_tune", _bool,
      "experimental: raise glibc's mmap/trim thresholds so freed response buffers are "
@@ -303,13 +384,14 @@ def _argtype(convert: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The `embedding-server` argument parser, its defaults taken from `env` where set."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="embedding-server",
         description="Serve embedding tables over gRPC: Lookup (gather) and LookupDense "
         "(one-hot matmul), with Prometheus metrics.",
         epilog="Every flag has an environment twin, e.g. --max-ids -> EMBEDDING_MAX_IDS; "
         "--table's twin EMBEDDING_TABLES takes comma-separated specs. Flags win.",
     )
+    parser.add_argument("--version", action="version", version=version_text(parser.prog))
     try:
         env_tables = _tables(env.get(ENV_PREFIX + "TABLES", ""))
     except ValueError as exc:
@@ -354,10 +436,24 @@ def load_config(
     values["tables"] = tuple(values["tables"] or env_tables)
     if values["config"]:
         try:
-            values["tables"] = read_table_config(Path(values["config"])) + values["tables"]
+            config_file = read_table_config(Path(values["config"]))
         except ValueError as exc:
             parser.error(f"--config {exc}")
-    values["auth_tokens"] = _auth_tokens(parser, values["auth_tokens_file"], env)
+        values["tables"] = config_file.tables + values["tables"]
+        values["table_dirs"] = values["table_dirs"] or config_file.table_dirs
+        values["snapshot_dir"] = values["snapshot_dir"] or config_file.snapshot_dir
+    values["auth_tokens"] = _tokens(parser, "AUTH_TOKENS", values["auth_tokens_file"], env)
+    values["admin_tokens"] = _tokens(parser, "ADMIN_TOKENS", values["admin_tokens_file"], env)
+    if set(values["auth_tokens"]) & set(values["admin_tokens"]):
+        parser.error("a token is both a data and an admin token: give each role its own")
+    for flag, folder in [
+        *(("--table-dir", d) for d in values["table_dirs"]),
+        ("--snapshot-dir", values["snapshot_dir"]),
+    ]:
+        if folder and not Path(folder).is_dir():
+            parser.error(f"{flag} {folder}: not a directory")
+    if values["admin_client_names"] and not values["tls_client_ca"]:
+        parser.error("--admin-client-names needs mutual TLS (--tls-client-ca)")
     if values["max_streams"] > values["max_threads"] - values["workers"] - 1:
         parser.error(
             f"--max-streams ({values['max_streams']}) must be below --max-threads minus "
@@ -375,13 +471,14 @@ def load_config(
     return ServerConfig(**values)
 
 
-def _auth_tokens(
-    parser: argparse.ArgumentParser, path: str, env: Mapping[str, str]
+def _tokens(
+    parser: argparse.ArgumentParser, variable: str, path: str, env: Mapping[str, str]
 ) -> tuple[str, ...]:
-    tokens = [t.strip() for t in env.get(ENV_PREFIX + "AUTH_TOKENS", "").split(",")]
+    tokens = [t.strip() for t in env.get(ENV_PREFIX + variable, "").split(",")]
     if path:
         try:
             tokens += [line.strip() for line in Path(path).read_text().splitlines()]
         except OSError as exc:
-            parser.error(f"--auth-tokens-file {path}: {exc.strerror}")
+            flag = "--" + variable.lower().replace("_", "-") + "-file"
+            parser.error(f"{flag} {path}: {exc.strerror}")
     return tuple(t for t in tokens if t and not t.startswith("#"))

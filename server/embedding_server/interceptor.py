@@ -12,7 +12,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,9 +21,11 @@ from grpc_health.v1 import health_pb2
 
 from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
-from embedding_server import metrics
+from embedding_server import logs, metrics
 from embedding_server.auth import Authenticator
+from embedding_server.callpool import CallPool
 from embedding_server.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,
@@ -41,9 +44,11 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 DENSE_METHODS = ("LookupDense", "LookupManyDense")
+_HEALTH_PREFIX = f"/{HEALTH_SERVICE}/"
 
 _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     TableLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
@@ -105,49 +110,85 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
+@dataclass
+class _OpenStream:
+    """A stream the interceptor admitted: its context, and since when it has waited for
+    its next message (None: it is handling one)."""
+
+    context: grpc.ServicerContext
+    method: str
+    waiting_since: float | None = None
+    expired: bool = False
+
+
 class StatusInterceptor(grpc.ServerInterceptor):
     """The one place every RPC passes: authentication, status codes, metrics, draining.
 
     Maps core errors to status codes, turns anything unexpected into a logged INTERNAL,
     answers unparseable requests with INVALID_ARGUMENT, records the gRPC metrics, checks
-    credentials (all RPCs but health), and drains: once `drain()` is called, new calls
-    (health checks excepted) get UNAVAILABLE while running ones finish.
+    credentials (all RPCs but health) and writes the audit line of admin calls, bounds
+    open streams (count and idle time), and drains: once `drain()` is called, calls that
+    arrive (health checks excepted) get UNAVAILABLE while every call received before
+    finishes.
+
+    Parameters
+    ----------
+    authenticator : who may call what (default: anyone, admin off).
+    max_streams : most streams open at once.
+    pool : the handler pool (its `blocking()` around calls that wait long, its marks for
+        draining); None outside a server.
+    stream_idle_s : a stream waiting longer than this for its next message is cancelled.
     """
 
     def __init__(
         self,
         authenticator: Authenticator | None = None,
         max_streams: int = 8,
-        waiting: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+        pool: CallPool | None = None,
+        stream_idle_s: float = 30.0,
     ) -> None:
         self.authenticator = authenticator or Authenticator()
         # A sync gRPC server runs each open stream on one handler thread for its lifetime:
         # past the thread count, further streams (and unary calls) would wait forever.
         self.max_streams = max_streams
+        self.pool = pool
         # Entered around calls that wait long (dense, admin, streams) so that the handler
-        # pool lets another call run meanwhile (CallPool.blocking).
-        self.waiting = waiting
-        self._running = 0
+        # pool lets another call run meanwhile.
+        self.waiting: Callable[[], contextlib.AbstractContextManager[None]] = (
+            contextlib.nullcontext if pool is None else pool.blocking
+        )
+        self.stream_idle_s = stream_idle_s
+        self._running = 0  # stream messages being answered
         self._draining = False
         self._idle = threading.Condition()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._streams: dict[int, grpc.ServicerContext] = {}
+        self._refusals: dict[str, grpc.RpcMethodHandler] = {}
+        self._streams: dict[int, _OpenStream] = {}
+        self._reaper: threading.Thread | None = None
 
     def drain(self, timeout: float) -> bool:
-        """Refuse new calls, wait up to `timeout` s for running ones, then cancel streams left
-        idle (nothing in progress on them) so they do not hold the shutdown for the whole
-        grace period. True when nothing was running any more."""
+        """Refuse calls that arrive from now on; wait up to `timeout` s for every call
+        received before (running, or queued for a handler thread) and for answers in
+        progress on streams; then cancel streams left idle so they do not hold the
+        shutdown for the whole grace period. True when all of them finished in time."""
+        deadline = time.monotonic() + timeout
         with self._idle:
             self._draining = True
-            drained = self._idle.wait_for(lambda: self._running == 0, timeout=timeout)
-            idle_streams = list(self._streams.values())
+        drained = True
+        if self.pool is not None:
+            drained = self.pool.wait_before(self.pool.mark(), timeout)
+        with self._idle:
+            drained &= self._idle.wait_for(
+                lambda: self._running == 0, timeout=max(0.0, deadline - time.monotonic())
+            )
+            idle_streams = [s.context for s in self._streams.values()]
         for context in idle_streams:
             context.cancel()
         return drained
 
-    def _enter(self, service: str) -> bool:
+    def _enter(self) -> bool:
         with self._idle:
-            if self._draining and service != HEALTH_SERVICE:
+            if self._draining:
                 return False
             self._running += 1
             return True
@@ -158,45 +199,73 @@ class StatusInterceptor(grpc.ServerInterceptor):
             if self._running == 0:
                 self._idle.notify_all()
 
-    def _authenticate(self, service: str, context: grpc.ServicerContext) -> None:
-        if service != HEALTH_SERVICE:
-            self.authenticator.check(
-                context.invocation_metadata(), admin=service == ADMIN_SERVICE, peer=context.peer()
-            )
-
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        # grpc calls this as it receives a call, before the call waits for a handler
+        # thread: the moment that decides whether the call was received before draining.
+        method = handler_call_details.method
         # Handlers are fixed per method, so each is wrapped once, not on every call.
-        wrapped = self._wrapped.get(handler_call_details.method)
+        wrapped = self._wrapped.get(method)
         if wrapped is None:
             handler = continuation(handler_call_details)
             if handler is None:
                 return None
-            wrapped = self._wrap(handler, handler_call_details.method)
-            self._wrapped[handler_call_details.method] = wrapped
+            wrapped = self._wrap(handler, method)
+            self._wrapped[method] = wrapped
+        if self._draining and not method.startswith(_HEALTH_PREFIX):
+            return self._refusal(wrapped, method)
         return wrapped
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        """The handler of a call that arrived while the server drains: UNAVAILABLE."""
+        refusal = self._refusals.get(full_method)
+        if refusal is not None:
+            return refusal
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        kind = "unary" if handler.unary_unary is not None else "bidi_stream"
+        message = "the server is shutting down: retry on another server"
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            metrics.child(metrics.GRPC_STARTED, kind, service, method).inc()
+            metrics.child(metrics.GRPC_HANDLED, kind, service, method, "UNAVAILABLE").inc()
+            context.abort(grpc.StatusCode.UNAVAILABLE, message)
+
+        if kind == "unary":
+            refusal = grpc.unary_unary_rpc_method_handler(refuse)
+        else:
+
+            def refuse_stream(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                refuse(requests, context)
+                yield  # never reached: makes this a generator, as grpc expects
+
+            refusal = grpc.stream_stream_rpc_method_handler(refuse_stream)
+        self._refusals[full_method] = refusal
+        return refusal
 
     def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
         service, _, method = full_method.lstrip("/").rpartition("/")
         if handler.unary_unary is None:
             return self._streaming(handler, service, method)
         behavior = handler.unary_unary
-        slow = service == ADMIN_SERVICE or method in DENSE_METHODS
+        admin = service == ADMIN_SERVICE
+        slow = admin or method in DENSE_METHODS
+        checks_callers = service != HEALTH_SERVICE
+        authenticator = self.authenticator
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             metrics.child(metrics.GRPC_STARTED, "unary", service, method).inc()
-            if not self._enter(service):
-                metrics.child(metrics.GRPC_HANDLED, "unary", service, method, "UNAVAILABLE").inc()
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             inflight = metrics.child(metrics.INFLIGHT, method)
             inflight.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            details = ""
+            who = "a caller without a valid credential"
             try:
-                self._authenticate(service, context)
+                if checks_callers:
+                    who = authenticator.check(context, admin=admin)
                 if isinstance(request, Malformed):
                     raise codec.WireError(
                         f"the request is not a valid {service}/{method} message: {request.error}"
@@ -206,8 +275,8 @@ class StatusInterceptor(grpc.ServerInterceptor):
                         return behavior(request, context)
                 return behavior(request, context)
             except MAPPED_ERRORS as exc:
-                code = status_code(exc)
-                context.abort(code, str(exc))
+                code, details = status_code(exc), str(exc)
+                context.abort(code, details)
             except Exception as exc:
                 # grpc-stubs lags grpcio: ServicerContext.code() exists since 1.38.
                 aborted = context.code()  # type: ignore[attr-defined]
@@ -216,14 +285,19 @@ class StatusInterceptor(grpc.ServerInterceptor):
                     raise
                 log.exception("%s failed on an unexpected error", full_method)
                 code = grpc.StatusCode.INTERNAL
-                context.abort(code, f"internal error ({type(exc).__name__}); see the server log")
+                details = f"internal error ({type(exc).__name__}); see the server log"
+                context.abort(code, details)
             finally:
-                self._leave()
                 inflight.dec()
+                seconds = time.perf_counter() - started
                 metrics.child(metrics.GRPC_HANDLED, "unary", service, method, code.name).inc()
                 metrics.child(metrics.GRPC_HANDLING, "unary", service, method, code.name).observe(
-                    time.perf_counter() - started
+                    seconds
                 )
+                if admin:
+                    logs.audit_admin_call(
+                        method, who, context.peer(), request, code.name, details, seconds
+                    )
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
@@ -234,44 +308,45 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _streaming(
         self, handler: grpc.RpcMethodHandler, service: str, method: str
     ) -> grpc.RpcMethodHandler:
-        """Streaming RPCs: credentials checked; a bidirectional stream counts as running only
-        while it handles a message, so drain waits for answers in progress, not idle streams."""
+        """Streaming RPCs: credentials checked, at most `max_streams` open, each cancelled
+        when idle past `stream_idle_s`; a bidirectional stream counts as running only while
+        it handles a message, so drain waits for answers in progress, not idle streams."""
         if service == HEALTH_SERVICE or handler.stream_stream is None:
             return handler  # health Watch: open to probes, like Check
         behavior = handler.stream_stream
 
         def checked(requests: Any, context: grpc.ServicerContext) -> Any:
             metrics.child(metrics.GRPC_STARTED, "bidi_stream", service, method).inc()
+            if self.pool is not None:
+                self.pool.release()  # lives as long as its client wants: drain waits less
             busy = [False]
+            code = grpc.StatusCode.OK
+            stream = _OpenStream(context, method)
 
             def counted() -> Any:
                 while True:
+                    stream.waiting_since = time.monotonic()
                     with self.waiting():  # for the next message: let other calls run
                         request = next(requests, _END)
+                    stream.waiting_since = None
                     if request is _END:
                         return
-                    if not self._enter(service):
+                    if not self._enter():
                         raise _Draining
                     busy[0] = True
                     yield request  # resumes once the answer to it has been handed on
                     busy[0] = False
                     self._leave()
 
-            code = grpc.StatusCode.OK
-            with self._idle:
-                admitted = len(self._streams) < self.max_streams
-                if admitted:
-                    self._streams[id(context)] = context
-            if not admitted:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                metrics.child(metrics.GRPC_HANDLED, "bidi_stream", service, method, code.name).inc()
-                context.abort(
-                    code,
-                    f"{self.max_streams} streams are open, the most this server takes "
-                    "(--max-streams): use unary Lookup, or retry later",
-                )
+            admitted = False
             try:
-                self._authenticate(service, context)
+                self.authenticator.check(context, admin=False)
+                admitted = self._admit(stream)
+                if not admitted:
+                    raise OverLimit(
+                        f"{self.max_streams} streams are open, the most this server takes "
+                        "(--max-streams): use unary Lookup, or retry later"
+                    )
                 yield from behavior(counted(), context)
             except _Draining:
                 code = grpc.StatusCode.UNAVAILABLE
@@ -279,9 +354,13 @@ class StatusInterceptor(grpc.ServerInterceptor):
             except MAPPED_ERRORS as exc:
                 code = status_code(exc)
                 context.abort(code, str(exc))
+            except grpc.RpcError:
+                code = grpc.StatusCode.CANCELLED  # by the client, or idle: see _reap
+                raise
             finally:
-                with self._idle:
-                    self._streams.pop(id(context), None)
+                if admitted:
+                    with self._idle:
+                        self._streams.pop(id(stream), None)
                 if busy[0]:
                     self._leave()
                 metrics.child(metrics.GRPC_HANDLED, "bidi_stream", service, method, code.name).inc()
@@ -291,3 +370,41 @@ class StatusInterceptor(grpc.ServerInterceptor):
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=_serializer(handler),
         )
+
+    def _admit(self, stream: _OpenStream) -> bool:
+        """Count a new stream in, if there is room; start the idle reaper if none runs."""
+        with self._idle:
+            if len(self._streams) >= self.max_streams:
+                return False
+            self._streams[id(stream)] = stream
+            if self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reap, name="stream-reaper", daemon=True
+                )
+                self._reaper.start()
+            return True
+
+    def _reap(self) -> None:
+        """Cancel streams that waited longer than `stream_idle_s` for their next message,
+        while any stream is open (a stream's handler thread is blocked in grpc meanwhile,
+        and only cancelling the call wakes it)."""
+        period = min(1.0, self.stream_idle_s / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._idle:
+                if not self._streams:
+                    self._reaper = None
+                    return
+                idle = [
+                    s for s in self._streams.values()
+                    if not s.expired and s.waiting_since is not None
+                    and now - s.waiting_since > self.stream_idle_s
+                ]  # fmt: skip
+                for stream in idle:
+                    stream.expired = True
+            for stream in idle:
+                log.info("%s stream from %s idle for over %.0f s: cancelled",
+                         stream.method, stream.context.peer(), self.stream_idle_s)  # fmt: skip
+                metrics.child(metrics.STREAM_IDLE_TIMEOUTS, stream.method).inc()
+                stream.context.cancel()

@@ -150,6 +150,33 @@ TABLE_RELOADS = Counter(
     "embedding_table_reloads_total", "Table reloads, by result (ok, failed).", ["table", "result"]
 )
 
+STREAM_IDLE_TIMEOUTS = Counter(
+    "embedding_stream_idle_timeouts_total",
+    "Streams cancelled for waiting longer than --stream-idle-timeout for their next message.",
+    ["grpc_method"],
+)
+CONNECTIONS = Gauge(
+    "embedding_grpc_connections",
+    "Client connections open on the gRPC port (sampled every second).",
+    multiprocess_mode="livesum",
+)
+CONNECTION_LIMIT = Gauge(
+    "embedding_grpc_connection_limit",
+    "Most client connections the gRPC port takes (--max-connections, per process); past "
+    "it new connections are closed at once.",
+    multiprocess_mode="livesum",
+)
+CONNECTIONS_OPENED = Counter(
+    "embedding_grpc_connections_opened_total",
+    "Client connections seen opening on the gRPC port (sampled every second: ones that "
+    "open and close between two samples, such as those refused past the limit, are not "
+    "counted).",
+)
+CONNECTIONS_CLOSED = Counter(
+    "embedding_grpc_connections_closed_total",
+    "Client connections seen closing on the gRPC port (sampled like the opened count).",
+)
+
 # The kernels each method runs, plain and pooled: the label sets pre-registered at start.
 KERNEL_NAMES = {
     "Lookup": ("gather", "embedding_bag"),

@@ -22,12 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server import metrics
+from embedding_server import connections, metrics
 from embedding_server.admin import EmbeddingAdminServicer, Reload, UpdateRows, reload_table
 from embedding_server.auth import Authenticator
 from embedding_server.batcher import Batcher
 from embedding_server.callpool import CallPool
 from embedding_server.config import ServerConfig
+from embedding_server.filesystem import FileAccess
 from embedding_server.interceptor import (
     ADMIN_SERVICE,
     HEALTH_SERVICE,
@@ -125,6 +126,33 @@ def build_store(config: ServerConfig, device: torch.device) -> TableStore:
     return store
 
 
+def file_access(config: ServerConfig) -> FileAccess:
+    """The directories callers may use, as configured (StartupError for a bad one)."""
+    try:
+        return FileAccess(config.table_dirs, config.snapshot_dir)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def authenticator(config: ServerConfig) -> Authenticator:
+    """Who may call what, as configured; says so in the log when admin is wide open."""
+    auth = Authenticator(
+        config.auth_tokens,
+        config.admin_tokens,
+        mutual_tls=bool(config.tls_client_ca),
+        admin_names=config.admin_client_names,
+        loopback_admin=config.allow_loopback_admin,
+    )
+    if config.allow_loopback_admin:
+        log.warning(
+            "--allow-loopback-admin: any process on this host may reload, update and "
+            "snapshot tables without a credential; a development setting"
+        )
+    if not auth.admin_enabled:
+        log.info("admin RPCs are off (no admin token or admin client certificate configured)")
+    return auth
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files (None: plaintext)."""
     if not config.tls_cert:
@@ -177,6 +205,7 @@ class EmbeddingServer:
     ) -> None:
         self.config = config
         self.store = store
+        store.files = file_access(config)  # what callers may read and write: the config's
         self.metrics_endpoint = metrics_endpoint
         limits = Limits(
             max_ids=config.max_ids,
@@ -188,14 +217,13 @@ class EmbeddingServer:
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
         )
-        self.authenticator = Authenticator(
-            config.auth_tokens, mutual_tls=bool(config.tls_client_ca)
-        )
+        self.authenticator = authenticator(config)
         # Few calls run at once (the GIL), more threads only for calls that wait.
         self.pool = CallPool(config.workers, config.max_threads)
         self._interceptor = StatusInterceptor(
-            self.authenticator, config.max_streams, waiting=self.pool.blocking
+            self.authenticator, config.max_streams, self.pool, config.stream_idle_s
         )
+        self.connection_cap = connections.connection_cap(config.max_connections)
         self._grpc = grpc.server(
             self.pool,  # type: ignore[arg-type]  # grpc only calls submit(); stubs say ThreadPoolExecutor
             interceptors=[self._interceptor],
@@ -208,6 +236,7 @@ class EmbeddingServer:
                 # A second server on the same port must fail, not share it by accident;
                 # the processes of one server share it on purpose.
                 ("grpc.so_reuseport", int(reuse_port)),
+                *connections.server_options(config, self.connection_cap),
             ],
         )
         self.batcher = (
@@ -229,6 +258,7 @@ class EmbeddingServer:
         self.port = 0
         self.metrics_port = 0
         self._metrics_httpd: WSGIServer | None = None
+        self._connections: connections.ConnectionWatch | None = None
 
     def start(self) -> None:
         """Bind both ports, publish table gauges, and mark the service SERVING."""
@@ -248,6 +278,8 @@ class EmbeddingServer:
             self._metrics_httpd, self.metrics_port = start_metrics(config)
         self._publish_tables()
         self._grpc.start()
+        self._connections = connections.ConnectionWatch(self.port, self.connection_cap)
+        self._connections.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -295,13 +327,16 @@ class EmbeddingServer:
         # grpc's own stop() destroys the server, and with it every connection, as soon as
         # the last handler has returned, while a large response may still be in the
         # transport (seen: 2 of 6 in-flight 3 MB responses reset). So drain first: refuse
-        # new calls, let running ones finish and their bytes leave, then stop.
+        # calls that arrive, let every call received (running, or queued for a handler
+        # thread) finish and its bytes leave, then stop.
         if not self._interceptor.drain(timeout=grace):
             log.warning("calls still running after the %.1f s grace period: cancelling", grace)
         time.sleep(max(0.0, min(LINGER_S, deadline - time.monotonic())))
         self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.batcher is not None:
             self.batcher.close()
+        if self._connections is not None:
+            self._connections.stop()
         self.pool.shutdown(wait=False)
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)

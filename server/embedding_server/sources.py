@@ -1,5 +1,5 @@
 """Table files: loading from .npy, .safetensors or torch checkpoints (or the seeded demo)
-onto a device, checking them on the way.
+onto a device, checking them on the way; and writing a table back as .npy or .safetensors.
 
 Every source is read in row chunks, so loading never holds a second full copy of
 a table in host memory: .npy is memory-mapped, .safetensors is sliced, torch
@@ -9,12 +9,14 @@ and has its negative zeros made positive (see `load_table`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -44,7 +46,7 @@ class RowSource:
 def _npy_source(path: Path) -> RowSource:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise TableLoadError(f"{path} is not a plain numeric .npy array ({exc})") from None
     if array.dtype.kind not in "fiub" or array.dtype.hasobject:
         raise TableLoadError(f"{path} holds dtype {array.dtype}, not numbers")
@@ -117,30 +119,36 @@ def _pick_key(path: Path, key: str | None, keys: list[str]) -> str:
     )
 
 
-def _open_source(spec: TableSpec) -> RowSource:
+def _open_source(spec: TableSpec, read: Path) -> RowSource:
+    """Open `spec`'s table, reading the file at `read` (its path, or a path naming the very
+    file already opened for it); messages name `spec.path`."""
     path = spec.path
-    if not path.exists():
+    if not read.exists():
         raise TableLoadError(f"{path}: no such file")
-    if not path.is_file():
+    if not read.is_file():
         raise TableLoadError(f"{path}: not a file")
     try:
-        with path.open("rb"):
+        with read.open("rb"):
             pass
     except OSError as exc:
         raise TableLoadError(f"{path}: cannot read ({exc.strerror})") from None
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        if spec.key:
-            raise TableLoadError(f"{path} is a single .npy array; drop ':{spec.key}'")
-        return _npy_source(path)
-    if suffix == ".safetensors":
-        return _safetensors_source(path, spec.key)
-    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        return _torch_source(path, spec.key)
-    raise TableLoadError(
-        f"{path}: unknown table format {suffix or '(no suffix)'!r}; "
-        "use .npy, .safetensors or a torch checkpoint (.pt, .pth, .bin, .ckpt)"
-    )
+    if suffix == ".npy" and spec.key:
+        raise TableLoadError(f"{path} is a single .npy array; drop ':{spec.key}'")
+    readers: dict[str, Callable[[], RowSource]] = {
+        ".npy": lambda: _npy_source(read),
+        ".safetensors": lambda: _safetensors_source(read, spec.key),
+        **dict.fromkeys((".pt", ".pth", ".bin", ".ckpt"), lambda: _torch_source(read, spec.key)),
+    }
+    if suffix not in readers:
+        raise TableLoadError(
+            f"{path}: unknown table format {suffix or '(no suffix)'!r}; "
+            "use .npy, .safetensors or a torch checkpoint (.pt, .pth, .bin, .ckpt)"
+        )
+    try:
+        return readers[suffix]()
+    except TableLoadError as exc:
+        raise TableLoadError(str(exc).replace(str(read), str(path))) from None
 
 
 def load_table(spec: TableSpec, device: torch.device, *, shared: bool = False) -> Table:
@@ -175,10 +183,11 @@ def attach_cache(table: Table, rows: int, device: torch.device) -> None:
              table.cache.slots * table.dim * table.weights.element_size() / 2**20)  # fmt: skip
 
 
-def open_table(spec: TableSpec) -> RowSource:
-    """Open `spec`'s file and check its shape and dtype; errors name the table."""
+def open_table(spec: TableSpec, read: Path | None = None) -> RowSource:
+    """Open `spec`'s file (read from `read` when given: a path naming the file opened for
+    it) and check its shape and dtype; errors name the table."""
     try:
-        source = _open_source(spec)
+        source = _open_source(spec, spec.path if read is None else read)
     except TableLoadError as exc:
         raise TableLoadError(f"table {spec.name!r}: {exc}") from None
     _check_shape(spec.name, source)
@@ -306,3 +315,28 @@ def demo_table(
         (rows, dim), torch.float32, lambda start, stop: torch.from_numpy(values[start:stop])
     )
     return materialise("demo", f"seeded demo (seed {seed})", source, device, shared=shared)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_table(out: BinaryIO, suffix: str, name: str, contents: torch.Tensor) -> None:
+    """Write `contents` (a host tensor, [rows, dim]) to `out` as `.npy` (bfloat16 as
+    float32: .npy has no bfloat16) or `.safetensors` (its own dtype, under `name`), in
+    one pass with no second copy of the table."""
+    if suffix == ".npy":
+        values = contents.float() if contents.dtype == torch.bfloat16 else contents
+        np.save(out, values.numpy())
+        return
+    # The safetensors layout: an 8-byte little-endian header length, a JSON header
+    # (padded with spaces to a multiple of 8), then the raw little-endian bytes.
+    nbytes = contents.numel() * contents.element_size()
+    header = json.dumps(
+        {name: {"dtype": SAFETENSORS_DTYPES[contents.dtype], "shape": list(contents.shape),
+                "data_offsets": [0, nbytes]}},
+        separators=(",", ":"),
+    ).encode()  # fmt: skip
+    header += b" " * (-len(header) % 8)
+    out.write(len(header).to_bytes(8, "little"))
+    out.write(header)
+    out.write(contents.contiguous().view(torch.uint8).numpy().data)

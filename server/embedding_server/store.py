@@ -3,11 +3,14 @@ row updates in place, and snapshots back to a file."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,15 @@ import torch
 
 from embedding_server import kernels
 from embedding_server.config import TableSpec
-from embedding_server.errors import FailedPrecondition, InvalidRequest, OverLimit, TableNotFound
+from embedding_server.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    OverLimit,
+    RequestError,
+    TableNotFound,
+    quoted,
+)
+from embedding_server.filesystem import FileAccess
 from embedding_server.sources import (
     CHUNK_BYTES,
     TableLoadError,
@@ -24,8 +35,11 @@ from embedding_server.sources import (
     open_table,
     storable,
     storage_bytes,
+    write_table,
 )
 from embedding_server.tables import Table, check_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +50,8 @@ class TableStore:
     default_name: str = ""
     # Reloads place CPU tables in shared memory (several server processes read them).
     shared: bool = False
+    # The directories callers may name: new table files, snapshots (none by default).
+    files: FileAccess = field(default_factory=FileAccess)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -50,8 +66,9 @@ class TableStore:
 
         Raises
         ------
-        TableNotFound, InvalidRequest
-            No such table; no file to reload from.
+        TableNotFound, InvalidRequest, FailedPrecondition
+            No such table; no file to reload from; a source outside the table
+            directories, or none configured (see `FileAccess.table_source`).
         TableLoadError
             The new file cannot be served (the old version keeps serving).
         OverLimit
@@ -59,41 +76,57 @@ class TableStore:
         """
         with self._reload_lock:
             old = self.get(name)
-            if source:
-                try:  # a new file, stored as the serving version is
-                    dtype = old.spec.dtype if old.spec is not None else None
-                    spec = TableSpec.parse(f"{old.name}={source}", dtype, None)
-                except ValueError as exc:
-                    raise InvalidRequest(str(exc)) from None
+            if source:  # a caller's file, inside the table directories
+                path, key = self.files.table_source(source)
+                dtype = old.spec.dtype if old.spec is not None else None  # stored as now
+                spec = TableSpec(old.name, path, key, dtype, confined=True)
             elif old.spec is not None:
                 spec = old.spec
             else:
                 raise InvalidRequest(
                     f"table {old.name!r} was not loaded from a file; give a source to reload from"
                 )
-            opened = open_table(spec)
-            if opened.shape[1] != old.dim:
-                raise TableLoadError(
-                    f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "
-                    f"serves dim {old.dim}; callers depend on it, so a reload keeps the dim"
-                )
-            device = old.weights.device
-            needed = storage_bytes(opened) + CHUNK_BYTES
-            free = available_bytes(device)
-            if needed > free:
-                raise OverLimit(
-                    f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {device} "
-                    f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
-                    f"{free / 2**20:.0f} MiB are free"
-                )
-            new = materialise(
-                old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype
-            )
-            new.version, new.spec = old.version + 1, spec
-            if old.cache is not None:
-                attach_cache(new, old.cache.slots, old.cache.device)
+            # A file a caller chose is read through the descriptor checked inside the table
+            # directories; the operator's own files are read by path.
+            with (
+                self.files.open_table_file(spec.path)
+                if spec.confined
+                else contextlib.nullcontext(None)
+            ) as read:
+                new = self._load_version(old, spec, read)
             self.replace(new)
             return new
+
+    def _load_version(self, old: Table, spec: TableSpec, read: Path | None) -> Table:
+        """The next version of table `old` from `spec`'s file, checked to fit beside it."""
+        try:
+            opened = open_table(spec, read)
+        except (TableLoadError, RequestError):
+            raise
+        except Exception as exc:  # a reader's surprise on a hostile file is not INTERNAL
+            log.warning("table %r: reading %s failed", old.name, spec.path, exc_info=True)
+            raise TableLoadError(
+                f"table {old.name!r}: cannot read {quoted(str(spec.path))} ({type(exc).__name__})"
+            ) from None
+        if opened.shape[1] != old.dim:
+            raise TableLoadError(
+                f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "
+                f"serves dim {old.dim}; callers depend on it, so a reload keeps the dim"
+            )
+        device = old.weights.device
+        needed = storage_bytes(opened) + CHUNK_BYTES
+        free = available_bytes(device)
+        if needed > free:
+            raise OverLimit(
+                f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {device} "
+                f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
+                f"{free / 2**20:.0f} MiB are free"
+            )
+        new = materialise(old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype)
+        new.version, new.spec = old.version + 1, spec
+        if old.cache is not None:
+            attach_cache(new, old.cache.slots, old.cache.device)
+        return new
 
     def replace(self, table: Table) -> None:
         """Serve `table` in place of the table of the same name (a new version of it)."""
@@ -129,6 +162,8 @@ class TableStore:
             )
         if ids.ndim != 1:
             raise InvalidRequest(f"ids to update must be 1-D, got shape {list(ids.shape)}")
+        if ids.size == 0:
+            raise InvalidRequest("no rows to update: give at least one id and its vector")
         if vectors.shape != (ids.size, table.dim):
             raise InvalidRequest(
                 f"{ids.size} ids need vectors of shape [{ids.size}, {table.dim}], got "
@@ -171,23 +206,26 @@ class TableStore:
                     state[0] += 1
         return table
 
-    def snapshot(self, name: str, path: Path) -> tuple[Table, int, int]:
-        """Write table `name`'s current contents to `path` (.npy: float32 for bfloat16
-        tables; .safetensors: the storage dtype, under the table's name), atomically (a
-        temporary file renamed). Returns the table, the version written and the bytes.
+    def snapshot(
+        self, name: str, path: str, *, overwrite: bool = False
+    ) -> tuple[Table, int, Path, int]:
+        """Write table `name`'s current contents to `path`, inside the snapshot directory
+        (.npy: float32 for bfloat16 tables; .safetensors: the storage dtype, under the
+        table's name), through an exclusive temporary file (see `FileAccess`). Returns
+        the table, the version written, the file and its bytes.
 
         Raises
         ------
         TableNotFound, InvalidRequest
-            No such table; a path that is not .npy/.safetensors or not absolute.
+            No such table; a path that is not .npy/.safetensors or outside the snapshot
+            directory.
+        AlreadyExists
+            The file exists and `overwrite` is false.
         FailedPrecondition
-            The file cannot be written (the message says why).
+            Snapshots are off, or the file cannot be written (the message says why).
         """
         table = self.get(name)
-        if not path.is_absolute() or path.suffix not in (".npy", ".safetensors"):
-            raise InvalidRequest(
-                f"snapshot path {str(path)!r} must be absolute and end in .npy or .safetensors"
-            )
+        target = self.files.snapshot_target(path)
         rows = table.rows_for_kernels()
 
         def copy() -> torch.Tensor:
@@ -197,22 +235,11 @@ class TableStore:
             return whole.to("cpu", copy=True)
 
         contents, version = table.read(copy)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            if path.suffix == ".npy":
-                if contents.dtype == torch.bfloat16:
-                    contents = contents.float()  # .npy has no bfloat16
-                with temporary.open("wb") as out:
-                    np.save(out, contents.numpy())
-            else:
-                from safetensors.torch import save_file
-
-                save_file({table.name: contents}, str(temporary))
-            os.replace(temporary, path)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            raise FailedPrecondition(f"cannot write {path}: {exc.strerror}") from None
-        return table, version, path.stat().st_size
+        size = self.files.write_snapshot(
+            target, partial(write_table, suffix=target.suffix, name=table.name, contents=contents),
+            overwrite=overwrite,
+        )  # fmt: skip
+        return table, version, target, size
 
     def resolve_name(self, name: str) -> str | None:
         """The name of the table an empty or given `name` selects, None if there is none."""
@@ -226,7 +253,7 @@ class TableStore:
             if not name:
                 raise TableNotFound("no table name given and the server has no default table")
             known = ", ".join(sorted(self.tables)) or "none"
-            raise TableNotFound(f"unknown table {name!r}; this server holds: {known}")
+            raise TableNotFound(f"unknown table {quoted(name)}; this server holds: {known}")
         return table
 
     def __iter__(self) -> Iterator[Table]:

@@ -46,13 +46,14 @@ import torch
 import torch.multiprocessing as torch_mp
 from prometheus_client import multiprocess
 
-from embedding_server import metrics
+from embedding_server import logs, metrics
 from embedding_server.admin import reload_table
 from embedding_server.config import ServerConfig
 from embedding_server.server import (
     EmbeddingServer,
     StartupError,
     StopSignals,
+    file_access,
     start_metrics,
     stop_metrics,
 )
@@ -109,6 +110,7 @@ class Supervisor:
     def __init__(self, config: ServerConfig, store: TableStore, metrics_dir: str) -> None:
         self.config = config
         self.store = store
+        store.files = file_access(config)  # reloads run here: the sources they may read
         self.metrics_dir = metrics_dir
         self.port = config.port
         self.metrics_port = config.metrics_port
@@ -426,9 +428,8 @@ class SupervisorLink:
 
 def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Connection) -> None:
     """A worker process: serve `tables` (shared with the supervisor) on the common port."""
-    logging.basicConfig(
-        level=config.log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
+    logs.configure(
+        config.log_level, f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"
     )
     # The processes share the cores: torch's own thread pool would oversubscribe them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.processes))

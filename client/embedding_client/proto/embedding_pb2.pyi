@@ -170,22 +170,26 @@ class UpdateRowsResponse(_message.Message):
     def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ...) -> None: ...
 
 class SnapshotTableRequest(_message.Message):
-    __slots__ = ("table", "path")
+    __slots__ = ("table", "path", "overwrite")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     table: str
     path: str
-    def __init__(self, table: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    overwrite: bool
+    def __init__(self, table: _Optional[str] = ..., path: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class SnapshotTableResponse(_message.Message):
-    __slots__ = ("table", "version", "bytes")
+    __slots__ = ("table", "version", "bytes", "path")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     table: TableInfo
     version: int
     bytes: int
-    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    path: str
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class ReloadTableRequest(_message.Message):
     __slots__ = ("table", "source")

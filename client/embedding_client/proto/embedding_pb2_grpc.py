@@ -327,8 +327,10 @@ class EmbeddingService:
 
 
 class EmbeddingAdminStub:
-    """Operations on the server's tables. When auth is on it needs a credential like every
-    other RPC; when auth is off only loopback callers may use it.
+    """Operations on the server's tables. Each needs an admin credential (an admin token, or a
+    client certificate on the server's admin list); a data credential gets
+    PERMISSION_DENIED. A server with no admin credential configured refuses them all,
+    unless its operator allowed unauthenticated admin from loopback (development only).
     """
 
     def __init__(self, channel):
@@ -355,8 +357,10 @@ class EmbeddingAdminStub:
 
 
 class EmbeddingAdminServicer:
-    """Operations on the server's tables. When auth is on it needs a credential like every
-    other RPC; when auth is off only loopback callers may use it.
+    """Operations on the server's tables. Each needs an admin credential (an admin token, or a
+    client certificate on the server's admin list); a data credential gets
+    PERMISSION_DENIED. A server with no admin credential configured refuses them all,
+    unless its operator allowed unauthenticated admin from loopback (development only).
     """
 
     def ReloadTable(self, request, context):
@@ -380,8 +384,10 @@ class EmbeddingAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SnapshotTable(self, request, context):
-        """Write a table's current contents to a file on the server (.npy or .safetensors), for
-        a later load or reload; written to a temporary file and renamed.
+        """Write a table's current contents to a file in the server's snapshot directory (.npy
+        or .safetensors), for a later load or reload; written to a temporary file created
+        exclusively (mode 0600), then put in place. Off (FAILED_PRECONDITION) on a server
+        with no snapshot directory; ALREADY_EXISTS for an existing file unless `overwrite`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -414,8 +420,10 @@ def add_EmbeddingAdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EmbeddingAdmin:
-    """Operations on the server's tables. When auth is on it needs a credential like every
-    other RPC; when auth is off only loopback callers may use it.
+    """Operations on the server's tables. Each needs an admin credential (an admin token, or a
+    client certificate on the server's admin list); a data credential gets
+    PERMISSION_DENIED. A server with no admin credential configured refuses them all,
+    unless its operator allowed unauthenticated admin from loopback (development only).
     """
 
     @staticmethod

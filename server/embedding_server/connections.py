@@ -1,0 +1,155 @@
+"""Bounds on client connections: grpc's server options for the connection cap, handshake
+timeout, idle time, age and keepalive; the open-file limit they need; and the open
+connections counted for /metrics.
+
+Without them, TCP connections that never send a byte stay open (grpc's handshake
+timeout defaults to 120 s) and enough of them use up the process's file descriptors,
+after which every call fails. With them, connections past `--max-connections` are
+closed as soon as they are accepted, silent ones after `--handshake-timeout`, and the
+cap stays below the open-file limit, so the server keeps serving the connections it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+from pathlib import Path
+from typing import Any
+
+from embedding_server import metrics
+from embedding_server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+# Files the process needs besides client connections: tables, pipes, the metrics port,
+# shared memory, logs, a CUDA context's.
+RESERVED_FILES = 128
+# The server pings a connection idle this long, and closes it if no answer comes within
+# the timeout (a client gone without closing: a crashed host, a dropped NAT entry).
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+# A client may ping at most this often with no call in flight; past two such strikes the
+# server sends GOAWAY (grpc's ping-flood protection).
+MIN_CLIENT_PING_INTERVAL_MS = 60_000
+MAX_PING_STRIKES = 2
+SAMPLE_EVERY_S = 1.0
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return int(hard if soft == resource.RLIM_INFINITY else soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return int(soft)
+    return int(hard)
+
+
+def connection_cap(requested: int) -> int:
+    """`requested` (--max-connections), lowered where the open-file limit cannot hold that
+    many connections beside the files the server needs itself."""
+    room = max(1, raise_open_file_limit() - RESERVED_FILES)
+    if requested > room:
+        log.warning("--max-connections %d lowered to %d: the open-file limit (ulimit -n) "
+                    "leaves room for no more", requested, room)  # fmt: skip
+        return room
+    return requested
+
+
+def server_options(config: ServerConfig, cap: int) -> list[tuple[str, Any]]:
+    """grpc server options bounding connections (see the module docstring)."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_allowed_incoming_connections", cap),
+        ("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout_s)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
+    if config.connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", _ms(config.connection_idle_s)))
+    if config.connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", _ms(config.connection_age_s)))
+        # Calls in flight when a connection reaches its age get the shutdown grace.
+        options.append(("grpc.max_connection_age_grace_ms", _ms(max(config.grace_s, 1.0))))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class ConnectionWatch:
+    """Counts this process's client connections on `port` once a second, from /proc
+    (Linux): the open ones as a gauge, the ones seen opening and closing as counters."""
+
+    def __init__(self, port: int, cap: int) -> None:
+        self.port = port
+        metrics.CONNECTION_LIMIT.set(cap)
+        self._seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="connections", daemon=True)
+
+    def start(self) -> None:
+        if Path("/proc/net/tcp").exists():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            self.sample()
+
+    def sample(self) -> int:
+        """Count now; returns the connections open."""
+        current = established_sockets(self.port) & _own_sockets()
+        metrics.CONNECTIONS.set(len(current))
+        opened, closed = len(current - self._seen), len(self._seen - current)
+        if opened:
+            metrics.CONNECTIONS_OPENED.inc(opened)
+        if closed:
+            metrics.CONNECTIONS_CLOSED.inc(closed)
+        self._seen = current
+        return len(current)
+
+
+def established_sockets(port: int) -> set[int]:
+    """Inodes of the established TCP sockets (IPv4 and IPv6) whose local port is `port`."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines, None)  # header
+                for line in lines:
+                    fields = line.split()
+                    # local_address is ADDR:PORT in hex; state 01 is ESTABLISHED.
+                    if fields[3] == "01" and int(fields[1].rpartition(":")[2], 16) == port:
+                        inodes.add(int(fields[9]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return inodes
+
+
+def _own_sockets() -> set[int]:
+    """Inodes of the sockets this process holds open."""
+    inodes: set[int] = set()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
