@@ -177,6 +177,7 @@ class ServerConfig:
     max_ids: int = 262_144
     max_dense_macs: int = 16_000_000_000
     dense_chunk_cells: int = 16_777_216
+    dense_concurrency: int = 2
     max_message_bytes: int = 1 << 30
     workers: int = 4
     max_threads: int = 64
@@ -298,6 +299,9 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "most multiply-adds (ids x rows x dim) one LookupDense call may cost"),
     ("--dense-chunk-cells", "dense_chunk_cells", _positive_int,
      "one-hot cells (ids x rows) materialised at once on the dense path"),
+    ("--dense-concurrency", "dense_concurrency", _positive_int,
+     "one-hot matmuls (LookupDense) running at once; more wait their turn within their "
+     "deadline (each uses every core, or the whole device, by itself)"),
     ("--max-message-bytes", "max_message_bytes", _positive_int,
      "largest request or response message, in bytes"),
     ("--workers", "workers", _positive_int,

@@ -5,8 +5,11 @@ Knows tensors, devices and numpy arrays; never protobuf.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,7 +19,7 @@ import torch
 from embedding_client.codec import Bags
 from embedding_server import kernels
 from embedding_server.batcher import Batcher
-from embedding_server.errors import InvalidRequest, OverLimit
+from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit
 from embedding_server.store import TableStore
 from embedding_server.tables import Table, check_ids
 
@@ -35,6 +38,9 @@ class Limits:
     max_dense_macs: int
     dense_chunk_cells: int
     max_response_bytes: int
+    # One-hot matmuls running at once: each uses every core (or the whole device) by
+    # itself, so more only fight over them and starve the threads serving lookups.
+    dense_concurrency: int = 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Lookups:
         self.store = store
         self.limits = limits
         self.batcher = batcher
+        self._dense_slots = threading.BoundedSemaphore(limits.dense_concurrency)
 
     def lookup(
         self,
@@ -90,10 +97,26 @@ class Lookups:
         self._check(table, ids, out_dtype, dense, bags, padding_id)
         rows = table.rows_for_kernels()
         kernel = self._kernel(rows, ids, out_dtype, dense, bags, padding_id, deadline)
-        # No row the kernel reads is half-updated; the version is the one it saw.
-        (result, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
+        with self._dense_slot(deadline) if dense else contextlib.nullcontext():
+            # No row the kernel reads is half-updated; the version is the one it saw.
+            (result, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
         data = result if isinstance(result, np.ndarray) else kernels.to_host(result, out_dtype)
         return LookupOutput(data, shape, dtype, table, version, seconds, name)
+
+    @contextlib.contextmanager
+    def _dense_slot(self, deadline: float | None) -> Iterator[None]:
+        """Hold one of the `dense_concurrency` places for a one-hot matmul, waiting no
+        longer than the call's deadline."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._dense_slots.acquire(timeout=timeout):
+            raise DeadlineExceeded(
+                "the deadline passed while the call waited for other one-hot matmuls "
+                f"(at most {self.limits.dense_concurrency} run at once, --dense-concurrency)"
+            )
+        try:
+            yield
+        finally:
+            self._dense_slots.release()
 
     def _kernel(
         self,

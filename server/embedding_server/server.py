@@ -211,6 +211,7 @@ class EmbeddingServer:
             max_ids=config.max_ids,
             max_dense_macs=config.max_dense_macs,
             dense_chunk_cells=config.dense_chunk_cells,
+            dense_concurrency=config.dense_concurrency,
             max_response_bytes=config.max_message_bytes,
         )
         self.health = health.HealthServicer(
@@ -259,6 +260,11 @@ class EmbeddingServer:
         self.metrics_port = 0
         self._metrics_httpd: WSGIServer | None = None
         self._connections: connections.ConnectionWatch | None = None
+
+    @property
+    def draining(self) -> bool:
+        """Whether a stop has begun: calls that arrive now are refused."""
+        return self._interceptor.draining
 
     def start(self) -> None:
         """Bind both ports, publish table gauges, and mark the service SERVING."""
