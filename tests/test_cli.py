@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_client import EmbeddingClient, EmbeddingError
+from embedding_client.client import with_default_port
 
 from .conftest import BIN, WORKED_WEIGHTS, free_port, random_table, server_env, wait_serving
 
@@ -302,3 +303,60 @@ def test_tables_from_a_config_file(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--table", "nameonly"], "table 'nameonly' is not NAME=PATH or NAME=PATH:KEY"),
+        (["--config", "/nonexistent/tables.toml"], "--config /nonexistent/tables.toml:"),
+        (["--snapshot-dir", "/nonexistent"], "--snapshot-dir /nonexistent: not a directory"),
+        (["--admin-client-names", "ops"], "--admin-client-names needs mutual TLS"),
+    ],
+)
+def test_flag_mistakes_are_one_line_not_the_usage(argv: list[str], message: str) -> None:
+    """Before, the line that matters came after about 19 lines of usage text."""
+    done = subprocess.run(
+        [str(BIN / "embedding-server"), *argv],
+        capture_output=True, text=True, timeout=60, env=server_env(),
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr
+    assert lines[0].startswith("embedding-server: error: ") and message in lines[0]
+    assert lines[1] == "(embedding-server --help lists the options)"
+
+
+def test_new_user_mistakes_get_a_clear_answer() -> None:
+    for program in ("embedding-server", "embedding-client"):
+        done = subprocess.run([str(BIN / program), "--version"], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.startswith(f"{program} 0."), done
+    done = _cli("lookup", "--ids", "99999999999999999999")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "99999999999999999999 does not fit in int64" in done.stderr.splitlines()[0]
+    assert len(done.stderr.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("localhost", "localhost:50051"),
+        ("10.0.0.7", "10.0.0.7:50051"),
+        ("[::1]", "[::1]:50051"),
+        ("[::1]:7000", "[::1]:7000"),
+        ("host.example:443", "host.example:443"),
+        ("dns:///embeddings.prod:50051", "dns:///embeddings.prod:50051"),
+        ("unix:/run/embedding.sock", "unix:/run/embedding.sock"),
+    ],
+)
+def test_a_target_without_a_port_gets_the_service_port(target: str, expected: str) -> None:
+    """grpc itself would send `--target localhost` to port 443."""
+    assert with_default_port(target) == expected
+    with EmbeddingClient(target) as client:
+        assert client.target == expected
+
+
+def test_cli_target_without_a_port_reaches_50051_not_443() -> None:
+    done = _cli("--target", "127.0.0.1", "--timeout", "2", "health")
+    assert done.returncode == 1
+    assert "127.0.0.1:50051" in done.stderr or "SERVING" in done.stdout, done.stderr

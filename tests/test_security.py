@@ -66,6 +66,9 @@ def test_tls_serves_trusting_clients_only(
         np.testing.assert_array_equal(client.lookup([1, 2]), TABLE[[1, 2]])
         assert client.health() == "SERVING"
     assert _code(server.port) == grpc.StatusCode.UNAVAILABLE  # plaintext: no handshake
+    with _client(server.port) as plaintext, pytest.raises(EmbeddingError) as refused:
+        plaintext.tables()
+    assert "if it uses TLS, connect with TLS" in refused.value.details  # not just "Socket closed"
     assert _code(server.port, ca=str(pki.other_ca.cert)) == grpc.StatusCode.UNAVAILABLE
 
 
@@ -199,7 +202,10 @@ def test_loopback_peers(peer: str, loopback: bool) -> None:
     assert is_loopback_peer(peer) is loopback
 
 
-def test_admin_and_data_tokens_have_their_roles(start_server: ServerFactory) -> None:
+def test_admin_and_data_tokens_have_their_roles(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="embedding_server.audit")
     server = start_server(
         {"t": TABLE}, auth_tokens=("data-token",), admin_tokens=("admin-token",),
         allow_loopback_admin=True,
@@ -225,6 +231,16 @@ def test_admin_and_data_tokens_have_their_roles(start_server: ServerFactory) -> 
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, scheme
     with _client(remote_like.port, token="admin-token") as admin:  # admin works for data
         np.testing.assert_array_equal(admin.lookup([2]), TABLE[[2]])
+    audit = [r.getMessage() for r in caplog.records if r.name == "embedding_server.audit"]
+    assert len(audit) == 8, audit  # every admin call, refused or not; no data call
+    assert any(
+        "admin ReloadTable by data token #1 from ipv4:127.0.0.1:" in line
+        and "[table='t'] -> PERMISSION_DENIED: the credential of this call" in line
+        for line in audit
+    ), audit
+    assert any("by admin token #1 from" in line and "-> INVALID_ARGUMENT" in line for line in audit)
+    assert any("by a caller without a valid credential" in line for line in audit)
+    assert not any("admin-token" in line or "data-token" in line for line in audit)
 
 
 def test_mutual_tls_admin_by_client_certificate_name(

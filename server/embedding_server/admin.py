@@ -15,6 +15,7 @@ from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
+from embedding_server.errors import quoted
 from embedding_server.servicer import table_info
 from embedding_server.store import TableStore
 from embedding_server.tables import Table
@@ -62,7 +63,8 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
         table, version, path, size = self.store.snapshot(
             request.table, request.path, overwrite=request.overwrite
         )
-        log.info("table %r version %d written to %s (%d bytes)", table.name, version, path, size)
+        log.info("table %r version %d written to %s (%d bytes)", table.name, version,
+                 quoted(str(path)), size)  # fmt: skip
         return pb.SnapshotTableResponse(
             table=table_info(table, self.store), version=version, bytes=size, path=str(path)
         )

@@ -103,11 +103,13 @@ class Authenticator:
                 "admin RPCs are off on this server: start it with an admin token "
                 "(--admin-tokens-file or EMBEDDING_ADMIN_TOKENS) or, with mutual TLS, "
                 "--admin-client-names; for development on one machine, "
-                "--allow-loopback-admin true"
+                "--allow-loopback-admin true",
+                who,
             )
         raise PermissionDenied(
             f"the credential of this call ({who}) has the data role; admin RPCs need an "
-            "admin token or an admin client certificate"
+            "admin token or an admin client certificate",
+            who,
         )
 
     def _identify(self, context: grpc.ServicerContext) -> tuple[str, bool]:

@@ -64,6 +64,11 @@ class CallPool(futures.Executor):
         """Threads that count against `threads`: alive and not inside `blocking()`."""
         return len(self._alive) - self._blocked
 
+    @property
+    def queued(self) -> int:
+        """Calls submitted and not yet taken by a thread."""
+        return self._queued
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         future: futures.Future[Any] = futures.Future()
         with self._lock:

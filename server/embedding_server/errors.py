@@ -27,7 +27,12 @@ class Unauthenticated(RequestError):
 
 
 class PermissionDenied(RequestError):
-    """A caller this RPC is not open to: PERMISSION_DENIED."""
+    """A caller this RPC is not open to: PERMISSION_DENIED. `caller` says who it was
+    (never a secret), for the audit log."""
+
+    def __init__(self, message: str, caller: str = "") -> None:
+        super().__init__(message)
+        self.caller = caller
 
 
 class FailedPrecondition(RequestError):

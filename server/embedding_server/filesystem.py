@@ -241,11 +241,15 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _check_path_text(text: str, what: str) -> None:
-    """Refuse text that no file name can be: empty, NUL bytes, over Linux's limits."""
+    """Refuse text that no file name can be (empty, NUL bytes, over Linux's limits) or
+    should be (control characters)."""
     if not text:
         raise InvalidRequest(f"{what} is empty")
     if "\x00" in text:
         raise InvalidRequest(f"{what} {quoted(text)} holds a NUL byte")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in text):
+        # Legal in Linux file names, and a trap in every shell and log that lists them.
+        raise InvalidRequest(f"{what} {quoted(text)} holds control characters")
     if len(text) > MAX_PATH_CHARS:
         raise InvalidRequest(f"{what} is {len(text)} characters long; at most {MAX_PATH_CHARS}")
     if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in text.split("/")):

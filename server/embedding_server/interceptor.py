@@ -166,6 +166,11 @@ class StatusInterceptor(grpc.ServerInterceptor):
         self._streams: dict[int, _OpenStream] = {}
         self._reaper: threading.Thread | None = None
 
+    @property
+    def draining(self) -> bool:
+        """Whether calls that arrive now are refused (`drain()` was called)."""
+        return self._draining
+
     def drain(self, timeout: float) -> bool:
         """Refuse calls that arrive from now on; wait up to `timeout` s for every call
         received before (running, or queued for a handler thread) and for answers in
@@ -276,6 +281,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
                 return behavior(request, context)
             except MAPPED_ERRORS as exc:
                 code, details = status_code(exc), str(exc)
+                who = getattr(exc, "caller", "") or who  # a refused credential says whose
                 context.abort(code, details)
             except Exception as exc:
                 # grpc-stubs lags grpcio: ServicerContext.code() exists since 1.38.
