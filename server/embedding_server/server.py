@@ -307,6 +307,7 @@ class EmbeddingServer:
             if self.batcher is not None:
                 for batch_metric in metrics.BATCH_METRICS:
                     batch_metric.labels(table.name)
+        metrics.STREAM_IDLE_TIMEOUTS.labels("LookupStream")
         for method in ("Lookup", "LookupDense", "LookupMany", "LookupManyDense", "ListTables"):
             metrics.INFLIGHT.labels(method)
             metrics.GRPC_STARTED.labels("unary", SERVICE_NAME, method)
