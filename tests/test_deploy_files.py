@@ -68,7 +68,8 @@ def test_cpu_override_drops_the_gpu_reservation() -> None:
 
 def test_compose_environment_names_are_real_server_settings() -> None:
     server = _yaml(DOCKER / "docker-compose.yml")["services"]["embedding-server"]
-    known = {env_name(flag) for flag, *_ in OPTIONS} | {"EMBEDDING_TABLES"}
+    secrets = {"EMBEDDING_AUTH_TOKENS", "EMBEDDING_ADMIN_TOKENS"}  # not flags: kept off argv
+    known = {env_name(flag) for flag, *_ in OPTIONS} | {"EMBEDDING_TABLES"} | secrets
     assert set(server["environment"]) <= known
 
 
