@@ -1,6 +1,6 @@
 """Kernel benchmark: gather vs one-hot matmul over vocabulary size and batch, as served.
 
-Times `embedding_server.kernels.gather` and `one_hot_matmul` (the functions the server
+Times `embedding_server.core.kernels.gather` and `one_hot_matmul` (the functions the server
 runs) on the chosen device: CUDA events on a GPU, a wall clock on the CPU. Prints a
 markdown table, writes it and a plot under --out.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from embedding_server import kernels
+from embedding_server.core import kernels
 
 DIM = 128
 

@@ -17,9 +17,9 @@ import torch
 
 from embedding_client import EmbeddingClient
 from embedding_server.config import ServerConfig
-from embedding_server.server import EmbeddingServer
-from embedding_server.store import TableStore
-from embedding_server.tables import Table
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
+from embedding_server.process.server import EmbeddingServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

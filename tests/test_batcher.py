@@ -13,8 +13,8 @@ import torch
 from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient, EmbeddingError
-from embedding_server.batcher import Batcher
-from embedding_server.tables import Table
+from embedding_server.core.batcher import Batcher
+from embedding_server.core.tables import Table
 
 from .conftest import ServerFactory, random_table
 

@@ -13,10 +13,10 @@ from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient
 from embedding_server.config import TableSpec
-from embedding_server.kernels import CachedRows
-from embedding_server.server import EmbeddingServer
-from embedding_server.sources import load_table
-from embedding_server.store import TableStore
+from embedding_server.core.kernels import CachedRows
+from embedding_server.core.sources import load_table
+from embedding_server.core.store import TableStore
+from embedding_server.process.server import EmbeddingServer
 
 from .conftest import TEST_CONFIG, admin_settings, random_table
 

@@ -8,7 +8,7 @@ from concurrent import futures
 
 import pytest
 
-from embedding_server.callpool import CallPool
+from embedding_server.process.callpool import CallPool
 
 
 class Gauge:

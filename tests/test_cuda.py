@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from embedding_client import EmbeddingClient
-from embedding_server import kernels
 from embedding_server.config import TableSpec
-from embedding_server.kernels import to_host
-from embedding_server.server import resolve_device
-from embedding_server.sources import load_table
+from embedding_server.core import kernels
+from embedding_server.core.kernels import to_host
+from embedding_server.core.sources import load_table
+from embedding_server.process.server import resolve_device
 
 from .conftest import BIN, ServerFactory, free_port, random_table, server_env, wait_serving
 

@@ -17,8 +17,8 @@ import pytest
 from embedding_client import EmbeddingClient, EmbeddingError
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server import kernels
-from embedding_server.lookup import Lookups
+from embedding_server.core import kernels
+from embedding_server.core.lookup import Lookups
 
 from .conftest import BIN, ServerFactory, free_port, random_table, server_env, wait_serving
 

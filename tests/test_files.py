@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from embedding_client import EmbeddingClient, EmbeddingError
+from embedding_server.core.filesystem import FileAccess
 from embedding_server.errors import FailedPrecondition
-from embedding_server.filesystem import FileAccess
-from embedding_server.server import EmbeddingServer
+from embedding_server.process.server import EmbeddingServer
 
 from .conftest import ServerFactory, admin_settings, random_table
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from embedding_client import EmbeddingClient
 from embedding_client.proto import embedding_pb2 as pb
-from embedding_server.server import EmbeddingServer
+from embedding_server.process.server import EmbeddingServer
 
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

@@ -12,8 +12,8 @@ import pytest
 from embedding_client import EmbeddingClient
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server.server import EmbeddingServer
-from embedding_server.tables import Table
+from embedding_server.core.tables import Table
+from embedding_server.process.server import EmbeddingServer
 
 from .conftest import TEST_CONFIG, ServerFactory, admin_settings, make_store, random_table
 

@@ -25,7 +25,7 @@ from embedding_client import EmbeddingClient
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import logs
-from embedding_server.server import EmbeddingServer
+from embedding_server.process.server import EmbeddingServer
 
 from .conftest import (
     BIN,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from embedding_server import kernels
+from embedding_server.core import kernels
+from embedding_server.core.lookup import Limits, Lookups
 from embedding_server.errors import DeadlineExceeded
-from embedding_server.lookup import Limits, Lookups
 
 from .conftest import make_store
 

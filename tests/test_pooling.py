@@ -11,7 +11,7 @@ import pytest
 from embedding_client import EmbeddingClient, EmbeddingError, Pooling, codec
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server.server import EmbeddingServer
+from embedding_server.process.server import EmbeddingServer
 
 from .conftest import ServerFactory, random_table
 

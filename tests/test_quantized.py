@@ -14,13 +14,13 @@ from prometheus_client import REGISTRY
 from embedding_client import EmbeddingClient, Pooling
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server import kernels
 from embedding_server.config import TableSpec
-from embedding_server.filesystem import FileAccess
-from embedding_server.server import EmbeddingServer
-from embedding_server.sources import load_table
-from embedding_server.store import TableStore
-from embedding_server.tables import Table
+from embedding_server.core import kernels
+from embedding_server.core.filesystem import FileAccess
+from embedding_server.core.sources import load_table
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
+from embedding_server.process.server import EmbeddingServer
 
 from .conftest import TEST_CONFIG, random_table
 

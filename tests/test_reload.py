@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from embedding_client import EmbeddingClient, EmbeddingError
-from embedding_server import store as store_module
 from embedding_server.config import TableSpec
-from embedding_server.server import EmbeddingServer
-from embedding_server.sources import load_table
-from embedding_server.store import TableStore
+from embedding_server.core import store as store_module
+from embedding_server.core.sources import load_table
+from embedding_server.core.store import TableStore
+from embedding_server.process.server import EmbeddingServer
 
 from .conftest import BIN, TEST_CONFIG, admin_settings, free_port, server_env, wait_serving
 

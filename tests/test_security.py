@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from embedding_client import EmbeddingClient, EmbeddingError, Security
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server.auth import is_loopback_peer
 from embedding_server.config import ServerConfig
+from embedding_server.transport.auth import is_loopback_peer
 
 from .certs import issue, make_ca
 from .conftest import ServerFactory, random_table

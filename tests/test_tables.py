@@ -11,7 +11,7 @@ from safetensors.numpy import save_file as save_safetensors_numpy
 from safetensors.torch import save_file as save_safetensors
 
 from embedding_server.config import TableSpec
-from embedding_server.sources import TableLoadError, demo_table, load_table
+from embedding_server.core.sources import TableLoadError, demo_table, load_table
 
 from .conftest import random_table
 
@@ -79,7 +79,7 @@ def test_negative_zeros_become_positive(tmp_path: Path) -> None:
 
 
 def test_large_npy_loads_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedding_server import sources
+    from embedding_server.core import sources
 
     monkeypatch.setattr(sources, "CHUNK_BYTES", 1000)  # many chunks over a small file
     values = random_table(3001, 9, seed=6)

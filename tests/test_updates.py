@@ -14,10 +14,10 @@ from prometheus_client import REGISTRY
 from safetensors.torch import load_file as load_safetensors
 
 from embedding_client import EmbeddingClient, EmbeddingError, Security
+from embedding_server.core.kernels import CachedRows
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
 from embedding_server.errors import FailedPrecondition
-from embedding_server.kernels import CachedRows
-from embedding_server.store import TableStore
-from embedding_server.tables import Table
 
 from .conftest import ServerFactory, admin_settings, random_table
 

@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(config: ServerConfig, metrics_dir: str = "") -> int:
     """Run the server until SIGTERM or SIGINT; the exit status of `embedding-server`.
     With `config.processes > 1` this process supervises workers that share the port."""
-    from embedding_server import logs, server, workers
-    from embedding_server.sources import TableLoadError
+    from embedding_server import logs
+    from embedding_server.core.sources import TableLoadError
+    from embedding_server.process import server, workers
 
     logs.configure(config.log_level)
     log.info("embedding-server starting with:")

@@ -26,7 +26,7 @@ from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from embedding_server.tables import Table
+    from embedding_server.core.tables import Table
 
 # `_created` series double the exposition and no dashboard reads them.
 disable_created_metrics()

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from embedding_server import kernels, metrics
-from embedding_server.tables import Table
+from embedding_server import metrics
+from embedding_server.core import kernels
+from embedding_server.core.tables import Table
 
 
 @dataclass

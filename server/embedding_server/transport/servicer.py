@@ -17,11 +17,16 @@ from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
+from embedding_server.core.lookup import Lookups
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
 from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit, quoted
-from embedding_server.interceptor import DENSE_METHODS, MAPPED_ERRORS, Malformed, status_code
-from embedding_server.lookup import Lookups
-from embedding_server.store import TableStore
-from embedding_server.tables import Table
+from embedding_server.transport.interceptor import (
+    DENSE_METHODS,
+    MAPPED_ERRORS,
+    Malformed,
+    status_code,
+)
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):

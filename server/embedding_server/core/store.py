@@ -16,18 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedding_server import kernels
 from embedding_server.config import TableSpec
-from embedding_server.errors import (
-    FailedPrecondition,
-    InvalidRequest,
-    OverLimit,
-    RequestError,
-    TableNotFound,
-    quoted,
-)
-from embedding_server.filesystem import FileAccess
-from embedding_server.sources import (
+from embedding_server.core import kernels
+from embedding_server.core.filesystem import FileAccess
+from embedding_server.core.sources import (
     CHUNK_BYTES,
     TableLoadError,
     attach_cache,
@@ -37,7 +29,15 @@ from embedding_server.sources import (
     storage_bytes,
     write_table,
 )
-from embedding_server.tables import Table, check_ids
+from embedding_server.core.tables import Table, check_ids
+from embedding_server.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    OverLimit,
+    RequestError,
+    TableNotFound,
+    quoted,
+)
 
 log = logging.getLogger(__name__)
 

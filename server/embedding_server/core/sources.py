@@ -21,9 +21,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from embedding_server import kernels, metrics
+from embedding_server import metrics
 from embedding_server.config import TableSpec
-from embedding_server.tables import STORAGE_DTYPES, STORAGE_NAMES, Table
+from embedding_server.core import kernels
+from embedding_server.core.tables import STORAGE_DTYPES, STORAGE_NAMES, Table
 
 log = logging.getLogger(__name__)
 

@@ -22,23 +22,29 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server import connections, metrics
-from embedding_server.admin import EmbeddingAdminServicer, Reload, UpdateRows, reload_table
-from embedding_server.auth import Authenticator
-from embedding_server.batcher import Batcher
-from embedding_server.callpool import CallPool
+from embedding_server import metrics
 from embedding_server.config import ServerConfig
-from embedding_server.filesystem import FileAccess
-from embedding_server.interceptor import (
+from embedding_server.core.batcher import Batcher
+from embedding_server.core.filesystem import FileAccess
+from embedding_server.core.lookup import Limits, Lookups
+from embedding_server.core.sources import demo_table, load_table
+from embedding_server.core.store import TableStore
+from embedding_server.process.callpool import CallPool
+from embedding_server.transport import connections
+from embedding_server.transport.admin import (
+    EmbeddingAdminServicer,
+    Reload,
+    UpdateRows,
+    reload_table,
+)
+from embedding_server.transport.auth import Authenticator
+from embedding_server.transport.interceptor import (
     ADMIN_SERVICE,
     HEALTH_SERVICE,
     SERVICE_NAME,
     StatusInterceptor,
 )
-from embedding_server.lookup import Limits, Lookups
-from embedding_server.servicer import EmbeddingServicer
-from embedding_server.sources import demo_table, load_table
-from embedding_server.store import TableStore
+from embedding_server.transport.servicer import EmbeddingServicer
 
 log = logging.getLogger("embedding_server")
 

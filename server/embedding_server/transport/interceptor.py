@@ -22,8 +22,7 @@ from grpc_health.v1 import health_pb2
 from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_server import logs, metrics
-from embedding_server.auth import Authenticator
-from embedding_server.callpool import CallPool
+from embedding_server.core.sources import TableLoadError
 from embedding_server.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -35,7 +34,8 @@ from embedding_server.errors import (
     TableNotFound,
     Unauthenticated,
 )
-from embedding_server.sources import TableLoadError
+from embedding_server.process.callpool import CallPool
+from embedding_server.transport.auth import Authenticator
 
 log = logging.getLogger(__name__)
 

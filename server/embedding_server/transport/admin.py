@@ -15,10 +15,10 @@ from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
 from embedding_server.errors import quoted
-from embedding_server.servicer import table_info
-from embedding_server.store import TableStore
-from embedding_server.tables import Table
+from embedding_server.transport.servicer import table_info
 
 log = logging.getLogger(__name__)
 

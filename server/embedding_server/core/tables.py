@@ -13,8 +13,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from embedding_server import kernels
 from embedding_server.config import TableSpec
+from embedding_server.core import kernels
 from embedding_server.errors import InvalidRequest
 
 T = TypeVar("T")

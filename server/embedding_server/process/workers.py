@@ -47,9 +47,10 @@ import torch.multiprocessing as torch_mp
 from prometheus_client import multiprocess
 
 from embedding_server import logs, metrics
-from embedding_server.admin import reload_table
 from embedding_server.config import ServerConfig
-from embedding_server.server import (
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
+from embedding_server.process.server import (
     EmbeddingServer,
     StartupError,
     StopSignals,
@@ -57,8 +58,7 @@ from embedding_server.server import (
     start_metrics,
     stop_metrics,
 )
-from embedding_server.store import TableStore
-from embedding_server.tables import Table
+from embedding_server.transport.admin import reload_table
 
 log = logging.getLogger("embedding_server")
 

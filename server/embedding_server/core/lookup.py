@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from embedding_client.codec import Bags
-from embedding_server import kernels
-from embedding_server.batcher import Batcher
+from embedding_server.core import kernels
+from embedding_server.core.batcher import Batcher
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table, check_ids
 from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit
-from embedding_server.store import TableStore
-from embedding_server.tables import Table, check_ids
 
 # Ids arrive as read-only views of the request bytes; the kernels never write them,
 # so torch's warning about non-writable arrays does not apply.
