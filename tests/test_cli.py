@@ -358,5 +358,7 @@ def test_a_target_without_a_port_gets_the_service_port(target: str, expected: st
 
 def test_cli_target_without_a_port_reaches_50051_not_443() -> None:
     done = _cli("--target", "127.0.0.1", "--timeout", "2", "health")
-    assert done.returncode == 1
-    assert "127.0.0.1:50051" in done.stderr or "SERVING" in done.stdout, done.stderr
+    # Nothing listens there in a test run (it names the port it tried), or a server does.
+    assert (done.returncode, "127.0.0.1:50051" in done.stderr) == (1, True) or (
+        done.returncode == 0 and "SERVING" in done.stdout
+    ), done.stderr

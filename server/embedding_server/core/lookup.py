@@ -107,7 +107,12 @@ class Lookups:
     def _dense_slot(self, deadline: float | None) -> Iterator[None]:
         """Hold one of the `dense_concurrency` places for a one-hot matmul, waiting no
         longer than the call's deadline."""
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = None
+        if deadline is not None:
+            # Give up a little before the deadline, so the caller gets this reason rather
+            # than only its own timeout.
+            remaining = deadline - time.monotonic()
+            timeout = max(0.0, remaining - min(0.25, max(0.01, remaining / 10)))
         if not self._dense_slots.acquire(timeout=timeout):
             raise DeadlineExceeded(
                 "the deadline passed while the call waited for other one-hot matmuls "

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -34,8 +34,10 @@ from embedding_server.errors import (
     TableNotFound,
     Unauthenticated,
 )
-from embedding_server.process.callpool import CallPool
 from embedding_server.transport.auth import Authenticator
+
+if TYPE_CHECKING:  # the process layer hands its pool down; nothing here imports it
+    from embedding_server.process.callpool import CallPool
 
 log = logging.getLogger(__name__)
 
