@@ -66,12 +66,10 @@ class TableSpec:
                 raise ValueError(f"table {name!r}: cache_rows must be a positive integer")
             if dtype == "int8":
                 raise ValueError(f"table {name!r}: cache_rows works with float tables, not int8")
-        path, key = Path(location), None
-        # PATH:KEY only when PATH itself is not a file: paths may contain ':'.
-        if not path.exists() and ":" in location:
-            head, _, tail = location.rpartition(":")
-            path, key = Path(head), tail or None
-        return cls(name=name, path=path, key=key, dtype=dtype, device=device, cache_rows=cache_rows)
+        path, key = split_key(location, lambda candidate: Path(candidate).exists())
+        return cls(
+            name=name, path=Path(path), key=key, dtype=dtype, device=device, cache_rows=cache_rows
+        )
 
     def __str__(self) -> str:
         text = f"{self.name}={self.path}" + (f":{self.key}" if self.key else "")
@@ -81,6 +79,16 @@ class TableSpec:
             if v
         ]
         return text + (f" ({', '.join(extras)})" if extras else "")
+
+
+def split_key(location: str, exists: Callable[[str], bool]) -> tuple[str, str | None]:
+    """PATH or PATH:KEY (KEY: a tensor inside a checkpoint) as (PATH, KEY or None). The
+    text is split at its last ':' only when it does not name an existing file as a
+    whole (`exists`): paths may contain ':'."""
+    if ":" not in location or exists(location):
+        return location, None
+    head, _, tail = location.rpartition(":")
+    return head, tail or None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from embedding_server.config import split_key
 from embedding_server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, quoted
 
 MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
@@ -65,19 +66,17 @@ class FileAccess:
                 "table's own file"
             )
         _check_path_text(text, "source")
-        # PATH:KEY only when PATH itself is not a file: paths may contain ':'.
-        options: list[tuple[str, str | None]] = [(text, None)]
-        head, colon, key = text.rpartition(":")
-        if colon and head and key:
-            options.append((head, key))
-        for location, key_or_none in options:
-            for candidate in self._candidates(location):
-                if os.path.exists(candidate):
-                    return self._inside_table_dirs(candidate, text), key_or_none
-        # Nothing there: say where it was looked for (the error is the caller's to fix).
-        first = self._candidates(options[-1][0])[0]
-        self._inside_table_dirs(first, text)
-        raise FailedPrecondition(f"source {quoted(text)}: no such file in the table directories")
+        location, key = split_key(
+            text, lambda whole: any(os.path.exists(c) for c in self._candidates(whole))
+        )
+        candidates = self._candidates(location)
+        found = next((c for c in candidates if os.path.exists(c)), None)
+        if found is None:  # outside the directories says so first: the caller's to fix
+            self._inside_table_dirs(candidates[0], text)
+            raise FailedPrecondition(
+                f"source {quoted(text)}: no such file in the table directories"
+            )
+        return self._inside_table_dirs(found, text), key
 
     def _candidates(self, location: str) -> list[Path]:
         if location.startswith("/"):
