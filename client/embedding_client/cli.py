@@ -39,13 +39,17 @@ def version_text(prog: str) -> str:
         return f"{prog} (not installed: no version)"
 
 
-INT64_RANGE = (-(2**63), 2**63 - 1)
+INT64 = np.iinfo(np.int64)
+
+
+class _OutOfRange(ValueError):
+    """A number that parsed but does not fit; its message is the one to show."""
 
 
 def _int64(text: str) -> int:
     value = int(text)
-    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
-        raise ValueError(f"{value} does not fit in int64")
+    if not INT64.min <= value <= INT64.max:
+        raise _OutOfRange(f"{value} does not fit in int64")
     return value
 
 
@@ -56,7 +60,7 @@ def _numbers(convert: Callable[[str], Any], what: str) -> Callable[[str], list[A
         try:
             return [convert(part) for part in text.split(",") if part.strip()]
         except ValueError as exc:
-            reason = str(exc) if "int64" in str(exc) else f"got {text[:100]!r}"
+            reason = str(exc) if isinstance(exc, _OutOfRange) else f"got {text[:100]!r}"
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}: {reason}") from None
 
     return parse
