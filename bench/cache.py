@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedding_server.core.kernels import CachedRows
+from embedding_server.core.cache import CachedRows
 
 DIM = 128
 

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient
 from embedding_server.config import TableSpec
-from embedding_server.core.kernels import CachedRows
+from embedding_server.core.cache import CachedRows
 from embedding_server.core.sources import load_table
 from embedding_server.core.store import TableStore
 from embedding_server.process.server import EmbeddingServer

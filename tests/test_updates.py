@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from safetensors.torch import load_file as load_safetensors
 
 from embedding_client import EmbeddingClient, EmbeddingError, Security
-from embedding_server.core.kernels import CachedRows
+from embedding_server.core.cache import CachedRows
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
 from embedding_server.errors import FailedPrecondition

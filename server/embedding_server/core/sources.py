@@ -24,6 +24,7 @@ import torch
 from embedding_server import metrics
 from embedding_server.config import TableSpec
 from embedding_server.core import kernels
+from embedding_server.core.cache import CachedRows
 from embedding_server.core.tables import STORAGE_DTYPES, STORAGE_NAMES, Table
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def load_table(spec: TableSpec, device: torch.device, *, shared: bool = False) -
 
 def attach_cache(table: Table, rows: int, device: torch.device) -> None:
     """Serve `table` (in host memory) through a cache of `rows` hot rows on `device`."""
-    table.cache = kernels.CachedRows(table.weights, rows, device, metrics.CacheMetrics(table.name))
+    table.cache = CachedRows(table.weights, rows, device, metrics.CacheMetrics(table.name))
     log.info("table %r: %d of its %d rows cached on %s (%.1f MiB there)", table.name,
              table.cache.slots, table.rows, device,
              table.cache.slots * table.dim * table.weights.element_size() / 2**20)  # fmt: skip

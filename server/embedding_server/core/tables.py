@@ -15,6 +15,7 @@ import torch
 
 from embedding_server.config import TableSpec
 from embedding_server.core import kernels
+from embedding_server.core.cache import CachedRows
 from embedding_server.errors import InvalidRequest
 
 T = TypeVar("T")
@@ -85,7 +86,7 @@ class Table:
     # of each row; None for float tables.
     qparams: torch.Tensor | None = None
     # Tables bigger than the device: `weights` stays in host memory, hot rows live here.
-    cache: kernels.CachedRows | None = None
+    cache: CachedRows | None = None
     lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
     # [sequence number, version] in shared memory, for tables several processes read.
     shared_state: torch.Tensor | None = field(default=None, repr=False)
