@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from embedding_server.core import kernels
+from embedding_server.core import devices, kernels
 
 DIM = 128
 
@@ -54,7 +54,7 @@ def median_seconds(
     # One warm-up (allocator, threads, handles), then at least 3 timed runs.
     for n in range(201):
         ids = id_sets[n % len(id_sets)]
-        seconds = kernels.timed(device, partial(kernel, table, ids))[1]
+        seconds = devices.timed(device, partial(kernel, table, ids))[1]
         if n:
             times.append(seconds)
         if len(times) >= 3 and time.perf_counter() - started > budget_s:

@@ -13,7 +13,7 @@ import torch
 from embedding_client import EmbeddingClient
 from embedding_server.config import TableSpec
 from embedding_server.core import kernels
-from embedding_server.core.kernels import to_host
+from embedding_server.core.devices import to_host
 from embedding_server.core.sources import load_table
 from embedding_server.process.server import resolve_device
 

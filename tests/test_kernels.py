@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedding_server.core import kernels
+from embedding_server.core import devices, kernels
 from embedding_server.core.lookup import Limits, Lookups
 from embedding_server.errors import DeadlineExceeded
 
@@ -40,7 +40,7 @@ def test_host_take_gives_the_bits_of_the_torch_gather(
     table = _table(50, 16, dtype)
     ids = np.random.default_rng(len(shape)).integers(0, 50, size=shape)
     assert kernels.takes_on_host(table, ids)
-    expected = kernels.to_host(kernels.gather(table, torch.from_numpy(ids)))
+    expected = devices.to_host(kernels.gather(table, torch.from_numpy(ids)))
     taken = kernels.host_take(table, ids)
     assert taken.dtype == expected.dtype and taken.shape == expected.shape
     assert taken.tobytes() == expected.tobytes()
@@ -72,7 +72,7 @@ def test_lookups_on_both_sides_of_the_host_take_limit_give_the_same_bits(
         ids = rng.integers(0, 3000, size=count)
         out = lookups.lookup("t", ids, output)
         wanted = getattr(torch, output)
-        expected = kernels.to_host(kernels.gather(table, torch.from_numpy(ids)), wanted)
+        expected = devices.to_host(kernels.gather(table, torch.from_numpy(ids)), wanted)
         assert out.vectors.tobytes() == expected.tobytes()
         assert out.shape == (count, 16) and out.kernel == "gather"
 
@@ -115,7 +115,7 @@ def test_one_hot_matmul_stops_at_the_deadline() -> None:
 
 def test_timed_reports_a_positive_duration() -> None:
     table = _table(1000, 64, torch.float32)
-    out, seconds = kernels.timed(
+    out, seconds = devices.timed(
         torch.device("cpu"), lambda: kernels.gather(table, torch.arange(1000))
     )
     assert out.shape == (1000, 64)

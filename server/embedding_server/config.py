@@ -216,6 +216,7 @@ class ServerConfig:
     stream_idle_s: float = 30.0
     reflection: bool = True
     malloc_tune: bool = False
+    pinned_staging_bytes: int = 128 << 20
     # Not flags (secrets stay out of argv): read from --auth-tokens-file and
     # --admin-tokens-file and the EMBEDDING_AUTH_TOKENS / EMBEDDING_ADMIN_TOKENS variables.
     auth_tokens: tuple[str, ...] = ()
@@ -237,6 +238,13 @@ def _positive_int(text: str) -> int:
     value = int(text.replace("_", ""))
     if value <= 0:
         raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text.replace("_", ""))
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
     return value
 
 
@@ -372,6 +380,10 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--stream-idle-timeout", "stream_idle_s", _positive_float,
      "seconds a LookupStream may wait for its next request before it is cancelled"),
     ("--reflection", "reflection", _bool, "serve gRPC reflection (true/false)"),
+    ("--pinned-staging-bytes", "pinned_staging_bytes", _non_negative_int,
+     "page-locked host memory per process for results leaving a CUDA device, in 8 MiB "
+     "blocks kept for reuse; larger results, or more at once, are copied to pageable "
+     "memory (0: never pin)"),
     ("--malloc-tune", "malloc_tune", _bool,
      "experimental: raise glibc's mmap/trim thresholds so freed response buffers are "
      "reused (true/false; not a measured win yet, see docs/performance.md)"),

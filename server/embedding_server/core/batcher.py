@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from embedding_server import metrics
-from embedding_server.core import kernels
+from embedding_server.core import devices, kernels
 from embedding_server.core.tables import Table
 
 
@@ -46,10 +46,12 @@ class Batcher:
         max_delay_s: float,
         max_ids: int,
         waiting: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+        staging: devices.PinnedBlocks | None = None,
     ) -> None:
         self.max_delay_s = max_delay_s
         self.max_ids = max_ids
         self.waiting = waiting  # entered while a call waits for its batch (CallPool.blocking)
+        self.staging = staging  # pinned blocks for results leaving a CUDA device
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._held: list[_Request | None] = []  # taken from the queue, left for the next batch
         self._arriving = 0  # calls announced by expect() and not yet queued or given up
@@ -135,11 +137,12 @@ class Batcher:
         table = batch[0].table
         weights = table.rows_for_kernels()
         ids = np.concatenate([r.ids.reshape(-1) for r in batch])
-        device_ids = torch.from_numpy(ids).to(weights.device)
-        (vectors, seconds), version = table.read(  # no half-updated row; the version seen
-            lambda: kernels.timed(weights.device, lambda: kernels.gather(weights, device_ids))
-        )
-        host = kernels.to_host(vectors, batch[0].dtype)
+        with devices.on_device(weights.device):  # the batcher's own stream
+            device_ids = torch.from_numpy(ids).to(kernels.ids_device(weights, dense=False))
+            (vectors, seconds), version = table.read(  # no half-updated row; the version seen
+                lambda: devices.timed(weights.device, lambda: kernels.gather(weights, device_ids))
+            )
+            host = devices.to_host(vectors, batch[0].dtype, self.staging)
         metrics.child(metrics.BATCH_IDS, table.name).observe(ids.size)
         metrics.child(metrics.BATCH_REQUESTS, table.name).observe(len(batch))
         queue_wait = metrics.child(metrics.BATCH_QUEUE_SECONDS, table.name)

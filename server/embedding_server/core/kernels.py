@@ -6,18 +6,14 @@ ids.shape + [dim] in the table's dtype, on the table's device.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeGuard, TypeVar
+from typing import TypeGuard
 
 import numpy as np
 import torch
 
+from embedding_server.core import devices
 from embedding_server.core.cache import CachedRows
-from embedding_server.errors import DeadlineExceeded
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,6 +39,20 @@ class QuantizedRows:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return dequantize(self.codes[rows], self.qparams[rows])
+
+    def to_host(self) -> torch.Tensor:
+        """The whole table dequantized into host memory (float32), in chunks of rows moved
+        to the host first: never a float32 copy of the whole table on the device (4x its
+        codes). The same operations as on the device, so the same bits."""
+        rows, dim = self.codes.shape
+        out = torch.empty((rows, dim), dtype=torch.float32)
+        step = max(1, (16 << 20) // dim)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            out[start:stop] = dequantize(
+                self.codes[start:stop].cpu(), self.qparams[start:stop].cpu()
+            )
+        return out
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) dequantized: only the rows asked for are read and
@@ -76,6 +86,15 @@ def dequantize(codes: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
     return rows.mul_(qparams[..., 0:1]).add_(qparams[..., 1:2])
 
 
+def ids_device(table: Rows, dense: bool) -> torch.device:
+    """Where a kernel over `table` wants its ids: on the table's device, except for the
+    gathers of a cached table, which look the ids up in host memory first (so they
+    would only come back from the device)."""
+    if isinstance(table, CachedRows) and not dense:
+        return torch.device("cpu")
+    return table.device
+
+
 def gather(table: Rows, ids: torch.Tensor, padding_id: int | None = None) -> torch.Tensor:
     """W[ids]: one row read per id (`torch.nn.functional.embedding`, or the fused
     dequantizing gather of a quantized table); rows of `padding_id` come back as zeros."""
@@ -84,7 +103,7 @@ def gather(table: Rows, ids: torch.Tensor, padding_id: int | None = None) -> tor
     else:
         rows = table.take(ids)
     if padding_id is not None:
-        rows.masked_fill_((ids == padding_id).unsqueeze(-1), 0)
+        rows.masked_fill_((ids == padding_id).unsqueeze(-1).to(rows.device), 0)
     return rows
 
 
@@ -110,11 +129,12 @@ def pooled_gather(
     if not isinstance(table, torch.Tensor):
         # Take only the rows the bags read (dequantized, or through the cache), plus one
         # zero row that padding points at, then pool those with local indices.
+        # (A cached table's ids are in host memory: see `ids_device`.)
         zero = torch.zeros((1, table.shape[1]), dtype=table.dtype, device=table.device)
-        table = torch.cat([table.take(ids), zero])
-        local = torch.arange(ids.numel(), device=ids.device)
+        local = torch.arange(ids.numel(), device=table.device)
         if padding_id is not None:
-            local[ids == padding_id] = ids.numel()
+            local[(ids == padding_id).to(table.device)] = ids.numel()
+        table = torch.cat([table.take(ids), zero])
         ids, padding_id = local, ids.numel()
     return torch.nn.functional.embedding_bag(
         ids,
@@ -126,13 +146,19 @@ def pooled_gather(
     )
 
 
-def _exact_matmul() -> None:
-    # The dense path must agree with the gather bit for bit: no TF32 and no
-    # reduced-precision reductions. Set on every call since these are process-wide.
-    torch.backends.cuda.matmul.allow_tf32 = False
+def exact_matmul() -> None:
+    """Make float matmuls exact enough for the dense path to agree with the gather bit for
+    bit: IEEE float32 (no TF32) and no reduced-precision reductions. Process-wide
+    settings, so set before every dense call.
+
+    `torch.set_float32_matmul_precision` sets torch's legacy TF32 flag and its newer
+    (torch >= 2.9) `fp32_precision` together. Setting only the newer one is not enough:
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (set in NVIDIA's containers) starts the legacy one
+    at TF32, and torch then refuses every float32 matmul as a mix of the two APIs.
+    """
+    torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def one_hot_matmul(
@@ -156,13 +182,13 @@ def one_hot_matmul(
     chunk_cells : most one-hot cells (ids x rows) held at once; bounds memory
     deadline : time.monotonic() value after which DeadlineExceeded is raised between blocks
     """
-    _exact_matmul()
+    exact_matmul()
     rows, dim = table.shape
     flat = ids.reshape(-1)
     out = torch.empty((flat.numel(), dim), dtype=table.dtype, device=table.device)
     vocab_chunk = max(1, min(rows, chunk_cells))
     ids_chunk = max(1, chunk_cells // vocab_chunk)
-    check = _deadline_check(deadline)
+    check = devices.paced(table.device, deadline)
     for first in range(0, flat.numel(), ids_chunk):
         chunk = flat[first : first + ids_chunk].unsqueeze(1)
         acc: torch.Tensor | None = None
@@ -196,7 +222,7 @@ def pooled_matmul(
     [bags, rows] times W, then mean divides by each bag's count; max: the one-hot rows of
     every id, then the largest per bag. Same arguments as `pooled_gather`, plus the
     one-hot cells held at once (`chunk_cells`) and a deadline."""
-    _exact_matmul()
+    exact_matmul()
     rows, dim = table.shape
     bags = offsets.numel()
     bag_of_id = (
@@ -216,7 +242,7 @@ def pooled_matmul(
     out = torch.zeros((bags, dim), dtype=table.dtype, device=table.device)
     vocab_chunk = max(1, min(rows, chunk_cells))
     bag_chunk = max(1, chunk_cells // vocab_chunk)
-    check = _deadline_check(deadline)
+    check = devices.paced(table.device, deadline)
     for first in range(0, bags, bag_chunk):
         last = min(bags, first + bag_chunk)
         inside = (bag_of_id >= first) & (bag_of_id < last)
@@ -238,18 +264,6 @@ def pooled_matmul(
     return out
 
 
-def _deadline_check(deadline: float | None) -> Callable[[], None]:
-    def check() -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded("deadline exceeded during the one-hot matmul")
-
-    return check
-
-
-# bfloat16 has no numpy dtype; its bits leave the device as int16.
-_WIRE_VIEW = {torch.bfloat16: torch.int16}
-
-
 # Below this many output elements torch's CPU gather runs on one thread anyway (its
 # parallel grain size), so numpy's take does the same copy without torch's per-call cost.
 HOST_TAKE_ELEMENTS = 32_768
@@ -265,49 +279,12 @@ def takes_on_host(table: Rows, ids: np.ndarray) -> TypeGuard[torch.Tensor]:
 
 
 def host_take(table: torch.Tensor, ids: np.ndarray) -> np.ndarray:
-    """W[ids] by numpy, as the bits `to_host` would give (bfloat16 as int16), for the
+    """W[ids] by numpy, as the bits `devices.to_host` would give (bfloat16 as int16), for the
     gathers `takes_on_host` admits.
 
     In the server's threads each torch call releases and retakes the GIL and goes through
     the dispatcher: at B = 1 that cost ~70 us of CPU per call in the server (against a
     numpy take), though ~5 us in a loop.
     """
-    rows: np.ndarray = table.view(_WIRE_VIEW.get(table.dtype, table.dtype)).numpy()
+    rows: np.ndarray = table.view(devices.WIRE_VIEW.get(table.dtype, table.dtype)).numpy()
     return rows.take(ids, axis=0)
-
-
-def to_host(vectors: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
-    """A numpy array of `vectors`' bits, converted to `dtype` first if given (bfloat16
-    as int16: numpy has no bfloat16).
-
-    From CUDA the copy goes through pinned host memory (torch caches those blocks), which
-    the device copies into several times faster than into pageable memory.
-    """
-    if dtype is not None and vectors.dtype != dtype:
-        vectors = vectors.to(dtype)
-    vectors = vectors.view(_WIRE_VIEW.get(vectors.dtype, vectors.dtype))
-    if vectors.device.type != "cuda":
-        return vectors.numpy()
-    staging = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
-    staging.copy_(vectors, non_blocking=True)
-    torch.cuda.current_stream(vectors.device).synchronize()
-    return staging.numpy()
-
-
-def timed(device: torch.device, kernel: Callable[[], T]) -> tuple[T, float]:
-    """Run `kernel` and return its result with its device time in seconds.
-
-    On CUDA the time comes from events around the launch (device time, not host
-    time); on the CPU from a wall clock around the call.
-    """
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = kernel()
-        end.record()
-        end.synchronize()
-        return result, start.elapsed_time(end) / 1e3
-    began = time.perf_counter()
-    result = kernel()
-    return result, time.perf_counter() - began

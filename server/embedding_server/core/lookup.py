@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from embedding_client.codec import Bags
-from embedding_server.core import kernels
+from embedding_server.core import devices, kernels
 from embedding_server.core.batcher import Batcher
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table, check_ids
@@ -60,10 +60,17 @@ class LookupOutput:
 class Lookups:
     """Runs Lookup (gather) and LookupDense (one-hot matmul) against a TableStore."""
 
-    def __init__(self, store: TableStore, limits: Limits, batcher: Batcher | None = None) -> None:
+    def __init__(
+        self,
+        store: TableStore,
+        limits: Limits,
+        batcher: Batcher | None = None,
+        staging: devices.PinnedBlocks | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits
         self.batcher = batcher
+        self.staging = staging  # pinned blocks for results leaving a CUDA device
         self._dense_slots = threading.BoundedSemaphore(limits.dense_concurrency)
 
     def lookup(
@@ -96,11 +103,24 @@ class Lookups:
             return LookupOutput(data, shape, dtype, table, version, seconds, name)
         self._check(table, ids, out_dtype, dense, bags, padding_id)
         rows = table.rows_for_kernels()
-        kernel = self._kernel(rows, ids, out_dtype, dense, bags, padding_id, deadline)
-        with self._dense_slot(deadline) if dense else contextlib.nullcontext():
-            # No row the kernel reads is half-updated; the version is the one it saw.
-            (result, seconds), version = table.read(lambda: kernels.timed(rows.device, kernel))
-        data = result if isinstance(result, np.ndarray) else kernels.to_host(result, out_dtype)
+        try:
+            with devices.on_device(rows.device):  # this thread's stream (see devices)
+                kernel = self._kernel(rows, ids, out_dtype, dense, bags, padding_id, deadline)
+                with self._dense_slot(deadline) if dense else contextlib.nullcontext():
+                    # No row the kernel reads is half-updated; the version is the one it saw.
+                    (result, seconds), version = table.read(
+                        lambda: devices.timed(rows.device, kernel)
+                    )
+                data = (
+                    result
+                    if isinstance(result, np.ndarray)
+                    else devices.to_host(result, out_dtype, self.staging)
+                )
+        except torch.OutOfMemoryError:
+            raise OverLimit(
+                f"{rows.device} has no memory left for this request on table {table.name!r} "
+                f"({ids.size} ids); retry with fewer ids"
+            ) from None
         return LookupOutput(data, shape, dtype, table, version, seconds, name)
 
     @contextlib.contextmanager
@@ -139,7 +159,7 @@ class Lookups:
         if plain and weights.dtype == dtype and kernels.takes_on_host(weights, ids):
             return partial(kernels.host_take, weights, ids)
         device = weights.device
-        device_ids = torch.from_numpy(ids).to(device)
+        device_ids = torch.from_numpy(ids).to(kernels.ids_device(weights, dense))
         chunk = self.limits.dense_chunk_cells
         if bags is None:
             if dense:
