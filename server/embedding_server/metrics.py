@@ -8,6 +8,7 @@ dashboards and alerts work; the service's own live under `embedding_`.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -209,19 +210,21 @@ class CacheMetrics:
             child(CACHE_EVICTIONS, self.table).inc(evictions)
 
 
-_table_bytes_labels: dict[str, tuple[str, str, str]] = {}
+_table_bytes_labels: dict[str, set[tuple[str, str, str]]] = {}
 
 
 def publish_table(table: Table) -> None:
-    """Set one table's gauges (rows, dim, bytes, version), replacing earlier label sets."""
-    metrics_labels = (table.name, table.device, table.dtype)
-    previous = _table_bytes_labels.get(table.name)
-    if previous is not None and previous != metrics_labels:
-        TABLE_BYTES.remove(*previous)
-    _table_bytes_labels[table.name] = metrics_labels
+    """Set one table's gauges (rows, dim, version, and its bytes on each device it uses:
+    a cached table has its host table on the CPU and its cache on the device), replacing
+    earlier label sets."""
+    labels = {(table.name, str(device), table.dtype) for device in table.memory()}
+    for stale in _table_bytes_labels.get(table.name, set()) - labels:
+        TABLE_BYTES.remove(*stale)
+    _table_bytes_labels[table.name] = labels
     TABLE_ROWS.labels(table.name).set(table.rows)
     TABLE_DIM.labels(table.name).set(table.dim)
-    TABLE_BYTES.labels(*metrics_labels).set(table.nbytes)
+    for device, nbytes in table.memory().items():
+        TABLE_BYTES.labels(table.name, str(device), table.dtype).set(nbytes)
     TABLE_VERSION.labels(table.name).set(table.version)
     if table.cache is not None:
         CACHE_ROWS.labels(table.name).set(table.cache.slots)
@@ -230,53 +233,105 @@ def publish_table(table: Table) -> None:
             CACHE_LOOKUPS.labels(table.name, result)
 
 
-class DeviceMemoryCollector(Collector):
-    """Memory of each device that holds tables, read at scrape time.
+_ALLOCATED = (
+    "embedding_device_memory_allocated_bytes",
+    "Device memory held: on CUDA by torch's allocator in the server's processes (tables, "
+    "caches, requests' temporaries), on the CPU by the tables.",
+)
+_RESERVED = (
+    "embedding_device_memory_reserved_bytes",
+    "Device memory reserved by torch's caching allocator in the server's processes (CUDA only).",
+)
+# With several server processes, each writes its own numbers (sampled) and the
+# supervisor's /metrics adds up the live ones. Not registered: one process serves them
+# through DeviceMemory.collect instead.
+DEVICE_ALLOCATED = Gauge(*_ALLOCATED, ["device"], multiprocess_mode="livesum", registry=None)
+DEVICE_RESERVED = Gauge(*_RESERVED, ["device"], multiprocess_mode="livesum", registry=None)
 
-    CUDA: what torch's caching allocator holds (allocated) and reserves. CPU: the bytes
-    of the tables held there (the process's RSS is process_resident_memory_bytes).
+
+class DeviceMemory(Collector):
+    """Memory of each device that holds tables.
+
+    CUDA: what torch's caching allocator of this process holds (allocated) and reserves,
+    for every CUDA device a table or cache is on. CPU: the bytes of the tables held there,
+    when `host_tables` (a worker process reads the supervisor's tables: not its to count).
+    One server process serves it at scrape time (`collect`); with several, each process
+    `sample()`s it into gauges the supervisor sums.
     """
 
-    def __init__(self, tables: Callable[[], Iterable[tuple[torch.device, int]]]) -> None:
+    def __init__(
+        self, tables: Callable[[], Iterable[tuple[torch.device, int]]], host_tables: bool = True
+    ) -> None:
         self.tables = tables
+        self.host_tables = host_tables
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        allocated = GaugeMetricFamily(
-            "embedding_device_memory_allocated_bytes",
-            "Device memory held: by tensors on CUDA, by tables on the CPU.",
-            labels=["device"],
-        )
-        reserved = GaugeMetricFamily(
-            "embedding_device_memory_reserved_bytes",
-            "Device memory reserved by torch's caching allocator (CUDA only).",
-            labels=["device"],
-        )
-        cpu_bytes: dict[str, int] = {}
+    def usage(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(allocated, reserved) bytes by device name, now."""
+        allocated: dict[str, int] = {}
+        reserved: dict[str, int] = {}
         cuda_devices: set[torch.device] = set()
         for device, nbytes in self.tables():
             if device.type == "cuda":
                 cuda_devices.add(device)
-            else:
-                cpu_bytes[str(device)] = cpu_bytes.get(str(device), 0) + nbytes
+            elif self.host_tables:
+                allocated[str(device)] = allocated.get(str(device), 0) + nbytes
         for device in sorted(cuda_devices, key=str):
-            allocated.add_metric([str(device)], torch.cuda.memory_allocated(device))
-            reserved.add_metric([str(device)], torch.cuda.memory_reserved(device))
-        for name, nbytes in sorted(cpu_bytes.items()):
-            allocated.add_metric([name], nbytes)
-        yield allocated
-        yield reserved
+            allocated[str(device)] = torch.cuda.memory_allocated(device)
+            reserved[str(device)] = torch.cuda.memory_reserved(device)
+        return allocated, reserved
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        allocated, reserved = self.usage()
+        for (name, documentation), values_by_device in (
+            (_ALLOCATED, allocated),
+            (_RESERVED, reserved),
+        ):
+            family = GaugeMetricFamily(name, documentation, labels=["device"])
+            for device, value in sorted(values_by_device.items()):
+                family.add_metric([device], value)
+            yield family
+
+    def sample(self) -> None:
+        """Write this process's numbers into the multiprocess gauges."""
+        allocated, reserved = self.usage()
+        for device, value in allocated.items():
+            DEVICE_ALLOCATED.labels(device).set(value)
+        for device, value in reserved.items():
+            DEVICE_RESERVED.labels(device).set(value)
 
 
-_device_collector: DeviceMemoryCollector | None = None
+class DeviceMemorySampler:
+    """`DeviceMemory.sample()` now and then every `every_s` seconds, in a thread, until
+    `stop()` (for processes whose metrics another process serves)."""
+
+    def __init__(self, memory: DeviceMemory, every_s: float = 1.0) -> None:
+        self.memory = memory
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="device-memory", daemon=True)
+
+    def start(self) -> None:
+        self.memory.sample()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.memory.sample()
 
 
-def watch_devices(tables: Callable[[], Iterable[tuple[torch.device, int]]]) -> None:
-    """Export memory gauges for the devices `tables()` reports (replacing an earlier set)."""
-    global _device_collector
-    if _device_collector is not None:
-        REGISTRY.unregister(_device_collector)
-    _device_collector = DeviceMemoryCollector(tables)
-    REGISTRY.register(_device_collector)
+_device_memory: DeviceMemory | None = None
+
+
+def watch_devices(memory: DeviceMemory) -> None:
+    """Serve `memory` from this process's /metrics (replacing an earlier one)."""
+    global _device_memory
+    if _device_memory is not None:
+        REGISTRY.unregister(_device_memory)
+    _device_memory = memory
+    REGISTRY.register(memory)
 
 
 class ProcessMemoryCollector(Collector):
@@ -319,17 +374,14 @@ def in_multiprocess_mode() -> bool:
 
 
 def multiprocess_registry(
-    directory: str,
-    tables: Callable[[], Iterable[tuple[torch.device, int]]],
-    processes: Callable[[], Iterable[tuple[str, int]]],
+    directory: str, processes: Callable[[], Iterable[tuple[str, int]]]
 ) -> CollectorRegistry:
     """What the supervisor of several server processes serves on /metrics: every process's
-    metrics from `directory`, summed as each metric's mode says, this process's own memory
-    and CPU, every process's PSS, and the memory of the devices holding the (shared)
-    tables."""
+    metrics from `directory`, summed as each metric's mode says (device memory included:
+    each process samples its own), this process's own memory and CPU, and every
+    process's PSS."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)
     ProcessCollector(registry=registry)
     registry.register(ProcessMemoryCollector(processes))
-    registry.register(DeviceMemoryCollector(tables))
     return registry

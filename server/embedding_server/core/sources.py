@@ -25,6 +25,7 @@ from embedding_server import metrics
 from embedding_server.config import TableSpec
 from embedding_server.core import kernels
 from embedding_server.core.cache import CachedRows
+from embedding_server.core.devices import available_bytes
 from embedding_server.core.tables import STORAGE_DTYPES, STORAGE_NAMES, Table
 
 log = logging.getLogger(__name__)
@@ -153,36 +154,135 @@ def _open_source(spec: TableSpec, read: Path) -> RowSource:
         raise TableLoadError(str(exc).replace(str(read), str(path))) from None
 
 
-def load_table(spec: TableSpec, device: torch.device, *, shared: bool = False) -> Table:
+def load_table(
+    spec: TableSpec,
+    device: torch.device,
+    *,
+    shared: bool = False,
+    cache_copies: int = 1,
+    keep_free: Callable[[torch.device], int] = lambda device: 0,
+) -> Table:
     """Load the table `spec` names onto `device`, checking it on the way; `shared` places
-    a CPU table in shared memory, for several server processes to read.
+    a CPU table in shared memory, for several server processes to read (and leaves the
+    device cache of a cached table to each of them: `cache_copies` is how many they are).
 
     Float64 is stored as float32. Non-finite values are refused (inf or NaN would make
     LookupDense differ from Lookup: 0 * inf is NaN). Negative zeros become +0.0, the
     same value, so the one-hot matmul, which sums +0.0 terms, agrees bit for bit.
 
+    Before anything is allocated, the memory the table needs on each device
+    (`footprint`) is checked against what is free there less `keep_free(device)` (room
+    other processes will take, such as workers' CUDA contexts).
+
     Raises
     ------
     TableLoadError
-        For a missing, unreadable, wrongly shaped, non-float or non-finite table.
+        For a missing, unreadable, wrongly shaped, non-float or non-finite table, and for
+        one that does not fit its devices.
     """
     source = open_table(spec)
-    if spec.cache_rows is None:
-        table = materialise(spec.name, str(spec), source, device, shared=shared, dtype=spec.dtype)
-    else:
-        host = torch.device("cpu")
-        table = materialise(spec.name, str(spec), source, host, shared=shared, dtype=spec.dtype)
-        attach_cache(table, spec.cache_rows, device)
+    cache = None if spec.cache_rows is None else (spec.cache_rows, device)
+    home = device if cache is None else torch.device("cpu")
+    needs = footprint(source, spec.dtype, home, cache, cache_copies)
+    for where, needed in needs.items():
+        free = available_bytes(where) - keep_free(where)
+        if needed > free:
+            raise TableLoadError(
+                f"table {spec.name!r} needs {size_text(needed)} on {where} "
+                f"({describe_footprint(source, spec.dtype, cache, cache_copies)}); only "
+                f"{size_text(max(free, 0))} are free there{_keep_free_note(keep_free, where)}"
+                f": {FIT_HINT}"
+            )
+    try:
+        table = materialise(spec.name, str(spec), source, home, shared=shared, dtype=spec.dtype)
+        if cache is not None:
+            attach_cache(table, cache[0], device, allocate=not shared)
+    except torch.OutOfMemoryError:
+        raise TableLoadError(
+            f"table {spec.name!r}: {device} ran out of memory while loading it, though "
+            f"{describe_footprint(source, spec.dtype, cache, cache_copies)} looked like it "
+            f"fits: {FIT_HINT}"
+        ) from None
     table.spec = spec
     return table
 
 
-def attach_cache(table: Table, rows: int, device: torch.device) -> None:
-    """Serve `table` (in host memory) through a cache of `rows` hot rows on `device`."""
-    table.cache = CachedRows(table.weights, rows, device, metrics.CacheMetrics(table.name))
-    log.info("table %r: %d of its %d rows cached on %s (%.1f MiB there)", table.name,
+# What to do about a table that does not fit, said with every refusal.
+FIT_HINT = (
+    "store it smaller (dtype float16, bfloat16 or int8 in --config), keep it in host memory "
+    "with its hot rows on the device (cache_rows), or free the device"
+)
+
+# Host memory a load uses besides the table: a chunk read from the file, its checked
+# copy and (int8) its quantized form.
+LOAD_STAGING_BYTES = 2 * CHUNK_BYTES
+
+
+def footprint(
+    source: RowSource,
+    dtype: str | None,
+    device: torch.device,
+    cache: tuple[int, torch.device] | None = None,
+    cache_copies: int = 1,
+) -> dict[torch.device, int]:
+    """Bytes a table from `source` takes on each device: its weights (stored as `dtype`,
+    or the file's float dtype; int8 adds a float32 scale and bias per row) on `device`,
+    `cache_copies` device caches of `cache` = (rows, device), and the host memory a load
+    stages chunks in."""
+    rows, dim = source.shape
+    if dtype == "int8":
+        itemsize, weights = 4, rows * dim + rows * 2 * 4
+    else:
+        itemsize = (STORAGE_NAMES[dtype] if dtype else _storage_dtype(source)).itemsize
+        weights = rows * dim * itemsize
+    cpu = torch.device("cpu")
+    needs = {device: weights}
+    if cache is not None:
+        cache_rows, cache_device = cache
+        cache_bytes = min(cache_rows, rows) * dim * itemsize * cache_copies
+        needs[cache_device] = needs.get(cache_device, 0) + cache_bytes
+    needs[cpu] = needs.get(cpu, 0) + LOAD_STAGING_BYTES
+    return needs
+
+
+def describe_footprint(
+    source: RowSource,
+    dtype: str | None,
+    cache: tuple[int, torch.device] | None = None,
+    cache_copies: int = 1,
+) -> str:
+    """`footprint`'s reasons in words: shape, storage, cache."""
+    rows, dim = source.shape
+    stored = dtype or STORAGE_DTYPES[_storage_dtype(source)]
+    text = f"{rows:,} x {dim} stored as {stored}"
+    if cache is not None:
+        copies = f" in each of {cache_copies} processes" if cache_copies > 1 else ""
+        text += f" in host memory, {min(cache[0], rows):,} rows cached on {cache[1]}{copies}"
+    return text
+
+
+def _keep_free_note(keep_free: Callable[[torch.device], int], device: torch.device) -> str:
+    kept = keep_free(device)
+    return f" after {size_text(kept)} kept for the worker processes" if kept else ""
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes as a person reads them: GiB from 1 GiB up, else MiB (two decimals)."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def attach_cache(table: Table, rows: int, device: torch.device, *, allocate: bool = True) -> None:
+    """Serve `table` (in host memory) through a cache of `rows` hot rows on `device`
+    (its memory taken now, or with `allocate=False` by the processes that serve it)."""
+    table.cache = CachedRows(
+        table.weights, rows, device, metrics.CacheMetrics(table.name), allocate=allocate
+    )
+    log.info("table %r: %d of its %d rows cached on %s (%.1f MiB there%s)", table.name,
              table.cache.slots, table.rows, device,
-             table.cache.slots * table.dim * table.weights.element_size() / 2**20)  # fmt: skip
+             table.cache.slots * table.dim * table.weights.element_size() / 2**20,
+             "" if allocate else ", in each worker process")  # fmt: skip
 
 
 def open_table(spec: TableSpec, read: Path | None = None) -> RowSource:
@@ -198,11 +298,6 @@ def open_table(spec: TableSpec, read: Path | None = None) -> RowSource:
 
 def _storage_dtype(source: RowSource) -> torch.dtype:
     return source.dtype if source.dtype in STORAGE_DTYPES else torch.float32
-
-
-def storage_bytes(source: RowSource) -> int:
-    rows, dim = source.shape
-    return rows * dim * _storage_dtype(source).itemsize
 
 
 def _check_shape(name: str, source: RowSource) -> None:
@@ -294,6 +389,8 @@ def materialise(
         if now - last_report >= PROGRESS_EVERY_S:
             log.info("table %r: loaded %d / %d rows (%.0f%%)", name, stop, rows, 100 * stop / rows)
             last_report = now
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # every row written before any stream reads them
     table = Table(name=name, weights=weights, source=origin, qparams=qparams)
     if shared:
         table.shared_state = torch.tensor([0, 1], dtype=torch.int64).share_memory_()

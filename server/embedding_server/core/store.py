@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import platform
 import threading
 from collections.abc import Iterator
@@ -18,15 +17,16 @@ import torch
 
 from embedding_server.config import TableSpec
 from embedding_server.core import kernels
+from embedding_server.core.devices import available_bytes
 from embedding_server.core.filesystem import FileAccess
 from embedding_server.core.sources import (
-    CHUNK_BYTES,
     TableLoadError,
     attach_cache,
+    describe_footprint,
+    footprint,
     materialise,
     open_table,
     storable,
-    storage_bytes,
     write_table,
 )
 from embedding_server.core.tables import Table, check_ids
@@ -50,6 +50,8 @@ class TableStore:
     default_name: str = ""
     # Reloads place CPU tables in shared memory (several server processes read them).
     shared: bool = False
+    # Processes holding a device cache of each cached table (the workers, when shared).
+    cache_copies: int = 1
     # The directories callers may name: new table files, snapshots (none by default).
     files: FileAccess = field(default_factory=FileAccess)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -114,18 +116,29 @@ class TableStore:
                 f"serves dim {old.dim}; callers depend on it, so a reload keeps the dim"
             )
         device = old.weights.device
-        needed = storage_bytes(opened) + CHUNK_BYTES
-        free = available_bytes(device)
-        if needed > free:
-            raise OverLimit(
-                f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {device} "
-                f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
-                f"{free / 2**20:.0f} MiB are free"
+        cache = None if old.cache is None else (old.cache.slots, old.cache.device)
+        needs = footprint(opened, spec.dtype, device, cache, self.cache_copies)
+        for where, needed in needs.items():
+            free = available_bytes(where)
+            if needed > free:
+                raise OverLimit(
+                    f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {where} "
+                    f"({describe_footprint(opened, spec.dtype, cache, self.cache_copies)}) "
+                    f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
+                    f"{free / 2**20:.0f} MiB are free"
+                )
+        try:
+            new = materialise(
+                old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype
             )
-        new = materialise(old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype)
+            if cache is not None:
+                attach_cache(new, *cache, allocate=not self.shared)
+        except torch.OutOfMemoryError:
+            raise OverLimit(
+                f"reloading table {old.name!r}: {device} ran out of memory for the new version "
+                "beside the one serving now (which keeps serving)"
+            ) from None
         new.version, new.spec = old.version + 1, spec
-        if old.cache is not None:
-            attach_cache(new, old.cache.slots, old.cache.device)
         return new
 
     def replace(self, table: Table) -> None:
@@ -231,8 +244,9 @@ class TableStore:
         def copy() -> torch.Tensor:
             # int8 tables are written dequantized (float32): any loader reads them; a
             # cached table's whole contents are its host weights.
-            whole = rows[:] if isinstance(rows, kernels.QuantizedRows) else table.weights
-            return whole.to("cpu", copy=True)
+            if isinstance(rows, kernels.QuantizedRows):
+                return rows.to_host()
+            return table.weights.to("cpu", copy=True)
 
         contents, version = table.read(copy)
         size = self.files.write_snapshot(
@@ -259,18 +273,6 @@ class TableStore:
     def __iter__(self) -> Iterator[Table]:
         return iter(list(self.tables.values()))
 
-
-def available_bytes(device: torch.device) -> int:
-    """Bytes a new table could take on `device` now (CUDA: free plus torch's unused cache;
-    CPU: the kernel's MemAvailable)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    def memory(self) -> list[tuple[torch.device, int]]:
+        """(device, bytes) of every table's memory on every device it uses."""
+        return [held for table in self for held in table.memory().items()]

@@ -146,6 +146,14 @@ class Table:
         """Where lookups run: the weights' device, or the cache's for a cached table."""
         return str(self.cache.device if self.cache is not None else self.weights.device)
 
+    def memory(self) -> dict[torch.device, int]:
+        """Bytes this table holds on each device: its weights (codes and scales of an int8
+        table) where they are, and a cached table's device cache once allocated."""
+        held = {self.weights.device: self.nbytes}
+        if self.cache is not None and self.cache.cache_bytes:
+            held[self.cache.device] = held.get(self.cache.device, 0) + self.cache.cache_bytes
+        return held
+
     @property
     def nbytes(self) -> int:
         extra = 0 if self.qparams is None else self.qparams.numel() * self.qparams.element_size()

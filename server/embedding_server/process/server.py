@@ -25,6 +25,7 @@ from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
 from embedding_server.config import ServerConfig
 from embedding_server.core.batcher import Batcher
+from embedding_server.core.devices import PinnedBlocks
 from embedding_server.core.filesystem import FileAccess
 from embedding_server.core.lookup import Limits, Lookups
 from embedding_server.core.sources import demo_table, load_table
@@ -116,19 +117,36 @@ def check_port_free(host: str, port: int, what: str) -> None:
         raise StartupError(f"cannot bind {what} to {host}:{port}: {exc.strerror}") from None
 
 
+# Device memory a worker process's CUDA context takes before it allocates anything: an
+# estimate (about 0.3-0.6 GiB on recent GPUs with CUDA 12's lazy module loading), kept
+# free for each worker on every CUDA device its tables use. `bench/device.sh check`
+# measures the real figure.
+CUDA_CONTEXT_BYTES = 512 << 20
+
+
 def build_store(config: ServerConfig, device: torch.device) -> TableStore:
     """Load the configured tables (or the seeded demo table) onto `device` (or the device
     a table's config entry names); with several server processes, CPU tables go to
-    shared memory so that all of them read one copy."""
+    shared memory so that all of them read one copy, each worker keeps its own device
+    cache of a cached table, and each needs room for its CUDA context: a table that
+    would not leave it is refused before it loads (`load_table`)."""
     shared = config.processes > 1
-    store = TableStore(shared=shared)
+    store = TableStore(shared=shared, cache_copies=config.processes if shared else 1)
+
+    def keep_free(where: torch.device) -> int:
+        return config.processes * CUDA_CONTEXT_BYTES if shared and where.type == "cuda" else 0
+
     if not config.tables:
         store.add(
             demo_table(config.demo_rows, config.demo_dim, config.demo_seed, device, shared=shared)
         )
     for spec in config.tables:
         where = resolve_device(spec.device) if spec.device else device
-        store.add(load_table(spec, where, shared=shared))
+        store.add(
+            load_table(
+                spec, where, shared=shared, cache_copies=store.cache_copies, keep_free=keep_free
+            )
+        )
     return store
 
 
@@ -246,13 +264,15 @@ class EmbeddingServer:
                 *connections.server_options(config, self.connection_cap),
             ],
         )
+        # Results leaving a CUDA device go through a bounded set of pinned blocks.
+        staging = PinnedBlocks.with_budget(config.pinned_staging_bytes)
         self.batcher = (
-            Batcher(config.batch_delay_us / 1e6, config.batch_max_ids, self.pool.blocking)
+            Batcher(config.batch_delay_us / 1e6, config.batch_max_ids, self.pool.blocking, staging)
             if config.batching
             else None
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingServicer(Lookups(store, limits, self.batcher)), self._grpc
+            EmbeddingServicer(Lookups(store, limits, self.batcher, staging)), self._grpc
         )
         pb_grpc.add_EmbeddingAdminServicer_to_server(
             EmbeddingAdminServicer(store, reload, update), self._grpc
@@ -266,6 +286,7 @@ class EmbeddingServer:
         self.metrics_port = 0
         self._metrics_httpd: WSGIServer | None = None
         self._connections: connections.ConnectionWatch | None = None
+        self._memory_sampler: metrics.DeviceMemorySampler | None = None
 
     @property
     def draining(self) -> bool:
@@ -296,7 +317,14 @@ class EmbeddingServer:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def _publish_tables(self) -> None:
-        metrics.watch_devices(lambda: [(t.weights.device, t.nbytes) for t in self.store])
+        # A worker of several processes reads the supervisor's host tables: not its to
+        # count. Its metrics are served by the supervisor, so it samples them into files.
+        memory = metrics.DeviceMemory(self.store.memory, host_tables=not self.store.shared)
+        if metrics.in_multiprocess_mode():
+            self._memory_sampler = metrics.DeviceMemorySampler(memory)
+            self._memory_sampler.start()
+        else:
+            metrics.watch_devices(memory)
         for table in self.store:
             metrics.publish_table(table)
             metrics.ROWS_UPDATED.labels(table.name)
@@ -350,6 +378,8 @@ class EmbeddingServer:
             self.batcher.close()
         if self._connections is not None:
             self._connections.stop()
+        if self._memory_sampler is not None:
+            self._memory_sampler.stop()
         self.pool.shutdown(wait=False)
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)

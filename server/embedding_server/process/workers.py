@@ -48,6 +48,7 @@ from prometheus_client import multiprocess
 
 from embedding_server import logs, metrics
 from embedding_server.config import ServerConfig
+from embedding_server.core.devices import release_unused
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
 from embedding_server.process.server import (
@@ -69,6 +70,8 @@ READY_TIMEOUT_S = 120.0
 ACK_TIMEOUT_S = 30.0
 # A worker that keeps dying is restarted no faster than this.
 RESTART_DELAY_S = 1.0
+# How often the supervisor frees table versions every worker has let go of.
+RELEASE_EVERY_S = 5.0
 
 
 class WorkerError(Exception):
@@ -123,6 +126,9 @@ class Supervisor:
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
         self._metrics_httpd: WSGIServer | None = None
+        # The host tables and this process's share of the device memory (the workers
+        # sample their own).
+        self._memory = metrics.DeviceMemory(store.memory)
 
     def start(self) -> None:
         """Serve /metrics, start every worker and wait until each serves; then watch them.
@@ -141,12 +147,9 @@ class Supervisor:
                 f"mode: set {METRICS_DIR_ENV} before prometheus_client is imported "
                 "(embedding-server does this itself)"
             )
-        registry = metrics.multiprocess_registry(
-            self.metrics_dir,
-            lambda: [(t.weights.device, t.nbytes) for t in self.store],
-            self._processes,
-        )
+        registry = metrics.multiprocess_registry(self.metrics_dir, self._processes)
         self._metrics_httpd, self.metrics_port = start_metrics(self.config, registry)
+        self._memory.sample()
         for table in self.store:
             metrics.publish_table(table)
             for result in ("ok", "failed"):
@@ -289,7 +292,27 @@ class Supervisor:
             if not done:
                 log.warning("not every worker confirmed version %d of table %r within %.0f s",
                             table.version, table.name, ACK_TIMEOUT_S)  # fmt: skip
+            self._release_old_versions()
             return table
+
+    def _release_old_versions(self) -> None:
+        """Free the device memory of table versions every worker has let go of.
+
+        A CUDA tensor sent to other processes stays allocated in this one, after this
+        process drops it, until torch sees that every receiver has released it and is
+        asked to collect (`torch.cuda.ipc_collect`): a replaced version would otherwise
+        hold its memory until the device runs short. Called after each reload and every
+        few seconds (a worker may still finish a call on the old version after its ack),
+        it then hands the freed memory back to the driver, where the workers can use it.
+        """
+        for device in {d for d, _ in self.store.memory() if d.type == "cuda"}:
+            held = torch.cuda.memory_allocated(device)
+            torch.cuda.ipc_collect()
+            if torch.cuda.memory_allocated(device) < held:
+                release_unused(device)
+                log.info("%s: %.1f MiB of replaced table versions freed", device,
+                         (held - torch.cuda.memory_allocated(device)) / 2**20)  # fmt: skip
+        self._memory.sample()
 
     def reload_all(self) -> None:
         """Re-read every table that came from a file (SIGHUP); failures keep the old version."""
@@ -303,7 +326,8 @@ class Supervisor:
                           table.name, table.version, exc)  # fmt: skip
 
     def _watch(self) -> None:
-        """Replace workers that die, until stop()."""
+        """Replace workers that die, and free released table versions, until stop()."""
+        last_release = time.monotonic()
         while not self._stopping.is_set():
             with self._changed:
                 by_sentinel = {w.process.sentinel: w for w in self.workers}
@@ -314,8 +338,29 @@ class Supervisor:
                 dead.process.join()
                 log.error("worker %d (pid %d) exited with status %s; starting a new one",
                           dead.index, dead.process.pid, dead.process.exitcode)  # fmt: skip
+                self._warn_stranded(dead)
                 self._forget(dead)
                 self._replace(dead.index)
+            if time.monotonic() - last_release >= RELEASE_EVERY_S:
+                last_release = time.monotonic()
+                self._release_old_versions()
+
+    def _warn_stranded(self, dead: _Worker) -> None:
+        """Say what a worker that died leaves behind on CUDA devices: torch counts the
+        receivers of a shared tensor in shared memory, and a receiver that dies without
+        running its cleanup (always so when killed by a signal) is never uncounted. The
+        table versions it held still serve, but this process can no longer free them: a
+        version replaced later stays allocated until the server restarts."""
+        held = [t for t in self.store if t.weights.device.type == "cuda"]
+        if not held:
+            return
+        log.warning(
+            "worker %d died (exit status %s) holding CUDA tables %s (%.1f MiB): once they "
+            "are reloaded, their current versions may stay allocated until the server "
+            "restarts (see docs/operations.md)",
+            dead.index, dead.process.exitcode, ", ".join(repr(t.name) for t in held),
+            sum(t.nbytes for t in held) / 2**20,
+        )  # fmt: skip
 
     def _replace(self, index: int) -> None:
         while not self._stopping.is_set():
