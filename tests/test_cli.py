@@ -45,6 +45,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     process.communicate(timeout=30)
 
 
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "embedding-client"), *args], capture_output=True, text=True, timeout=60,
@@ -163,7 +171,9 @@ def test_cli_tables_and_health(served: tuple[str, Path]) -> None:
         "bytes",
         "default",
     ]
-    assert row.split() == ["worked", "3", "4", "float32", "cpu", "1", "48", "*"]
+    # `auto` puts the table on the GPU where there is one.
+    device = "cuda:0" if _has_cuda() else "cpu"
+    assert row.split() == ["worked", "3", "4", "float32", device, "1", "48", "*"]
     done = _cli("--target", target, "health")
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
 
@@ -188,7 +198,7 @@ def test_cli_reports_errors_in_one_line(served: tuple[str, Path]) -> None:
         (["--table", "t={folder}/bad.npy"], "is not a plain numeric .npy array"),
         (["--table", "t={folder}/inf.npy"], "row 1, column 0 holds inf; tables must be finite"),
         (["--table", "t={folder}/1d.npy"], "expected a 2-D [rows, dim] table"),
-        (["--device", "cuda:3"], "--device cuda:3: CUDA is not available"),
+        (["--device", "cuda:99"], "--device cuda:99: CUDA is not available"),
         (["--port", "{busy}"], "cannot bind gRPC to 127.0.0.1:{busy}: Address already in use"),
     ],
 )
@@ -205,8 +215,8 @@ def test_startup_errors_stop_with_one_clear_line(
         pytest.importorskip("torch")
         import torch
 
-        if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
+        if torch.cuda.is_available():  # a device that does not exist, then
+            message = f"--device cuda:99: this machine has {torch.cuda.device_count()} CUDA"
     done = subprocess.run(
         [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--metrics-port", "0",
          "--port", "0", *args],
