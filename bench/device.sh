@@ -3,10 +3,14 @@
 #
 # Here, once: `make device-wheels` (grpcio, its health/reflection services and protobuf at
 # docker/requirements.lock's versions, for the device's Python 3.12, into .whl/). Then one
-# device call per stage, each well inside the 10-minute limit of a call, carrying .whl:
+# device call per stage, each inside the 10-minute limit of a call, carrying .whl:
 #
-#   bash bench/device.sh check     # GPU facts, CUDA tests, whole suite, kernel sweep, cache (~6 min)
+#   bash bench/device.sh check     # GPU facts, a CUDA context's size, CUDA tests, the rest of the suite (<= 8 min)
+#   bash bench/device.sh kernels   # kernel sweep (gather vs one-hot), device cache at 10M rows (<= 6 min)
 #   bash bench/device.sh service   # service sweep: 1 and 8 server processes, 8 with batching, ceiling (~6 min)
+#
+# `check` first: it is what proves the CUDA paths (tests/test_cuda.py) before any number
+# is worth reading.
 #
 # Results go to $OUT (the device tool brings back at most 8 files), else bench/results/device:
 # STAGE.log with every step's output, and each benchmark's table and plot. Every step is
@@ -15,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-stage=${1:?usage: bench/device.sh check|service}
+stage=${1:?usage: bench/device.sh check|kernels|service}
 out=${OUT:-bench/results/device}
 mkdir -p "$out"
 python=${PYTHON:-python3}
@@ -56,12 +60,16 @@ check)
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "grpcio", grpc.__version__,
       "protobuf", pb.__version__, "numpy", numpy.__version__)'
     } 2>&1 | tee -a "$log"
-    step 120 "$python" -m pytest -q -p no:cacheprovider -m cuda -rs
-    # The whole suite where "auto" means CUDA: every test that creates a server puts its
-    # tables on the GPU. Tests needing tools the device lacks (prometheus, podman) skip.
-    step 300 "$python" -m pytest -q -p no:cacheprovider -rs
+    step 30 "$python" bench/cuda_context.py
+    step 200 "$python" -m pytest -q -p no:cacheprovider -m cuda -rs --durations=10
+    # The rest of the suite where "auto" means CUDA: every test that starts a server
+    # process puts its tables on the GPU. Tests needing tools the device lacks
+    # (prometheus, podman) skip.
+    step 240 "$python" -m pytest -q -p no:cacheprovider -m "not cuda" -rs --durations=10
+    ;;
+kernels)
     # One-hot up to 2e12 multiply-adds, so V = 1M has its Lookup/LookupDense ratio at B = 1,024.
-    step 200 "$python" bench/kernels.py --device cuda --max-dense-macs 2e12 --out "$out"
+    step 240 "$python" bench/kernels.py --device cuda --max-dense-macs 2e12 --out "$out"
     step 100 "$python" bench/cache.py --device cuda --rows 10000000 --out "$out"
     ;;
 service)
@@ -74,7 +82,7 @@ service)
         --out "$out"
     ;;
 *)
-    echo "unknown stage $stage: check or service" >&2
+    echo "unknown stage $stage: check, kernels or service" >&2
     exit 2
     ;;
 esac
