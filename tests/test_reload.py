@@ -77,16 +77,19 @@ def test_reload_under_load_is_atomic(reloadable) -> None:  # type: ignore[no-unt
     readers = [threading.Thread(target=reader, args=(seed,)) for seed in range(4)]
     for thread in readers:
         thread.start()
-    with EmbeddingClient(target) as admin:
-        for version in range(2, 7):
-            time.sleep(0.15)
-            path = _save(folder / f"v{version}.npy", version_table(version))
-            info = admin.reload_table("t", str(path))
-            assert info.version == version
-    time.sleep(0.15)
-    stop.set()
-    for thread in readers:
-        thread.join()
+    try:
+        with EmbeddingClient(target) as admin:
+            for version in range(2, 7):
+                time.sleep(0.15)
+                path = _save(folder / f"v{version}.npy", version_table(version))
+                info = admin.reload_table("t", str(path))
+                assert info.version == version
+        time.sleep(0.15)
+    finally:  # a failed reload must not leave the readers running for good
+        stop.set()
+        for thread in readers:
+            thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in readers)
     assert failures == []
     assert len(seen) > 50 and set(seen) >= {1, 6}, sorted(set(seen))
 
