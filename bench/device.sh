@@ -61,11 +61,11 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "grpcio", g
       "protobuf", pb.__version__, "numpy", numpy.__version__)'
     } 2>&1 | tee -a "$log"
     step 30 "$python" bench/cuda_context.py
-    step 200 "$python" -m pytest -q -p no:cacheprovider -m cuda -rs --durations=10
+    step 180 "$python" -m pytest -q -p no:cacheprovider -m cuda -rs --durations=10
     # The rest of the suite where "auto" means CUDA: every test that starts a server
     # process puts its tables on the GPU. Tests needing tools the device lacks
     # (prometheus, podman) skip.
-    step 240 "$python" -m pytest -q -p no:cacheprovider -m "not cuda" -rs --durations=10
+    step 300 "$python" -m pytest -q -p no:cacheprovider -m "not cuda" -rs --durations=10
     ;;
 kernels)
     # One-hot up to 2e12 multiply-adds, so V = 1M has its Lookup/LookupDense ratio at B = 1,024.
