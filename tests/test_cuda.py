@@ -192,17 +192,20 @@ def test_timed_waits_for_a_kernel_on_the_second_device() -> None:
 def test_lookup_dense_stops_at_its_deadline_on_the_device() -> None:
     """Seconds of one-hot work with a 0.5 s deadline: the server gives up within about a
     second (its record of the call says DEADLINE_EXCEEDED), and the dense slot is free
-    for the next call (with --dense-concurrency 1 it would wait for the first)."""
+    for the next call (with --dense-concurrency 1 it would wait for the first).
+
+    The work: 262,144 ids x 1M rows: 512 blocks that each read the whole 512 MB table,
+    several seconds even at the H200's 4.8 TB/s (262,144 x 1M x 128 multiply-adds)."""
     table = torch.randn(1_000_000, 128)
     store = TableStore()
     store.add(Table(name="big", weights=table.to(GPU), source="test"))
     labels = {"method": "LookupDense", "table": "big", "code": "DEADLINE_EXCEEDED"}
-    with _serving(store, max_dense_macs=10**16, dense_concurrency=1) as server:
+    with _serving(store, max_dense_macs=10**17, dense_concurrency=1) as server:
         before = REGISTRY.get_sample_value("embedding_request_duration_seconds_count", labels)
         with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
             started = time.monotonic()
             with pytest.raises(EmbeddingError) as late:
-                client.lookup_dense(np.arange(8192), "big", timeout=0.5)
+                client.lookup_dense(np.arange(262_144), "big", timeout=0.5)
             assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             while time.monotonic() - started < 3:
                 after = REGISTRY.get_sample_value(
@@ -246,24 +249,28 @@ def test_updates_of_a_cached_device_table_are_seen_whole_under_concurrent_lookup
     tmp_path: Path,
 ) -> None:
     """Readers on their own streams, a writer updating rows: every row read is one whole
-    version of that row, and the last version is what stays."""
+    version of that row, and the last version is what stays. Half the readers read the
+    updated rows (cached: hits, and the writer's cache writes), half random rows of the
+    whole table (more than the cache holds: misses and evictions meanwhile)."""
     rows, dim = 2000, 32
     np.save(tmp_path / "t.npy", np.zeros((rows, dim), np.float32))
-    store = _store((TableSpec("t", tmp_path / "t.npy", cache_rows=256), GPU))
+    store = _store((TableSpec("t", tmp_path / "t.npy", cache_rows=512), GPU))
     ids = np.arange(0, rows, 7)
     stop, bad = threading.Event(), []
 
-    def read(target: str) -> None:
+    def read(target: str, seed: int) -> None:
+        rng = np.random.default_rng(seed)
         with EmbeddingClient(target) as client:
             while not stop.is_set():
-                got = client.lookup(ids, "t")
+                wanted = ids if seed % 2 else rng.integers(0, rows, size=100)
+                got = client.lookup(wanted, "t")
                 versions = got[:, 0]
                 if not (got == versions[:, None]).all():  # a row mixing two versions
                     bad.append(got)
 
     with _serving(store, **admin_settings(tmp_path)) as server:
         target = f"127.0.0.1:{server.port}"
-        readers = [threading.Thread(target=read, args=(target,)) for _ in range(6)]
+        readers = [threading.Thread(target=read, args=(target, seed)) for seed in range(6)]
         for reader in readers:
             reader.start()
         try:
