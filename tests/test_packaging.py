@@ -55,6 +55,24 @@ def test_client_does_not_pull_in_torch_or_the_server() -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_ml_dtypes_is_imported_only_for_bfloat16() -> None:
+    """Importing ml_dtypes takes ~0.5-1 s: a command-line client that never sees bfloat16
+    must not pay it; one that does gets numpy's bfloat16 dtype for its vectors."""
+    script = (
+        "import sys, embedding_client, embedding_client.cli\n"
+        "from embedding_client import codec\n"
+        "from embedding_client.proto import embedding_pb2 as pb\n"
+        "codec.numpy_dtype(pb.DTYPE_FLOAT32), codec.numpy_dtype(pb.DTYPE_FLOAT16)\n"
+        "print('ml_dtypes' in sys.modules)\n"
+        "print(codec.numpy_dtype(pb.DTYPE_BFLOAT16), 'ml_dtypes' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "bfloat16", "True"]
+
+
 def test_torch_is_only_a_server_dependency() -> None:
     from importlib.metadata import requires
 

@@ -7,10 +7,10 @@ the client never needs torch, and both sides agree on bytes, dtypes and shapes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, cast
 
-import ml_dtypes
 import numpy as np
 
 from embedding_client.proto import embedding_pb2 as pb
@@ -18,13 +18,23 @@ from embedding_client.proto import embedding_pb2 as pb
 ID_DTYPE = np.dtype("<i8")
 MAX_ID_DIMS = 16
 
-# Wire dtype enum <-> numpy dtype (little-endian). bfloat16 comes from ml_dtypes,
-# the numpy extension JAX and TensorFlow use for it.
+# Wire dtype enum <-> numpy dtype (little-endian). bfloat16 comes from ml_dtypes (the
+# numpy extension JAX and TensorFlow use for it), imported on first use only: it takes
+# ~0.5-1 s to import, most of a command-line client's start for float32 lookups.
 _NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
-    pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
+
+
+@functools.cache
+def bfloat16() -> np.dtype[Any]:
+    """numpy's bfloat16 (ml_dtypes), imported when first asked for."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 _DTYPE_NAMES: dict[int, str] = {
     pb.DTYPE_FLOAT32: "float32",
     pb.DTYPE_FLOAT16: "float16",
@@ -79,7 +89,8 @@ def dtype_name(value: int) -> str:
 
 def numpy_dtype(value: int) -> np.dtype[Any]:
     """The numpy dtype of vectors sent with wire dtype `value`."""
-    return _NUMPY_DTYPES[dtype_to_wire(dtype_name(value))]
+    wire = dtype_to_wire(dtype_name(value))
+    return bfloat16() if wire == pb.DTYPE_BFLOAT16 else _NUMPY_DTYPES[wire]
 
 
 def as_id_array(ids: Any) -> np.ndarray:
@@ -288,6 +299,8 @@ def encode_update_rows(ids: Any, vectors: Any, table: str | None) -> pb.UpdateRo
     array = as_id_array(ids)
     values = np.asarray(vectors)
     wire = next((v for v, d in _NUMPY_DTYPES.items() if d == values.dtype), None)
+    if wire is None and values.dtype.name == "bfloat16":  # only ml_dtypes makes these
+        wire = pb.DTYPE_BFLOAT16
     if wire is None:
         values, wire = values.astype("<f4"), pb.DTYPE_FLOAT32
     if values.ndim != 2 or array.ndim != 1 or values.shape[0] != array.size:
