@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -229,6 +230,24 @@ def test_startup_errors_stop_with_one_clear_line(
     assert errors[0].startswith("embedding-server: error: ")
     assert message.format(busy=busy) in errors[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_missing_table_file_is_reported_before_torch_loads() -> None:
+    """Importing torch takes seconds; a typo in a path is said without it (here torch
+    cannot be imported at all, so a server that reached it would say so instead)."""
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from embedding_server.__main__ import main\n"
+        "sys.exit(main(['--table', 't=/nonexistent/t.npy', '--port', '0']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        env=server_env(),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "embedding-server: error: table 't': /nonexistent/t.npy: no such file"
+    )
 
 
 def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:

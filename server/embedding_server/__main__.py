@@ -37,6 +37,12 @@ def prepare_metrics_dir() -> tuple[str, bool]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the server; say how to install it when the server extra is missing."""
     config = load_config(argv)
+    for spec in config.tables:
+        # Said before torch is imported (seconds): a typo should not wait for it.
+        if not spec.path.exists():
+            print(f"embedding-server: error: table {spec.name!r}: {spec.path}: no such file",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     metrics_dir, own_metrics_dir = "", False
     if config.processes > 1:  # before anything imports prometheus_client
         metrics_dir, own_metrics_dir = prepare_metrics_dir()
