@@ -60,20 +60,53 @@ def demo_table(rows: int) -> np.ndarray:
 # ---------------------------------------------------------------- the raw-gRPC ceiling
 
 
-def ceiling_server(port: int, rows: int, workers: int) -> None:
-    """A grpc server with no service logic: raw ids bytes in, table[ids] bytes out."""
+CEILINGS = ("sync", "aio", "sync+malloc", "aio+malloc")
+
+
+def ceiling_server(port: int, rows: int, workers: int, flavour: str = "sync") -> None:
+    """A grpc server with no service logic: raw ids bytes in, table[ids] bytes out.
+
+    `flavour`: "sync" (grpc.server on a thread pool of `workers`) or "aio" (grpc.aio on
+    one event loop), each optionally "+malloc": glibc's mmap and trim thresholds raised
+    (DESIGN.md: re-faulting fresh pages for every 0.5-8 MB response halved throughput at
+    B >= 1,024), as `embedding-server --malloc-tune true` does.
+    """
     import grpc
 
+    if flavour.endswith("+malloc"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's ceiling on 64-bit
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     table = demo_table(rows)
+    options = [("grpc.max_send_message_length", 1 << 30),
+               ("grpc.max_receive_message_length", 1 << 30), ("grpc.so_reuseport", 0)]  # fmt: skip
+    if flavour.startswith("aio"):
+
+        async def lookup_async(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return table[np.frombuffer(request, dtype="<i8")].tobytes()
+
+        async def serve() -> None:
+            server = grpc.aio.server(options=options)
+            handler = grpc.unary_unary_rpc_method_handler(lookup_async)
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("ceiling", {"Lookup": handler}),)
+            )
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGTERM, lambda: asyncio.ensure_future(server.stop(0))
+            )
+            await server.wait_for_termination()
+
+        asyncio.run(serve())
+        return
 
     def lookup(request: bytes, context: grpc.ServicerContext) -> bytes:
         return table[np.frombuffer(request, dtype="<i8")].tobytes()
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers),
-        options=[("grpc.max_send_message_length", 1 << 30),
-                 ("grpc.max_receive_message_length", 1 << 30), ("grpc.so_reuseport", 0)],
-    )  # fmt: skip
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     handler = grpc.unary_unary_rpc_method_handler(lookup)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("ceiling", {"Lookup": handler}),)
@@ -202,20 +235,21 @@ def measure(target: str, kind: str, batch: int, rows: int, concurrency: int, sec
     for worker in workers:
         worker.start()
     cpu: list[float] = []
-    if server_pid is not None:
+    load_cpu: list[float] = []
 
-        def sample() -> None:  # the server's CPU time at the window's start and end
-            for at in (start_at, start_at + seconds):
-                time.sleep(max(0.0, at - time.time()))
+    def sample() -> None:  # server's and load generator's CPU time at the window's ends
+        for at in (start_at, start_at + seconds):
+            time.sleep(max(0.0, at - time.time()))
+            if server_pid is not None:
                 cpu.append(server_cpu_seconds(server_pid))
+            load_cpu.append(sum(server_cpu_seconds(w.pid) for w in workers if w.pid))
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     results = [queue.get(timeout=seconds + 120) for _ in workers]
     for worker in workers:
         worker.join(timeout=30)
-    if server_pid is not None:
-        sampler.join(timeout=10)
+    sampler.join(timeout=10)
     errors = [r[1] for r in results if r[0] == "error"]
     if errors:
         raise RuntimeError(f"{kind} B={batch} C={concurrency}: {errors[0]}")
@@ -223,9 +257,13 @@ def measure(target: str, kind: str, batch: int, rows: int, concurrency: int, sec
     rps = len(latencies) / seconds
     p50, p99, p999 = np.percentile(latencies, [50, 99, 99.9]) if len(latencies) else (0, 0, 0)
     cpu_us = (cpu[1] - cpu[0]) / len(latencies) * 1e6 if len(cpu) == 2 and len(latencies) else 0.0
+    # The load generator's share of the machine: near 100% would make it, not the server,
+    # the limit (its CPU per call is in the table too).
+    load = load_cpu[1] - load_cpu[0] if len(load_cpu) == 2 else 0.0
     return {"req_s": rps, "rows_s": rps * batch, "mb_s": rps * batch * DIM * 4 / 1e6,
             "p50": p50, "p99": p99, "p999": p999, "calls": len(latencies),
-            "cpu_us": cpu_us}  # fmt: skip
+            "cpu_us": cpu_us, "load_us": load / len(latencies) * 1e6 if len(latencies) else 0.0,
+            "load_pct": 100 * load / seconds / (os.cpu_count() or 1)}  # fmt: skip
 
 
 # ---------------------------------------------------------------- targets (server side)
@@ -336,6 +374,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure every cell this many times, targets interleaved, and "
                         "report the median (single cells vary up to ~1.7x on a shared VM)")  # fmt: skip
+    parser.add_argument("--ceilings", default=",".join(CEILINGS),
+                        help="bare server flavours measured as `ceiling` (comma-separated: "
+                        f"{', '.join(CEILINGS)}); each cell is compared with the strongest")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -370,15 +411,26 @@ def main() -> int:
                 served.append(name)
         kinds = served + [k for k in kinds if k not in SERVICE_KINDS]
         if "ceiling" in kinds:
-            port = free_port()
-            ceiling = mp.get_context("spawn").Process(
-                target=ceiling_server, args=(port, args.rows, args.workers), daemon=True
-            )
-            ceiling.start()
-            processes.append(ceiling)
-            wait_port(port)
-            targets["ceiling"] = f"127.0.0.1:{port}"
-            pids["ceiling"] = ceiling.pid
+            # Every bare server flavour asked for; each cell compares against the strongest.
+            flavours = [f for f in args.ceilings.split(",") if f]
+            unknown = sorted(set(flavours) - set(CEILINGS))
+            if unknown:
+                parser.error(
+                    f"--ceilings: unknown {', '.join(unknown)}; known: {', '.join(CEILINGS)}"
+                )
+            at = kinds.index("ceiling")
+            kinds[at : at + 1] = [f"ceiling[{f}]" for f in flavours]
+            for flavour in flavours:
+                port = free_port()
+                ceiling = mp.get_context("spawn").Process(
+                    target=ceiling_server, args=(port, args.rows, args.workers, flavour),
+                    daemon=True,
+                )  # fmt: skip
+                ceiling.start()
+                processes.append(ceiling)
+                wait_port(port)
+                targets[f"ceiling[{flavour}]"] = f"127.0.0.1:{port}"
+                pids[f"ceiling[{flavour}]"] = ceiling.pid
         if "redis" in kinds:
             if shutil.which("redis-server") is None:
                 print("redis-server not installed (apt-get install redis-server): skipping redis")
@@ -427,25 +479,49 @@ def main() -> int:
     return 0
 
 
+def is_ceiling(kind: object) -> bool:
+    return str(kind).split("[")[0] == "ceiling"
+
+
+def strongest_bare(
+    results: list[dict[str, object]],
+) -> dict[tuple[object, object], dict[str, object]]:
+    """Per (batch, in flight): the bare servers' best rows/s and lowest CPU per call, and
+    which flavour gave each."""
+    best: dict[tuple[object, object], dict[str, object]] = {}
+    for r in results:
+        if not is_ceiling(r["kind"]):
+            continue
+        cell = best.setdefault((r["batch"], r["concurrency"]), {})
+        if r["rows_s"] > cell.get("rows_s", -1.0):  # type: ignore[operator]
+            cell["rows_s"], cell["rows_by"] = r["rows_s"], r["kind"]
+        if r["cpu_us"] and r["cpu_us"] < cell.get("cpu_us", float("inf")):  # type: ignore[operator]
+            cell["cpu_us"], cell["cpu_by"] = r["cpu_us"], r["kind"]
+    return best
+
+
 def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
-    ceiling = {
-        (r["batch"], r["concurrency"]): r["rows_s"] for r in results if r["kind"] == "ceiling"
-    }
+    best = strongest_bare(results)
     lines = [
         f"Service benchmark: {os.cpu_count()} cores, demo table {args.rows} x {DIM} float32, "
         f"{args.seconds:.0f} s per cell, {args.processes} client processes (asyncio), "
-        f"median of {args.repeat} interleaved run(s) per cell.",
+        f'median of {args.repeat} interleaved run(s) per cell. "vs bare": against the '
+        "strongest bare server of the cell (most rows/s; least server CPU per call). "
+        '"load CPU": the load generator\'s CPU, per call and as a share of all cores.',
         "",
-        "| target | B | in flight | req/s | rows/s | MB/s | p50 ms | p99 ms | p99.9 ms | rows/s vs ceiling | server CPU us/call |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| target | B | in flight | req/s | rows/s | MB/s | p50 ms | p99 ms | p99.9 ms | "
+        "server CPU us/call | rows/s vs bare | CPU vs bare | load CPU us/call | load CPU % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        base = ceiling.get((r["batch"], r["concurrency"]))
-        share = f"{r['rows_s'] / base:.0%}" if base else "-"
+        cell = best.get((r["batch"], r["concurrency"]), {})
+        share = f"{r['rows_s'] / cell['rows_s']:.0%}" if cell.get("rows_s") else "-"  # type: ignore[operator]
+        cpu = f"{r['cpu_us'] / cell['cpu_us']:.2f}x" if cell.get("cpu_us") and r["cpu_us"] else "-"  # type: ignore[operator]
         lines.append(
             f"| {r['kind']} | {r['batch']:,} | {r['concurrency']} | {r['req_s']:,.0f} | "
             f"{r['rows_s']:,.0f} | {r['mb_s']:,.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-            f"{r['p999']:.2f} | {share} | {r['cpu_us']:,.0f} |"
+            f"{r['p999']:.2f} | {r['cpu_us']:,.0f} | {share} | {cpu} | {r['load_us']:,.0f} | "
+            f"{r['load_pct']:.0f}% |"
         )
     text = "\n".join(lines)
     print(text)
@@ -471,13 +547,17 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
                     best[batch] = r
         batches = sorted(best)
         left.plot(batches, [best[b]["rows_s"] for b in batches], marker="o", label=kind)
-        single = sorted((r for r in results if r["kind"] == kind and r["concurrency"] == 1),
+        # Latency at the fewest calls in flight measured (not only 1: a run may have none).
+        mine = [r for r in results if r["kind"] == kind]
+        fewest = min(int(r["concurrency"]) for r in mine)  # type: ignore[call-overload]
+        single = sorted((r for r in mine if r["concurrency"] == fewest),
                         key=lambda r: r["batch"])  # type: ignore[arg-type,return-value]  # fmt: skip
-        right.plot([r["batch"] for r in single], [r["p50"] for r in single], marker="o", label=kind)
+        right.plot([r["batch"] for r in single], [r["p50"] for r in single], marker="o",
+                   label=f"{kind} ({fewest} in flight)")  # fmt: skip
     left.set(xscale="log", yscale="log", xlabel="ids per call (B)", ylabel="rows/s (best over in-flight)",
              title="throughput")  # fmt: skip
     right.set(xscale="log", yscale="log", xlabel="ids per call (B)", ylabel="p50 latency, ms",
-              title="latency with one call in flight")  # fmt: skip
+              title="latency with the fewest calls in flight")  # fmt: skip
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
