@@ -215,7 +215,7 @@ class ServerConfig:
     connection_age_s: float = 3600.0
     stream_idle_s: float = 30.0
     reflection: bool = True
-    malloc_tune: bool = False
+    malloc_tune: bool = True
     pinned_staging_bytes: int = 128 << 20
     # Not flags (secrets stay out of argv): read from --auth-tokens-file and
     # --admin-tokens-file and the EMBEDDING_AUTH_TOKENS / EMBEDDING_ADMIN_TOKENS variables.
@@ -385,8 +385,9 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "blocks kept for reuse; larger results, or more at once, are copied to pageable "
      "memory (0: never pin)"),
     ("--malloc-tune", "malloc_tune", _bool,
-     "experimental: raise glibc's mmap/trim thresholds so freed response buffers are "
-     "reused (true/false; not a measured win yet, see docs/performance.md)"),
+     "raise glibc's mmap/trim thresholds so freed response buffers are reused instead of "
+     "faulted in afresh for every call (true/false; -20% server CPU per call at 8 MB "
+     "responses, see docs/performance.md; the heap keeps up to 1 GiB it could return)"),
 )  # fmt: skip
 
 
