@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from embedding_server.core import devices, kernels
 from embedding_server.core.lookup import Limits, Lookups
+from embedding_server.core.tables import Table
 from embedding_server.errors import DeadlineExceeded
 
 from .conftest import make_store
@@ -41,9 +43,19 @@ def test_host_take_gives_the_bits_of_the_torch_gather(
     ids = np.random.default_rng(len(shape)).integers(0, 50, size=shape)
     assert kernels.takes_on_host(table, ids)
     expected = devices.to_host(kernels.gather(table, torch.from_numpy(ids)))
-    taken = kernels.host_take(table, ids)
+    taken = kernels.host_take(Table(name="t", weights=table, source="test").host_array(), ids)
     assert taken.dtype == expected.dtype and taken.shape == expected.shape
     assert taken.tobytes() == expected.tobytes()
+
+
+def test_a_tables_numpy_view_follows_its_rows_and_is_never_pickled() -> None:
+    table = Table(name="t", weights=_table(20, 4, torch.bfloat16), source="test")
+    view = table.host_array()
+    assert table.host_array() is view  # made once
+    table.weights[3] = 2.0  # a row update, in place
+    assert view[3].tobytes() == table.weights[3].view(torch.int16).numpy().tobytes()
+    copy = pickle.loads(pickle.dumps(table))  # what a worker process receives
+    assert copy._views == {} and torch.equal(copy.weights, table.weights)
 
 
 def test_host_take_only_takes_small_gathers_from_plain_host_tables() -> None:

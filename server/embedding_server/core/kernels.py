@@ -264,9 +264,13 @@ def pooled_matmul(
     return out
 
 
-# Below this many output elements torch's CPU gather runs on one thread anyway (its
-# parallel grain size), so numpy's take does the same copy without torch's per-call cost.
-HOST_TAKE_ELEMENTS = 32_768
+# Up to this many output elements (16 MiB of float32) a plain gather from a host table is
+# numpy's take: the same copy as torch's gather, without torch's per-call cost in a server
+# (each torch call releases and retakes the GIL: with several handler threads, a wait for
+# it each time). Measured with h2load on 2 cores (docs/performance.md): at B = 1,024 x 128
+# ~800 vs ~980 us of server CPU per call, at B = 16,384 the same. Past it, torch's gather,
+# which splits one large copy over the cores.
+HOST_TAKE_ELEMENTS = 1 << 22
 
 
 def takes_on_host(table: Rows, ids: np.ndarray) -> TypeGuard[torch.Tensor]:
@@ -278,13 +282,8 @@ def takes_on_host(table: Rows, ids: np.ndarray) -> TypeGuard[torch.Tensor]:
     )
 
 
-def host_take(table: torch.Tensor, ids: np.ndarray) -> np.ndarray:
-    """W[ids] by numpy, as the bits `devices.to_host` would give (bfloat16 as int16), for the
-    gathers `takes_on_host` admits.
-
-    In the server's threads each torch call releases and retakes the GIL and goes through
-    the dispatcher: at B = 1 that cost ~70 us of CPU per call in the server (against a
-    numpy take), though ~5 us in a loop.
-    """
-    rows: np.ndarray = table.view(devices.WIRE_VIEW.get(table.dtype, table.dtype)).numpy()
+def host_take(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """W[ids] by numpy from `rows`, a host table's wire bits (`Table.host_array`): what
+    `devices.to_host` would give from the torch gather, for the gathers `takes_on_host`
+    admits."""
     return rows.take(ids, axis=0)

@@ -103,14 +103,15 @@ class Lookups:
             return LookupOutput(data, shape, dtype, table, version, seconds, name)
         self._check(table, ids, out_dtype, dense, bags, padding_id)
         rows = table.rows_for_kernels()
+        device = rows.device
         try:
-            with devices.on_device(rows.device):  # this thread's stream (see devices)
-                kernel = self._kernel(rows, ids, out_dtype, dense, bags, padding_id, deadline)
-                with self._dense_slot(deadline) if dense else contextlib.nullcontext():
+            # This thread's stream on CUDA (see devices); nothing to enter on the CPU.
+            with devices.on_device(device) if device.type == "cuda" else _NOTHING:
+                kernel = self._kernel(table, rows, ids, out_dtype, dense, bags, padding_id,
+                                      deadline)  # fmt: skip
+                with self._dense_slot(deadline) if dense else _NOTHING:
                     # No row the kernel reads is half-updated; the version is the one it saw.
-                    (result, seconds), version = table.read(
-                        lambda: devices.timed(rows.device, kernel)
-                    )
+                    (result, seconds), version = table.read(lambda: devices.timed(device, kernel))
                 data = (
                     result
                     if isinstance(result, np.ndarray)
@@ -145,6 +146,7 @@ class Lookups:
 
     def _kernel(
         self,
+        table: Table,
         weights: kernels.Rows,
         ids: np.ndarray,
         dtype: torch.dtype,
@@ -157,7 +159,7 @@ class Lookups:
         in its own dtype, numpy's take (whose result already is the wire's bits)."""
         plain = not dense and bags is None and padding_id is None
         if plain and weights.dtype == dtype and kernels.takes_on_host(weights, ids):
-            return partial(kernels.host_take, weights, ids)
+            return partial(kernels.host_take, table.host_array(), ids)
         device = weights.device
         device_ids = torch.from_numpy(ids).to(kernels.ids_device(weights, dense))
         chunk = self.limits.dense_chunk_cells
@@ -186,24 +188,15 @@ class Lookups:
     ) -> None:
         """Refuse a request over the limits or with an id (or padding id) out of range."""
         limits = self.limits
+        self._check_count(ids.size, "ids")
+        if bags is None and not dense and padding_id is None:  # the common call: less to do
+            self._check_response(ids.size * table.dim * dtype.itemsize)
+            check_ids(ids, table.rows)
+            return
         vectors = ids.size if bags is None else bags.count
-        if ids.size > limits.max_ids:
-            raise OverLimit(
-                f"{ids.size} ids in one request; this server takes at most {limits.max_ids} "
-                "(--max-ids): split the request"
-            )
-        if bags is not None and bags.count > limits.max_ids:
-            raise OverLimit(
-                f"{bags.count} bags in one request; this server takes at most "
-                f"{limits.max_ids} (--max-ids): split the request"
-            )
-        response_bytes = vectors * table.dim * dtype.itemsize
-        if response_bytes > limits.max_response_bytes:
-            raise OverLimit(
-                f"the response would be {response_bytes} bytes, over the "
-                f"{limits.max_response_bytes}-byte message limit (--max-message-bytes): "
-                "split the request or ask for float16/bfloat16"
-            )
+        if bags is not None:
+            self._check_count(bags.count, "bags")
+        self._check_response(vectors * table.dim * dtype.itemsize)
         if dense:
             # One (multi-)hot row per bag for sum and mean; one per id otherwise.
             hot_rows = bags.count if bags is not None and bags.mode != "max" else ids.size
@@ -221,6 +214,23 @@ class Lookups:
                 f"[0, {table.rows})"
             )
 
+    def _check_count(self, count: int, what: str) -> None:
+        if count > self.limits.max_ids:
+            raise OverLimit(
+                f"{count} {what} in one request; this server takes at most "
+                f"{self.limits.max_ids} (--max-ids): split the request"
+            )
+
+    def _check_response(self, response_bytes: int) -> None:
+        limit = self.limits.max_response_bytes
+        if response_bytes > limit:
+            raise OverLimit(
+                f"the response would be {response_bytes} bytes, over the {limit}-byte message "
+                "limit (--max-message-bytes): split the request or ask for float16/bfloat16"
+            )
+
+
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
 
 # The `kernel` label of embedding_kernel_seconds, by (dense, pooled).
 KERNELS = {

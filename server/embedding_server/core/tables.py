@@ -4,6 +4,7 @@ sees a half-updated row, and the id range check every lookup and update makes.""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ import torch
 from embedding_server.config import TableSpec
 from embedding_server.core import kernels
 from embedding_server.core.cache import CachedRows
+from embedding_server.core.devices import WIRE_VIEW
 from embedding_server.errors import InvalidRequest
 
 T = TypeVar("T")
@@ -38,18 +40,27 @@ class ReadWriteLock:
     def __reduce__(self) -> tuple[type[ReadWriteLock], tuple[()]]:
         return (ReadWriteLock, ())
 
+    # Every lookup takes the read side: plain calls, no generator or predicate (in a busy
+    # server each Python step costs several times what it costs in a loop).
+    def acquire_read(self) -> None:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._writers_waiting:
+                self._cond.notify_all()  # only writers wait for the readers to leave
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
-            self._readers += 1
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -91,6 +102,13 @@ class Table:
     # [sequence number, version] in shared memory, for tables several processes read.
     shared_state: torch.Tensor | None = field(default=None, repr=False)
     _version: int = field(default=1, repr=False)
+    # Views made once per table version, never pickled (a worker makes its own): the
+    # weights' wire bits and the shared state as numpy arrays, so that the hot path reads
+    # them without a torch call (each one releases and retakes the GIL).
+    _views: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_views": {}}
 
     @property
     def version(self) -> int:
@@ -106,10 +124,11 @@ class Table:
     def read(self, kernel: Callable[[], T]) -> tuple[T, int]:
         """`kernel()` (which reads the weights, and has finished on the device when it
         returns) run so that no row it reads is half-updated; with the version it saw."""
-        with self.lock.reading():
-            state = self.shared_state
-            if state is None:
+        self.lock.acquire_read()
+        try:
+            if self.shared_state is None:
                 return kernel(), self._version
+            state = self._view("state", self.shared_state)
             while True:  # seqlock: read again if a write overlapped
                 before = int(state[0])
                 if before % 2:
@@ -119,12 +138,28 @@ class Table:
                 version = int(state[1])
                 if int(state[0]) == before:
                     return result, version
+        finally:
+            self.lock.release_read()
 
-    @property
+    def host_array(self) -> np.ndarray:
+        """The weights of a float table in host memory as numpy's view of their wire bits
+        (bfloat16 as int16), shared with the tensor (row updates show in it)."""
+        return self._view("weights", self.weights)
+
+    def _view(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        view = self._views.get(name)
+        if view is None:
+            bits = tensor.view(WIRE_VIEW.get(tensor.dtype, tensor.dtype))
+            view = self._views[name] = bits.numpy()
+        return view
+
+    # Fixed for a Table's life (a reload makes a new Table; updates write in place), so
+    # read once: lookups ask for them several times per call.
+    @functools.cached_property
     def rows(self) -> int:
         return int(self.weights.shape[0])
 
-    @property
+    @functools.cached_property
     def dim(self) -> int:
         return int(self.weights.shape[1])
 
@@ -164,7 +199,11 @@ def check_ids(ids: np.ndarray, rows: int) -> None:
     """Refuse ids outside [0, rows), naming the first bad one and where it is."""
     if ids.size == 0:
         return
-    if int(ids.min()) >= 0 and int(ids.max()) < rows:
+    if ids.dtype == np.int64:
+        # One pass: read as unsigned, a negative id is above 2**63, so above any row count.
+        if int(ids.view(np.uint64).max()) < rows:
+            return
+    elif int(ids.min()) >= 0 and int(ids.max()) < rows:
         return
     flat = ids.reshape(-1)
     position = int(np.flatnonzero((flat < 0) | (flat >= rows))[0])
