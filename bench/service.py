@@ -24,6 +24,8 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -266,6 +268,80 @@ def measure(target: str, kind: str, batch: int, rows: int, concurrency: int, sec
             "load_pct": 100 * load / seconds / (os.cpu_count() or 1)}  # fmt: skip
 
 
+# ---------------------------------------------------------------- h2load: a load that is not Python
+
+H2LOAD_KINDS = ("Lookup", "LookupDense", "ceiling")
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def grpc_body(kind: str, batch: int, rows: int, seed: int = 0) -> tuple[str, bytes]:
+    """The HTTP/2 path and the gRPC-framed request body (a 0 byte, a 4-byte big-endian
+    length, the message) h2load sends for `kind`: the same ids on every call."""
+    ids = np.random.default_rng(seed).integers(0, rows, size=batch, dtype=np.int64)
+    if kind == "ceiling":
+        path, message = "/ceiling/Lookup", ids.tobytes()
+    else:
+        from embedding_client import codec
+
+        path = f"/embedding.v1.EmbeddingService/{kind}"
+        message = codec.encode_lookup_request(ids, None, "float32").SerializeToString()
+    return path, b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def measure_h2load(target: str, kind: str, batch: int, rows: int, concurrency: int,
+                   seconds: float, server_pid: int | None) -> dict[str, float]:  # fmt: skip
+    """One cell driven by h2load (nghttp2's HTTP/2 load generator, in C): `concurrency`
+    calls in flight over up to 2 connections, as the Python load does. h2load counts
+    HTTP statuses, not gRPC ones, so the response bytes are checked: every call must
+    have brought back its vectors. Latency: h2load gives the mean, no percentiles."""
+    path, body = grpc_body(kind, batch, rows)
+    connections = min(2, concurrency)
+    streams = -(-concurrency // connections)
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as data:
+        data.write(body)
+        data.flush()
+        before = server_cpu_seconds(server_pid) if server_pid else 0.0
+        load_before = children_cpu()
+        process = subprocess.Popen(
+            ["h2load", "-c", str(connections), "-m", str(streams), "-t", "1",
+             "-D", f"{seconds:g}", "-H", "content-type: application/grpc", "-H", "te: trailers",
+             "-d", data.name, f"http://{target}{path}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        output = process.communicate(timeout=seconds + 60)[0]
+        after = server_cpu_seconds(server_pid) if server_pid else 0.0
+        usage = children_cpu() - load_before
+    done = _h2load_number(output, r"requests: .* (\d+) succeeded, (\d+) failed, (\d+) errored")
+    data_bytes = _h2load_number(output, r"traffic: .*\((\d+)\) data")
+    succeeded, failed, errored = done
+    if process.returncode != 0 or failed or errored or not succeeded:
+        raise RuntimeError(f"h2load {kind} B={batch} C={concurrency}: {output[-600:]}")
+    if data_bytes[0] / succeeded < batch * DIM * 4:  # a gRPC error has no vectors
+        raise RuntimeError(f"h2load {kind} B={batch}: calls came back without their vectors")
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", output)
+    rps = succeeded / seconds
+    return {"req_s": rps, "rows_s": rps * batch, "mb_s": rps * batch * DIM * 4 / 1e6,
+            "p50": float(mean.group(1)) * _UNITS[mean.group(2)] if mean else float("nan"),
+            "p99": float("nan"), "p999": float("nan"), "calls": succeeded,
+            "cpu_us": (after - before) / succeeded * 1e6 if server_pid else 0.0,
+            "load_us": usage / succeeded * 1e6,
+            "load_pct": 100 * usage / seconds / (os.cpu_count() or 1)}  # fmt: skip
+
+
+def _h2load_number(output: str, pattern: str) -> tuple[int, ...]:
+    found = re.search(pattern, output)
+    if found is None:
+        raise RuntimeError(f"unexpected h2load output: {output[-600:]}")
+    return tuple(int(g) for g in found.groups())
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have been waited for (h2load, once
+    it is done; the servers and Python load generators still run, so do not count)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 # ---------------------------------------------------------------- targets (server side)
 
 
@@ -374,12 +450,24 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure every cell this many times, targets interleaved, and "
                         "report the median (single cells vary up to ~1.7x on a shared VM)")  # fmt: skip
+    parser.add_argument("--load", choices=("python", "h2load"), default="python",
+                        help="load generator: client processes in Python (asyncio grpc, "
+                        "decoding every answer), or h2load (C, HTTP/2, prebuilt gRPC "
+                        "frames; Lookup, LookupDense and ceiling only)")  # fmt: skip
     parser.add_argument("--ceilings", default=",".join(CEILINGS),
                         help="bare server flavours measured as `ceiling` (comma-separated: "
                         f"{', '.join(CEILINGS)}); each cell is compared with the strongest")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     kinds = args.kinds.split(",")
+    if args.load == "h2load":
+        if shutil.which("h2load") is None:
+            parser.error("--load h2load needs h2load: apt-get install nghttp2-client")
+        dropped = [k for k in kinds if k not in H2LOAD_KINDS]
+        if dropped:
+            print(f"--load h2load drives {', '.join(H2LOAD_KINDS)} only: leaving out "
+                  f"{', '.join(dropped)}")  # fmt: skip
+            kinds = [k for k in kinds if k in H2LOAD_KINDS]
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     processes: list[subprocess.Popen | mp.Process] = []  # type: ignore[type-arg]
     targets: dict[str, str] = {}
@@ -450,9 +538,10 @@ def main() -> int:
                 runs: dict[str, list[dict[str, float]]] = {k: [] for k in cell}
                 for _ in range(args.repeat):
                     for kind in cell:  # interleaved, so drifts of the machine hit all alike
-                        row = measure(targets[kind], kind.split("[")[0], batch, args.rows,
-                                      concurrency, args.seconds, args.processes,
-                                      pids.get(kind))  # fmt: skip
+                        how = measure_h2load if args.load == "h2load" else measure
+                        row = how(targets[kind], kind.split("[")[0], batch, args.rows,
+                                  concurrency, args.seconds, *(() if how is measure_h2load
+                                  else (args.processes,)), pids.get(kind))  # fmt: skip
                         runs[kind].append(row)
                         print(f"  {kind:15} B={batch:>6} C={concurrency:>4}: {row['req_s']:9.0f} req/s "
                               f"{row['rows_s']:12,.0f} rows/s  p50 {row['p50']:8.2f} ms  "
@@ -500,12 +589,21 @@ def strongest_bare(
     return best
 
 
+def _ms(value: object) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: h2load gives no percentiles
+
+
 def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
     best = strongest_bare(results)
     lines = [
         f"Service benchmark: {os.cpu_count()} cores, demo table {args.rows} x {DIM} float32, "
-        f"{args.seconds:.0f} s per cell, {args.processes} client processes (asyncio), "
-        f'median of {args.repeat} interleaved run(s) per cell. "vs bare": against the '
+        f"{args.seconds:.0f} s per cell, "
+        + (
+            "h2load (C, 2 connections; p50 column: its mean latency), "
+            if args.load == "h2load"
+            else f"{args.processes} client processes (asyncio), "
+        )
+        + f'median of {args.repeat} interleaved run(s) per cell. "vs bare": against the '
         "strongest bare server of the cell (most rows/s; least server CPU per call). "
         '"load CPU": the load generator\'s CPU, per call and as a share of all cores.',
         "",
@@ -519,8 +617,8 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
         cpu = f"{r['cpu_us'] / cell['cpu_us']:.2f}x" if cell.get("cpu_us") and r["cpu_us"] else "-"  # type: ignore[operator]
         lines.append(
             f"| {r['kind']} | {r['batch']:,} | {r['concurrency']} | {r['req_s']:,.0f} | "
-            f"{r['rows_s']:,.0f} | {r['mb_s']:,.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-            f"{r['p999']:.2f} | {r['cpu_us']:,.0f} | {share} | {cpu} | {r['load_us']:,.0f} | "
+            f"{r['rows_s']:,.0f} | {r['mb_s']:,.1f} | {_ms(r['p50'])} | {_ms(r['p99'])} | "
+            f"{_ms(r['p999'])} | {r['cpu_us']:,.0f} | {share} | {cpu} | {r['load_us']:,.0f} | "
             f"{r['load_pct']:.0f}% |"
         )
     text = "\n".join(lines)
