@@ -149,6 +149,31 @@ def test_hand_serialized_lookup_responses_are_protobufs_own_bytes(
     )
 
 
+@pytest.mark.parametrize(
+    "features",
+    [
+        [],
+        [("users", 3, 8)],
+        [("", 2, 4), ("empty", 0, 8)],  # an empty name and an empty result: both written right
+        [(f"C{i}", 1024, 128) for i in range(3)],  # 512 KiB results: three-byte lengths
+        [("name" * 40, 1, 2)],  # a 160-byte name: a two-byte length
+    ],
+)
+def test_hand_serialized_many_responses_are_protobufs_own_bytes(
+    features: list[tuple[str, int, int]],
+) -> None:
+    rng = np.random.default_rng(len(features))
+    encoded, reference = [], pb.LookupManyResponse()
+    for name, rows, dim in features:
+        values = rng.standard_normal((rows, dim)).astype(np.float32)
+        encoded.append((name, codec.EncodedLookupResponse(values, "float32", (rows, dim), "t", 3)))
+        result = codec.encode_lookup_response(values.tobytes(), "float32", (rows, dim), "t", 3)
+        reference.results.add(feature=name, result=result)
+    data = codec.EncodedManyResponse(encoded).SerializeToString()
+    assert data == reference.SerializeToString()
+    assert pb.LookupManyResponse.FromString(data) == reference
+
+
 def test_hand_serialized_vectors_of_a_non_contiguous_array_are_its_rows_in_order() -> None:
     values = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]  # a strided view
     encoded = codec.EncodedLookupResponse(values, "float32", (4, 3), "t", 1)

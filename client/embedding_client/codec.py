@@ -358,6 +358,9 @@ def _varint(value: int) -> bytes:
 _LOOKUP_VECTORS = b"\x0a"  # LookupResponse.vectors = 1, length-delimited
 _STREAM_SEQUENCE = b"\x08"  # LookupStreamResponse.sequence = 1, varint
 _STREAM_RESULT = b"\x12"  # LookupStreamResponse.result = 2, length-delimited
+_MANY_RESULTS = b"\x0a"  # LookupManyResponse.results = 1, length-delimited (repeated)
+_FEATURE_NAME = b"\x0a"  # FeatureResult.feature = 1, length-delimited
+_FEATURE_RESULT = b"\x12"  # FeatureResult.result = 2, length-delimited
 
 
 class EncodedLookupResponse:
@@ -411,6 +414,30 @@ class EncodedStreamResult:
         inner = self.result._parts()
         size = sum(len(part) for part in inner)  # bytes, and a memoryview of bytes
         return b"".join([*head, _STREAM_RESULT, _varint(size), *inner])
+
+
+class EncodedManyResponse:
+    """A LookupManyResponse of `EncodedLookupResponse`s, serialized with one copy of all
+    their vectors (building the protobuf messages copied them three times: into each
+    LookupResponse, into its FeatureResult, into the LookupManyResponse, then once more
+    to serialize: ~4 x 13 MB for a ranking call of 26 features x 1,024 ids x 128)."""
+
+    __slots__ = ("results",)
+
+    def __init__(self, results: list[tuple[str, EncodedLookupResponse]]) -> None:
+        self.results = results
+
+    def SerializeToString(self) -> bytes:
+        parts: list[Any] = []
+        for feature, result in self.results:
+            name = feature.encode()
+            inner = result._parts()
+            inner_size = sum(len(part) for part in inner)
+            head = [_FEATURE_NAME, _varint(len(name)), name] if name else []
+            head += [_FEATURE_RESULT, _varint(inner_size)]
+            size = sum(len(part) for part in head) + inner_size
+            parts += [_MANY_RESULTS, _varint(size), *head, *inner]
+        return b"".join(parts)
 
 
 def decode_vectors(response: pb.LookupResponse) -> np.ndarray:

@@ -61,17 +61,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def LookupMany(
         self, request: pb.LookupManyRequest, context: grpc.ServicerContext
-    ) -> pb.LookupManyResponse:
+    ) -> codec.EncodedManyResponse:
         return self._lookup_many("LookupMany", request, context)
 
     def LookupManyDense(
         self, request: pb.LookupManyRequest, context: grpc.ServicerContext
-    ) -> pb.LookupManyResponse:
+    ) -> codec.EncodedManyResponse:
         return self._lookup_many("LookupManyDense", request, context)
 
     def _lookup_many(
         self, method: str, request: pb.LookupManyRequest, context: grpc.ServicerContext
-    ) -> pb.LookupManyResponse:
+    ) -> codec.EncodedManyResponse:
         """Every feature's lookup in order; the first refusal fails the call, naming it."""
         names = [f.feature for f in request.features]
         # Counted once (not names.count per name: quadratic in a caller's feature count).
@@ -87,7 +87,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 f"{total_ids} ids over {len(names)} features in one request; this server takes "
                 f"at most {limits.max_ids} (--max-ids): split the request"
             )
-        results, total_bytes = [], 0
+        results: list[tuple[str, codec.EncodedLookupResponse]] = []
+        total_bytes = 0
         for feature in request.features:
             try:
                 result = self._lookup(method, feature.lookup, context)
@@ -100,8 +101,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     "limit (--max-message-bytes): split the features over calls or ask for "
                     "float16/bfloat16"
                 )
-            results.append(pb.FeatureResult(feature=feature.feature, result=result.message()))
-        return pb.LookupManyResponse(results=results)
+            results.append((feature.feature, result))
+        return codec.EncodedManyResponse(results)
 
     def ListTables(
         self, request: pb.ListTablesRequest, context: grpc.ServicerContext
