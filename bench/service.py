@@ -290,11 +290,19 @@ def grpc_body(kind: str, batch: int, rows: int, seed: int = 0) -> tuple[str, byt
 
 def measure_h2load(target: str, kind: str, batch: int, rows: int, concurrency: int,
                    seconds: float, server_pid: int | None) -> dict[str, float]:  # fmt: skip
-    """One cell driven by h2load (nghttp2's HTTP/2 load generator, in C): `concurrency`
-    calls in flight over up to 2 connections, as the Python load does. h2load counts
-    HTTP statuses, not gRPC ones, so the response bytes are checked: every call must
-    have brought back its vectors. Latency: h2load gives the mean, no percentiles."""
+    """One cell driven by h2load: `batch` ids of `kind` per call (see `h2load_cell`)."""
     path, body = grpc_body(kind, batch, rows)
+    return h2load_cell(target, path, body, batch * DIM * 4, batch, concurrency, seconds,
+                       server_pid)  # fmt: skip
+
+
+def h2load_cell(target: str, path: str, body: bytes, vector_bytes: int, rows_per_call: int,
+                concurrency: int, seconds: float, server_pid: int | None) -> dict[str, float]:  # fmt: skip
+    """h2load (nghttp2's HTTP/2 load generator, in C) sending the gRPC-framed `body` to
+    `path` for `seconds`, `concurrency` calls in flight over up to 2 connections, as the
+    Python load does. h2load counts HTTP statuses, not gRPC ones, so the response bytes
+    are checked: every call must have brought back its `vector_bytes` of vectors.
+    Latency: h2load gives the mean, no percentiles."""
     connections = min(2, concurrency)
     streams = -(-concurrency // connections)
     with tempfile.NamedTemporaryFile(suffix=".grpc") as data:
@@ -315,12 +323,12 @@ def measure_h2load(target: str, kind: str, batch: int, rows: int, concurrency: i
     data_bytes = _h2load_number(output, r"traffic: .*\((\d+)\) data")
     succeeded, failed, errored = done
     if process.returncode != 0 or failed or errored or not succeeded:
-        raise RuntimeError(f"h2load {kind} B={batch} C={concurrency}: {output[-600:]}")
-    if data_bytes[0] / succeeded < batch * DIM * 4:  # a gRPC error has no vectors
-        raise RuntimeError(f"h2load {kind} B={batch}: calls came back without their vectors")
+        raise RuntimeError(f"h2load {path} C={concurrency}: {output[-600:]}")
+    if data_bytes[0] / succeeded < vector_bytes:  # a gRPC error has no vectors
+        raise RuntimeError(f"h2load {path}: calls came back without their vectors")
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", output)
     rps = succeeded / seconds
-    return {"req_s": rps, "rows_s": rps * batch, "mb_s": rps * batch * DIM * 4 / 1e6,
+    return {"req_s": rps, "rows_s": rps * rows_per_call, "mb_s": rps * vector_bytes / 1e6,
             "p50": float(mean.group(1)) * _UNITS[mean.group(2)] if mean else float("nan"),
             "p99": float("nan"), "p999": float("nan"), "calls": succeeded,
             "cpu_us": (after - before) / succeeded * 1e6 if server_pid else 0.0,
@@ -625,11 +633,11 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "service.md").write_text(text + "\n")
-    plot(results, args.out / "service.png")
+    plot(results, args.out / "service.png", "mean" if args.load == "h2load" else "p50")
     print(f"\nwrote {args.out / 'service.md'} and {args.out / 'service.png'}")
 
 
-def plot(results: list[dict[str, object]], path: Path) -> None:
+def plot(results: list[dict[str, object]], path: Path, latency: str = "p50") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -654,7 +662,7 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
                    label=f"{kind} ({fewest} in flight)")  # fmt: skip
     left.set(xscale="log", yscale="log", xlabel="ids per call (B)", ylabel="rows/s (best over in-flight)",
              title="throughput")  # fmt: skip
-    right.set(xscale="log", yscale="log", xlabel="ids per call (B)", ylabel="p50 latency, ms",
+    right.set(xscale="log", yscale="log", xlabel="ids per call (B)", ylabel=f"{latency} latency, ms",
               title="latency with the fewest calls in flight")  # fmt: skip
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)

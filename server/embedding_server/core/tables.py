@@ -200,8 +200,9 @@ def check_ids(ids: np.ndarray, rows: int) -> None:
     if ids.size == 0:
         return
     if ids.dtype == np.int64:
-        # One pass: read as unsigned, a negative id is above 2**63, so above any row count.
-        if int(ids.view(np.uint64).max()) < rows:
+        # One pass: read as unsigned, a negative id is above 2**63, so above any row count
+        # (the ufunc's reduce directly: ndarray.max goes through a Python wrapper).
+        if int(np.maximum.reduce(ids.view(np.uint64), axis=None)) < rows:
             return
     elif int(ids.min()) >= 0 and int(ids.max()) < rows:
         return
