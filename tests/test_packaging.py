@@ -24,6 +24,15 @@ def test_checked_in_stubs_are_not_stale(tmp_path: Path) -> None:
         )
 
 
+def _python(script: str) -> str:
+    """Run `script` in a fresh interpreter (imports start from nothing); its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_client_imports_and_decodes_without_torch() -> None:
     # sys.modules['torch'] = None makes any `import torch` raise ImportError.
     script = (
@@ -35,11 +44,7 @@ def test_client_imports_and_decodes_without_torch() -> None:
         "assert sys.modules['torch'] is None\n"
         "print('ok')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    assert _python(script).strip() == "ok"
 
 
 def test_client_does_not_pull_in_torch_or_the_server() -> None:
@@ -48,11 +53,7 @@ def test_client_does_not_pull_in_torch_or_the_server() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'embedding_server', 'prometheus_client')))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert _python(script).strip() == "[]"
 
 
 def test_ml_dtypes_is_imported_only_for_bfloat16() -> None:
@@ -66,11 +67,7 @@ def test_ml_dtypes_is_imported_only_for_bfloat16() -> None:
         "print('ml_dtypes' in sys.modules)\n"
         "print(codec.numpy_dtype(pb.DTYPE_BFLOAT16), 'ml_dtypes' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "bfloat16", "True"]
+    assert _python(script).split() == ["False", "bfloat16", "True"]
 
 
 def test_torch_is_only_a_server_dependency() -> None:
