@@ -6,6 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
@@ -185,3 +187,73 @@ def test_vectors_of_the_wrong_length_are_refused() -> None:
     response = codec.encode_lookup_response(b"\x00" * 10, "float32", (2, 2), "t", 1)
     with pytest.raises(codec.WireError, match="needs 16"):
         codec.decode_vectors(response)
+
+
+_responses = st.builds(
+    lambda vectors, dtype, shape, table, version: pb.LookupResponse(
+        vectors=vectors, dtype=dtype, shape=shape, table=table, table_version=version
+    ),
+    st.binary(max_size=300),
+    st.integers(0, 4),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5),
+    st.text(max_size=20),
+    st.integers(0, 2**64 - 1),
+)
+# Unknown fields a newer server might send: a varint, a fixed64, a string, a fixed32.
+_unknown = st.sampled_from([b"", b"\xb8\x01\x05", b"\xb9\x01" + b"\x01" * 8,
+                            b"\xba\x01\x03abc", b"\xbd\x01" + b"\x02" * 4])  # fmt: skip
+
+
+def _same(read: codec.WireLookupResponse, message: pb.LookupResponse) -> None:
+    assert bytes(read.vectors) == message.vectors
+    assert (read.dtype, read.shape) == (message.dtype, tuple(message.shape))
+    assert (read.table, read.table_version) == (message.table, message.table_version)
+
+
+@given(_responses, _unknown, _unknown)
+@settings(max_examples=300, deadline=None)
+def test_lookup_answers_read_in_place_match_protobufs_parse(
+    message: pb.LookupResponse, before: bytes, after: bytes
+) -> None:
+    data = before + message.SerializeToString() + after
+    _same(codec.read_lookup_response(data), pb.LookupResponse.FromString(data))
+
+
+@given(st.lists(st.tuples(st.text(max_size=10), _responses), max_size=5), _unknown)
+@settings(max_examples=200, deadline=None)
+def test_many_answers_read_in_place_match_protobufs_parse(
+    results: list[tuple[str, pb.LookupResponse]], unknown: bytes
+) -> None:
+    message = pb.LookupManyResponse()
+    for feature, result in results:
+        message.results.add(feature=feature, result=result)
+    data = message.SerializeToString() + unknown
+    read = codec.read_many_response(data)
+    parsed = pb.LookupManyResponse.FromString(data)
+    assert [r.feature for r in read.results] == [r.feature for r in parsed.results]
+    for mine, theirs in zip(read.results, parsed.results, strict=True):
+        _same(mine.result, theirs.result)
+
+
+def test_an_unpacked_shape_is_read_like_a_packed_one() -> None:
+    # shape = 3 written unpacked (key 0x18, one varint per dimension): legal on the wire.
+    data = b"\x0a\x04abcd\x10\x01\x18\x02\x18\x01"
+    read = codec.read_lookup_response(data)
+    assert read.shape == tuple(pb.LookupResponse.FromString(data).shape) == (2, 1)
+
+
+def test_vectors_read_in_place_are_a_view_of_the_received_bytes() -> None:
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    data = codec.EncodedLookupResponse(values, "float32", (3, 4), "t", 9).SerializeToString()
+    vectors = codec.decode_vectors(codec.read_lookup_response(data))
+    np.testing.assert_array_equal(vectors, values)
+    assert not vectors.flags.writeable and np.shares_memory(vectors, np.frombuffer(data, np.uint8))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x0a\x10abc", b"\x0a", b"\x80", b"\x0b", b"\x0a\x05ab\x10"],
+)
+def test_truncated_or_malformed_answers_are_wire_errors(data: bytes) -> None:
+    with pytest.raises(codec.WireError):
+        codec.read_lookup_response(data)

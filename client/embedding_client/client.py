@@ -175,7 +175,31 @@ def _many_request(features: Mapping[str, Any]) -> pb.LookupManyRequest:
     return request
 
 
-def _many_results(response: pb.LookupManyResponse) -> dict[str, LookupResult]:
+_SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+
+class _LookupMethods:
+    """Lookup, LookupDense, LookupMany and LookupManyDense on a channel (sync or aio),
+    their answers read in place (`codec.read_lookup_response`) instead of through
+    protobuf's messages, which copy the vectors twice more."""
+
+    def __init__(self, channel: Any) -> None:
+        def method(name: str, request: Any, read: Any) -> Any:
+            return channel.unary_unary(
+                f"/{_SERVICE}/{name}",
+                request_serializer=request.SerializeToString,
+                response_deserializer=read,
+            )
+
+        self.plain = method("Lookup", pb.LookupRequest, codec.read_lookup_response)
+        self.dense = method("LookupDense", pb.LookupRequest, codec.read_lookup_response)
+        self.many = method("LookupMany", pb.LookupManyRequest, codec.read_many_response)
+        self.many_dense = method("LookupManyDense", pb.LookupManyRequest, codec.read_many_response)
+
+
+def _many_results(
+    response: pb.LookupManyResponse | codec.WireManyResponse,
+) -> dict[str, LookupResult]:
     return {r.feature: _lookup_result(r.result) for r in response.results}
 
 
@@ -186,7 +210,7 @@ def _update_request(ids: Any, vectors: Any, table: str | None) -> pb.UpdateRowsR
         raise EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
 
-def _lookup_result(response: pb.LookupResponse) -> LookupResult:
+def _lookup_result(response: pb.LookupResponse | codec.WireLookupResponse) -> LookupResult:
     try:
         vectors = codec.decode_vectors(response)
     except codec.WireError as exc:
@@ -382,6 +406,7 @@ class EmbeddingClient(_ClientBase):
         super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
         self._channel: grpc.Channel = self._open_channel(grpc)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._lookups = _LookupMethods(self._channel)
         self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -462,7 +487,7 @@ class EmbeddingClient(_ClientBase):
         timeout: float | None = None,
     ) -> LookupResult:
         """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
-        method = self._stub.LookupDense if dense else self._stub.Lookup
+        method = self._lookups.dense if dense else self._lookups.plain
         request = _lookup_request(ids, table, dtype, pooling, padding_id)
         return _lookup_result(self._invoke(method, request, timeout))
 
@@ -487,7 +512,7 @@ class EmbeddingClient(_ClientBase):
         EmbeddingError
             At the first refused feature (named in the message); nothing is returned then.
         """
-        method = self._stub.LookupManyDense if dense else self._stub.LookupMany
+        method = self._lookups.many_dense if dense else self._lookups.many
         return _many_results(self._invoke(method, _many_request(features), timeout))
 
     def lookup_stream(
@@ -602,6 +627,7 @@ class AsyncEmbeddingClient(_ClientBase):
         super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
         self._channel: grpc.aio.Channel = self._open_channel(grpc.aio)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._lookups = _LookupMethods(self._channel)
         self._admin = pb_grpc.EmbeddingAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -655,7 +681,7 @@ class AsyncEmbeddingClient(_ClientBase):
         timeout: float | None = None,
     ) -> LookupResult:
         """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
-        method = self._stub.LookupDense if dense else self._stub.Lookup
+        method = self._lookups.dense if dense else self._lookups.plain
         request = _lookup_request(ids, table, dtype, pooling, padding_id)
         return _lookup_result(await self._invoke(method, request, timeout))
 
@@ -663,7 +689,7 @@ class AsyncEmbeddingClient(_ClientBase):
         self, features: Mapping[str, Any], *, dense: bool = False, timeout: float | None = None
     ) -> dict[str, LookupResult]:
         """Several features in one call (see `EmbeddingClient.lookup_many`)."""
-        method = self._stub.LookupManyDense if dense else self._stub.LookupMany
+        method = self._lookups.many_dense if dense else self._lookups.many
         return _many_results(await self._invoke(method, _many_request(features), timeout))
 
     async def lookup_stream(
