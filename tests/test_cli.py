@@ -20,7 +20,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedding_client import EmbeddingClient, EmbeddingError
 from embedding_client.client import with_default_port
 
-from .conftest import BIN, WORKED_WEIGHTS, free_port, random_table, server_env, wait_serving
+from .conftest import (
+    BIN,
+    WORKED_WEIGHTS,
+    ServerFactory,
+    free_port,
+    random_table,
+    server_env,
+    wait_serving,
+)
 
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
@@ -230,6 +238,18 @@ def test_startup_errors_stop_with_one_clear_line(
     assert errors[0].startswith("embedding-server: error: ")
     assert message.format(busy=busy) in errors[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_cli_health_exits_nonzero_unless_serving(start_server: ServerFactory) -> None:
+    """The container's HEALTHCHECK runs `embedding-client health`: its exit status is
+    the verdict, so NOT_SERVING (a draining server) must not exit 0."""
+    server = start_server({"t": WORKED_WEIGHTS})
+    target = f"127.0.0.1:{server.port}"
+    serving = _cli("--target", target, "health")
+    assert (serving.returncode, serving.stdout.strip()) == (0, "SERVING")
+    server.health.enter_graceful_shutdown()  # what a SIGTERM does first
+    draining = _cli("--target", target, "health")
+    assert (draining.returncode, draining.stdout.strip()) == (1, "NOT_SERVING")
 
 
 def test_a_missing_table_file_is_reported_before_torch_loads() -> None:

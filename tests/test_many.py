@@ -87,4 +87,7 @@ def test_async_client(target: str) -> None:
             return await client.lookup_many({"users": [7], "items": [[1, 2]]})  # type: ignore[return-value]
 
     results = asyncio.run(run())
+    assert list(results) == ["users", "items"]
+    np.testing.assert_array_equal(results["users"].vectors, USERS[[7]])  # type: ignore[attr-defined]
     np.testing.assert_array_equal(results["items"].vectors, ITEMS[[[1, 2]]])  # type: ignore[attr-defined]
+    assert results["users"].table == "users" and results["users"].version == 1  # type: ignore[attr-defined]
