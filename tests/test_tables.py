@@ -84,7 +84,25 @@ def test_large_npy_loads_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(sources, "CHUNK_BYTES", 1000)  # many chunks over a small file
     values = random_table(3001, 9, seed=6)
     np.save(tmp_path / "big.npy", values)
+    reads: list[tuple[int, int]] = []
+    open_source = sources._npy_source
+
+    def recorded(path: Path) -> sources.RowSource:
+        source = open_source(path)
+        read = source.read
+
+        def chunk(start: int, stop: int) -> torch.Tensor:
+            reads.append((start, stop))
+            return read(start, stop)
+
+        return sources.RowSource(source.shape, source.dtype, chunk)
+
+    monkeypatch.setattr(sources, "_npy_source", recorded)
     np.testing.assert_array_equal(_load(tmp_path / "big.npy").numpy(), values)
+    # Never more than a chunk's rows at once (1,000 bytes: 27 rows of 9 float32), in
+    # order, covering every row once.
+    assert len(reads) == -(-3001 // 27) and all(stop - start <= 27 for start, stop in reads)
+    assert [start for start, _ in reads] == list(range(0, 3001, 27)) and reads[-1][1] == 3001
 
 
 def test_demo_table_is_reproducible_with_numpy_alone() -> None:
