@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service bench-cache \
+	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
 	device-wheels
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
 	@echo "make soak    60 s at 64 concurrent calls: errors, latency percentiles, RSS"
 	@echo "make bench   kernel, service and device-cache benchmarks: tables and plots in bench/results/"
+	@echo "make bench-ranking   LookupMany over 26 Criteo-sized tables vs bare servers (needs h2load)"
 	@echo "make device-wheels   wheels for bench/device.sh, the GPU measurements on a lent machine"
 	@echo "make clean   remove .venv and caches"
 
@@ -79,6 +80,11 @@ bench-service: $(STAMP)
 
 bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py
+
+# The ranking call, driven by h2load (Debian's nghttp2-client) so the load generator is not the limit.
+bench-ranking: $(STAMP)
+	@command -v h2load >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq nghttp2-client >/dev/null; }
+	cd bench && ../$(BIN)/python ranking.py --out results
 
 # The Python packages a lent GPU machine (Python 3.12, x86-64, no network) lacks, at the
 # versions the suite runs with here, for bench/device.sh: `carry` .whl with each call.
