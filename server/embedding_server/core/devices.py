@@ -56,13 +56,20 @@ def thread_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-@contextlib.contextmanager
-def on_device(device: torch.device) -> Iterator[None]:
-    """Run the block with `device` current and this thread's own stream on it (CUDA); on
-    any other device, as it is."""
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """A context running its block with `device` current and this thread's own stream on
+    it (CUDA); on any other device, one that does nothing (and costs next to nothing: it
+    is entered on every lookup)."""
     if device.type != "cuda":
-        yield
-        return
+        return _NOTHING
+    return _on_cuda(device)
+
+
+@contextlib.contextmanager
+def _on_cuda(device: torch.device) -> Iterator[None]:
     with torch.cuda.device(device), torch.cuda.stream(thread_stream(device)):
         yield
 
@@ -229,11 +236,17 @@ def available_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def release_unused(device: torch.device) -> None:
-    """Hand `device` memory this process no longer uses back to the driver, so that other
-    processes (the workers of a supervisor) and `nvidia-smi` see it free: tensors released
-    by the processes they were sent to, then torch's cached blocks. Nothing on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.ipc_collect()
+def release_unused(device: torch.device) -> int:
+    """Free the memory of tensors the processes they were sent to have all let go of
+    (`torch.cuda.ipc_collect`), and if that freed any, hand torch's cached blocks back to
+    the driver, so that other processes (the workers of a supervisor) and `nvidia-smi` see
+    it free. Returns the bytes freed (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.ipc_collect()
+    freed = held - torch.cuda.memory_allocated(device)
+    if freed > 0:
         with torch.cuda.device(device):
             torch.cuda.empty_cache()
+    return max(freed, 0)

@@ -105,8 +105,7 @@ class Lookups:
         rows = table.rows_for_kernels()
         device = rows.device
         try:
-            # This thread's stream on CUDA (see devices); nothing to enter on the CPU.
-            with devices.on_device(device) if device.type == "cuda" else _NOTHING:
+            with devices.on_device(device):  # this thread's stream on CUDA (see devices)
                 kernel = self._kernel(table, rows, ids, out_dtype, dense, bags, padding_id,
                                       deadline)  # fmt: skip
                 with self._dense_slot(deadline) if dense else _NOTHING:
@@ -119,7 +118,7 @@ class Lookups:
                 )
         except torch.OutOfMemoryError:
             raise OverLimit(
-                f"{rows.device} has no memory left for this request on table {table.name!r} "
+                f"{device} has no memory left for this request on table {table.name!r} "
                 f"({ids.size} ids); retry with fewer ids"
             ) from None
         return LookupOutput(data, shape, dtype, table, version, seconds, name)

@@ -305,13 +305,10 @@ class Supervisor:
         few seconds (a worker may still finish a call on the old version after its ack),
         it then hands the freed memory back to the driver, where the workers can use it.
         """
-        for device in {d for d, _ in self.store.memory() if d.type == "cuda"}:
-            held = torch.cuda.memory_allocated(device)
-            torch.cuda.ipc_collect()
-            if torch.cuda.memory_allocated(device) < held:
-                release_unused(device)
-                log.info("%s: %.1f MiB of replaced table versions freed", device,
-                         (held - torch.cuda.memory_allocated(device)) / 2**20)  # fmt: skip
+        for device in {d for d, _ in self.store.memory()}:
+            freed = release_unused(device)
+            if freed:
+                log.info("%s: %.1f MiB of replaced table versions freed", device, freed / 2**20)
         self._memory.sample()
 
     def reload_all(self) -> None:
