@@ -184,15 +184,15 @@ def load_table(
     cache = None if spec.cache_rows is None else (spec.cache_rows, device)
     home = device if cache is None else torch.device("cpu")
     needs = footprint(source, spec.dtype, home, cache, cache_copies)
-    for where, needed in needs.items():
-        free = available_bytes(where) - keep_free(where)
-        if needed > free:
-            raise TableLoadError(
-                f"table {spec.name!r} needs {size_text(needed)} on {where} "
-                f"({describe_footprint(source, spec.dtype, cache, cache_copies)}); only "
-                f"{size_text(max(free, 0))} are free there{_keep_free_note(keep_free, where)}"
-                f": {FIT_HINT}"
-            )
+    short = shortfall(needs, lambda where: available_bytes(where) - keep_free(where))
+    if short is not None:
+        where, needed, free = short
+        raise TableLoadError(
+            f"table {spec.name!r} needs {size_text(needed)} on {where} "
+            f"({describe_footprint(source, spec.dtype, cache, cache_copies)}); only "
+            f"{size_text(max(free, 0))} are free there{_keep_free_note(keep_free, where)}"
+            f": {FIT_HINT}"
+        )
     try:
         table = materialise(spec.name, str(spec), source, home, shared=shared, dtype=spec.dtype)
         if cache is not None:
@@ -243,6 +243,18 @@ def footprint(
         needs[cache_device] = needs.get(cache_device, 0) + cache_bytes
     needs[cpu] = needs.get(cpu, 0) + LOAD_STAGING_BYTES
     return needs
+
+
+def shortfall(
+    needs: dict[torch.device, int], free: Callable[[torch.device], int]
+) -> tuple[torch.device, int, int] | None:
+    """The first device of `needs` (a `footprint`) with less `free(device)` than it needs,
+    as (device, needed, free); None when every device has room."""
+    for where, needed in needs.items():
+        room = free(where)
+        if needed > room:
+            return where, needed, room
+    return None
 
 
 def describe_footprint(

@@ -26,6 +26,7 @@ from embedding_server.core.sources import (
     footprint,
     materialise,
     open_table,
+    shortfall,
     storable,
     write_table,
 )
@@ -117,16 +118,16 @@ class TableStore:
             )
         device = old.weights.device
         cache = None if old.cache is None else (old.cache.slots, old.cache.device)
-        needs = footprint(opened, spec.dtype, device, cache, self.cache_copies)
-        for where, needed in needs.items():
-            free = available_bytes(where)
-            if needed > free:
-                raise OverLimit(
-                    f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {where} "
-                    f"({describe_footprint(opened, spec.dtype, cache, self.cache_copies)}) "
-                    f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
-                    f"{free / 2**20:.0f} MiB are free"
-                )
+        short = shortfall(footprint(opened, spec.dtype, device, cache, self.cache_copies),
+                          available_bytes)  # fmt: skip
+        if short is not None:
+            where, needed, free = short
+            raise OverLimit(
+                f"reloading table {old.name!r} needs {needed / 2**20:.0f} MiB on {where} "
+                f"({describe_footprint(opened, spec.dtype, cache, self.cache_copies)}) "
+                f"beside the {old.nbytes / 2**20:.0f} MiB version serving now; only "
+                f"{free / 2**20:.0f} MiB are free"
+            )
         try:
             new = materialise(
                 old.name, str(spec), opened, device, shared=self.shared, dtype=spec.dtype
