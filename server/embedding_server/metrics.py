@@ -217,14 +217,14 @@ def publish_table(table: Table) -> None:
     """Set one table's gauges (rows, dim, version, and its bytes on each device it uses:
     a cached table has its host table on the CPU and its cache on the device), replacing
     earlier label sets."""
-    labels = {(table.name, str(device), table.dtype) for device in table.memory()}
-    for stale in _table_bytes_labels.get(table.name, set()) - labels:
+    held = {(table.name, str(device), table.dtype): n for device, n in table.memory().items()}
+    for stale in _table_bytes_labels.get(table.name, set()) - held.keys():
         TABLE_BYTES.remove(*stale)
-    _table_bytes_labels[table.name] = labels
+    _table_bytes_labels[table.name] = set(held)
     TABLE_ROWS.labels(table.name).set(table.rows)
     TABLE_DIM.labels(table.name).set(table.dim)
-    for device, nbytes in table.memory().items():
-        TABLE_BYTES.labels(table.name, str(device), table.dtype).set(nbytes)
+    for labels, nbytes in held.items():
+        TABLE_BYTES.labels(*labels).set(nbytes)
     TABLE_VERSION.labels(table.name).set(table.version)
     if table.cache is not None:
         CACHE_ROWS.labels(table.name).set(table.cache.slots)
