@@ -140,7 +140,7 @@ def test_hand_serialized_lookup_responses_are_protobufs_own_bytes(
     encoded = codec.EncodedLookupResponse(values, dtype, (rows, dim), "table", version)
     reference = codec.encode_lookup_response(values.tobytes(), dtype, (rows, dim), "table", version)
     assert encoded.SerializeToString() == reference.SerializeToString()
-    assert encoded.message() == reference
+    assert pb.LookupResponse.FromString(encoded.SerializeToString()) == reference
     assert encoded.nbytes == values.nbytes
     stream = codec.EncodedStreamResult(sequence, encoded).SerializeToString()
     expected = pb.LookupStreamResponse(sequence=sequence, result=reference)

@@ -372,8 +372,7 @@ class EncodedLookupResponse:
     copies them again (at 8 MiB: ~0.6 + ~1 ms here, on top of `tobytes()`). Here the
     vectors field (number 1, so first, as protobuf writes it) is framed by hand and the
     small fields after it are serialized by protobuf: the same bytes protobuf would write
-    (tests/test_codec.py checks they are equal). Anything that wants the message calls
-    `message()`; gRPC calls `SerializeToString()`.
+    (tests/test_codec.py checks they are equal). gRPC calls `SerializeToString()`.
     """
 
     __slots__ = ("_tail", "dtype", "nbytes", "shape", "table", "vectors", "version")
@@ -395,11 +394,6 @@ class EncodedLookupResponse:
     def SerializeToString(self) -> bytes:
         return b"".join(self._parts())
 
-    def message(self) -> pb.LookupResponse:
-        return encode_lookup_response(
-            self.vectors.tobytes(), self.dtype, self.shape, self.table, self.version
-        )
-
 
 class EncodedStreamResult:
     """A LookupStreamResponse carrying an `EncodedLookupResponse`, serialized the same way."""
@@ -412,9 +406,7 @@ class EncodedStreamResult:
 
     def SerializeToString(self) -> bytes:
         head = [_STREAM_SEQUENCE, _varint(self.sequence)] if self.sequence else []
-        inner = self.result._parts()
-        size = sum(len(part) for part in inner)  # bytes, and a memoryview of bytes
-        return b"".join([*head, _STREAM_RESULT, _varint(size), *inner])
+        return b"".join([*head, *_embedded(_STREAM_RESULT, self.result._parts())])
 
 
 class EncodedManyResponse:
@@ -432,13 +424,16 @@ class EncodedManyResponse:
         parts: list[Any] = []
         for feature, result in self.results:
             name = feature.encode()
-            inner = result._parts()
-            inner_size = sum(len(part) for part in inner)
-            head = [_FEATURE_NAME, _varint(len(name)), name] if name else []
-            head += [_FEATURE_RESULT, _varint(inner_size)]
-            size = sum(len(part) for part in head) + inner_size
-            parts += [_MANY_RESULTS, _varint(size), *head, *inner]
+            fields = [_FEATURE_NAME, _varint(len(name)), name] if name else []
+            fields += _embedded(_FEATURE_RESULT, result._parts())
+            parts += _embedded(_MANY_RESULTS, fields)
         return b"".join(parts)
+
+
+def _embedded(key: bytes, parts: list[Any]) -> list[Any]:
+    """`parts` (bytes, and memoryviews of bytes) framed as the length-delimited field
+    `key`: the key, the length, the parts, still unjoined."""
+    return [key, _varint(sum(len(part) for part in parts)), *parts]
 
 
 # ---------------------------------------------------------------- answers read in place
