@@ -10,11 +10,12 @@ import argparse
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from embedding_client.cli import ArgumentParser, version_text
+from embedding_client.shards import Shard
 
 ENV_PREFIX = "EMBEDDING_"
 
@@ -37,6 +38,10 @@ class TableSpec:
     # Named by a caller (ReloadTable), not the operator: read only inside the table
     # directories, through a checked descriptor (see filesystem.FileAccess).
     confined: bool = False
+    # Hold only this shard's rows (None: the whole table). `shard_given`: the config file
+    # said so for this table (even "none"), so the server's --shard does not apply.
+    shard: Shard | None = None
+    shard_given: bool = False
 
     @classmethod
     def parse(
@@ -45,6 +50,7 @@ class TableSpec:
         dtype: str | None = None,
         device: str | None = None,
         cache_rows: int | None = None,
+        shard: str | None = None,
     ) -> TableSpec:
         name, sep, location = text.partition("=")
         name = name.strip()
@@ -66,16 +72,26 @@ class TableSpec:
                 raise ValueError(f"table {name!r}: cache_rows must be a positive integer")
             if dtype == "int8":
                 raise ValueError(f"table {name!r}: cache_rows works with float tables, not int8")
+        try:
+            parts = None if shard is None else _shard(shard)
+        except ValueError as exc:
+            raise ValueError(f"table {name!r}: {exc}") from None
         path, key = split_key(location, lambda candidate: Path(candidate).exists())
         return cls(
-            name=name, path=Path(path), key=key, dtype=dtype, device=device, cache_rows=cache_rows
-        )
+            name=name, path=Path(path), key=key, dtype=dtype, device=device,
+            cache_rows=cache_rows, shard=parts, shard_given=shard is not None,
+        )  # fmt: skip
 
     def __str__(self) -> str:
         text = f"{self.name}={self.path}" + (f":{self.key}" if self.key else "")
         extras = [
             f"{k} {v}"
-            for k, v in (("dtype", self.dtype), ("device", self.device), ("cache", self.cache_rows))
+            for k, v in (
+                ("dtype", self.dtype),
+                ("device", self.device),
+                ("cache", self.cache_rows),
+                ("shard", self.shard),
+            )
             if v
         ]
         return text + (f" ({', '.join(extras)})" if extras else "")
@@ -141,7 +157,7 @@ def read_table_config(path: Path) -> ConfigFile:
     specs = []
     for number, entry in enumerate(entries, 1):
         where = f"{path}: [[table]] #{number}"
-        extra = sorted(set(entry) - {"name", "source", "dtype", "device", "cache_rows"})
+        extra = sorted(set(entry) - {"name", "source", "dtype", "device", "cache_rows", "shard"})
         if extra:
             raise ValueError(f"{where}: unknown key(s) {', '.join(extra)}")
         missing = [k for k in ("name", "source") if not isinstance(entry.get(k), str)]
@@ -155,6 +171,7 @@ def read_table_config(path: Path) -> ConfigFile:
                     entry.get("dtype"),
                     entry.get("device"),
                     entry.get("cache_rows"),
+                    entry.get("shard"),
                 )
             )
         except ValueError as exc:
@@ -217,6 +234,7 @@ class ServerConfig:
     reflection: bool = True
     malloc_tune: bool = True
     pinned_staging_bytes: int = 128 << 20
+    shard: Shard | None = None
     # Not flags (secrets stay out of argv): read from --auth-tokens-file and
     # --admin-tokens-file and the EMBEDDING_AUTH_TOKENS / EMBEDDING_ADMIN_TOKENS variables.
     auth_tokens: tuple[str, ...] = ()
@@ -228,6 +246,8 @@ class ServerConfig:
         for name, value in asdict(self).items():
             if name == "tables":
                 value = ", ".join(str(t) for t in self.tables) or "(none: seeded demo table)"
+            elif name == "shard":
+                value = str(self.shard) if self.shard else "none (whole tables)"
             elif name in ("auth_tokens", "admin_tokens"):
                 value = f"({len(value)} tokens)" if value else "(none)"
             lines.append(f"{name} = {value}")
@@ -275,6 +295,13 @@ def _device(text: str) -> str:
     ):
         return text
     raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _shard(text: str) -> Shard | None:
+    """`I/N`, or `none` (the whole table)."""
+    if not isinstance(text, str):
+        raise ValueError(f"shard {text!r} must be a string, I/N or none")
+    return None if text.strip().lower() in ("", "none") else Shard.parse(text)
 
 
 def _log_level(text: str) -> str:
@@ -388,6 +415,10 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "raise glibc's mmap/trim thresholds so freed response buffers are reused instead of "
      "faulted in afresh for every call (true/false; -20% server CPU per call at 8 MB "
      "responses, see docs/performance.md; the heap keeps up to 1 GiB it could return)"),
+    ("--shard", "shard", _shard,
+     "hold one shard of every table, I/N (shard I of N, from 0): the rows whose "
+     "embedding_client.shards.shard_of(id, N) is I; ids stay global and other shards' ids "
+     "are refused (a config file's per-table `shard` wins; none: whole tables)"),
 )  # fmt: skip
 
 
@@ -489,6 +520,9 @@ def load_config(
         parser.error("--tls-cert and --tls-key go together")
     if values["tls_client_ca"] and not values["tls_cert"]:
         parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    values["tables"] = tuple(
+        t if t.shard_given else replace(t, shard=values["shard"]) for t in values["tables"]
+    )
     names = [t.name for t in values["tables"]]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

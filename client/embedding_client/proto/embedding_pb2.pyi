@@ -38,7 +38,7 @@ class Shape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "ids", "ids_list", "ids_shape", "dtype", "pooling", "offsets", "lengths", "per_id_weights", "padding_id")
+    __slots__ = ("table", "ids", "ids_list", "ids_shape", "dtype", "pooling", "offsets", "lengths", "per_id_weights", "padding_id", "expect_shard")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     IDS_LIST_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class LookupRequest(_message.Message):
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     PER_ID_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PADDING_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_SHARD_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     ids_list: _containers.RepeatedScalarFieldContainer[int]
@@ -59,7 +60,16 @@ class LookupRequest(_message.Message):
     lengths: _containers.RepeatedScalarFieldContainer[int]
     per_id_weights: bytes
     padding_id: int
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_list: _Optional[_Iterable[int]] = ..., ids_shape: _Optional[_Union[Shape, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., per_id_weights: _Optional[bytes] = ..., padding_id: _Optional[int] = ...) -> None: ...
+    expect_shard: ShardOf
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_list: _Optional[_Iterable[int]] = ..., ids_shape: _Optional[_Union[Shape, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., per_id_weights: _Optional[bytes] = ..., padding_id: _Optional[int] = ..., expect_shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
+
+class ShardOf(_message.Message):
+    __slots__ = ("index", "count")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    count: int
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("vectors", "dtype", "shape", "table", "table_version")
@@ -126,7 +136,7 @@ class ListTablesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default")
+    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default", "shard", "shard_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +145,8 @@ class TableInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     dim: int
@@ -143,7 +155,9 @@ class TableInfo(_message.Message):
     version: int
     bytes: int
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    shard: ShardOf
+    shard_rows: int
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., shard_rows: _Optional[int] = ...) -> None: ...
 
 class ListTablesResponse(_message.Message):
     __slots__ = ("tables",)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from embedding_client.codec import Bags
-from embedding_server.core import devices, kernels
+from embedding_server.core import devices, kernels, sharding
 from embedding_server.core.batcher import Batcher
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table, check_ids
@@ -83,16 +83,26 @@ class Lookups:
         deadline: float | None = None,
         bags: Bags | None = None,
         padding_id: int | None = None,
+        expect_shard: tuple[int, int] | None = None,
     ) -> LookupOutput:
         """W[ids] of table `table_name` in output `dtype`, by gather or (dense) one-hot
         matmul; with `bags`, one pooled vector per bag (embedding_bag, or a multi-hot
-        matmul); rows of `padding_id` are zeros, and skipped in bags.
+        matmul); rows of `padding_id` are zeros, and skipped in bags. Ids are global: a
+        shard server looks up its own rows (`expect_shard`: the (index, count) the
+        caller believes it holds).
 
         Raises
         ------
         TableNotFound, InvalidRequest, OverLimit, DeadlineExceeded
+        FailedPrecondition
+            An id another shard holds, or a shard other than `expect_shard`.
         """
         table = self.store.get(table_name)
+        if expect_shard is not None:
+            sharding.expect(table.shard, *expect_shard, table.name)
+        if table.shard is not None:
+            self._check_count(ids.size, "ids")  # before any work on a hostile count
+            ids, padding_id = table.shard.localise(ids, padding_id, table.name)
         out_dtype = OUTPUT_DTYPES[dtype]
         shape = (*(tuple(ids.shape) if bags is None else bags.shape), table.dim)
         name = KERNELS[dense, bags is not None]

@@ -14,18 +14,20 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from embedding_client.shards import Shard
 from embedding_server import metrics
 from embedding_server.config import TableSpec
-from embedding_server.core import kernels
+from embedding_server.core import kernels, sharding
 from embedding_server.core.cache import CachedRows
 from embedding_server.core.devices import available_bytes
+from embedding_server.core.sharding import ShardRows
 from embedding_server.core.tables import STORAGE_DTYPES, STORAGE_NAMES, Table
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ class RowSource:
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[[int, int], torch.Tensor]
+    # What the file says about itself (a .safetensors header's metadata), e.g. the shard
+    # a per-shard file holds (sharding.SHARD_KEY).
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def _npy_source(path: Path) -> RowSource:
@@ -81,7 +86,9 @@ def _safetensors_source(path: Path, key: str | None) -> RowSource:
     tensor_slice = handle.get_slice(key)
     shape = tuple(tensor_slice.get_shape())
     probe = tensor_slice[0:0] if shape else handle.get_tensor(key)
-    return RowSource(shape, probe.dtype, lambda start, stop: tensor_slice[start:stop])
+    return RowSource(
+        shape, probe.dtype, lambda start, stop: tensor_slice[start:stop], handle.metadata() or {}
+    )
 
 
 def _torch_source(path: Path, key: str | None) -> RowSource:
@@ -180,7 +187,7 @@ def load_table(
         For a missing, unreadable, wrongly shaped, non-float or non-finite table, and for
         one that does not fit its devices.
     """
-    source = open_table(spec)
+    source, shard = shard_source(spec.name, open_table(spec), spec.shard)
     cache = None if spec.cache_rows is None else (spec.cache_rows, device)
     home = device if cache is None else torch.device("cpu")
     needs = footprint(source, spec.dtype, home, cache, cache_copies)
@@ -204,7 +211,50 @@ def load_table(
             f"fits: {FIT_HINT}"
         ) from None
     table.spec = spec
+    table.shard = shard
     return table
+
+
+def shard_source(
+    name: str, source: RowSource, shard: Shard | None
+) -> tuple[RowSource, ShardRows | None]:
+    """The rows of `source` that `shard` holds (all of them for None), and where they sit
+    in the whole table. A per-shard file (its metadata names the shard) must be the
+    server's own shard; a full file is read for the shard's rows only."""
+    named = source.metadata.get(sharding.SHARD_KEY)
+    if named is not None:
+        try:
+            held, rows = Shard.parse(named), int(source.metadata[sharding.ROWS_KEY])
+        except (KeyError, ValueError) as exc:
+            raise TableLoadError(f"table {name!r}: bad shard metadata ({exc})") from None
+        if shard != held:
+            started = "without --shard" if shard is None else f"with --shard {shard}"
+            raise TableLoadError(
+                f"table {name!r}: the file holds shard {held} of a {rows}-row table, but the "
+                f"server was started {started}: start it with --shard {held} (or `shard = "
+                f'"{held}"` in the config), or give it the whole table\'s file'
+            )
+        layout = ShardRows.of(held, rows)
+        if layout.owned.size != source.shape[0]:
+            raise TableLoadError(
+                f"table {name!r}: the file says it holds shard {held} of {rows} rows, which "
+                f"is {layout.owned.size} rows, but it has {source.shape[0]}: it is damaged"
+            )
+        return source, layout
+    if shard is None:
+        return source, None
+    layout = ShardRows.of(shard, source.shape[0])
+    if layout.owned.size == 0:
+        raise TableLoadError(
+            f"table {name!r}: shard {shard} of its {source.shape[0]} rows holds none: use "
+            "fewer shards for so small a table"
+        )
+    owned, read = layout.owned, source.read
+    return RowSource(
+        (int(owned.size), source.shape[1]),
+        source.dtype,
+        lambda start, stop: sharding.pick_rows(read, owned, start, stop),
+    ), layout
 
 
 # What to do about a table that does not fit, said with every refusal.
@@ -415,26 +465,44 @@ def materialise(
 
 
 def demo_table(
-    rows: int, dim: int, seed: int, device: torch.device, *, shared: bool = False
+    rows: int,
+    dim: int,
+    seed: int,
+    device: torch.device,
+    *,
+    shared: bool = False,
+    shard: Shard | None = None,
 ) -> Table:
-    """The seeded demo table `demo`: np.random.default_rng(seed).standard_normal((rows, dim)).
+    """The seeded demo table `demo`: np.random.default_rng(seed).standard_normal((rows, dim))
+    (with `shard`, the rows that shard holds).
 
     Anyone can rebuild it with numpy alone to check what the server returns.
     """
     values = np.random.default_rng(seed).standard_normal((rows, dim), dtype=np.float32)
-    source = RowSource(
-        (rows, dim), torch.float32, lambda start, stop: torch.from_numpy(values[start:stop])
+    source, layout = shard_source(
+        "demo",
+        RowSource((rows, dim), torch.float32, lambda a, b: torch.from_numpy(values[a:b])),
+        shard,
     )
-    return materialise("demo", f"seeded demo (seed {seed})", source, device, shared=shared)
+    origin = f"seeded demo (seed {seed}{f', shard {shard}' if shard else ''})"
+    table = materialise("demo", origin, source, device, shared=shared)
+    table.shard = layout
+    return table
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def write_table(out: BinaryIO, suffix: str, name: str, contents: torch.Tensor) -> None:
+def write_table(
+    out: BinaryIO,
+    suffix: str,
+    name: str,
+    contents: torch.Tensor,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write `contents` (a host tensor, [rows, dim]) to `out` as `.npy` (bfloat16 as
-    float32: .npy has no bfloat16) or `.safetensors` (its own dtype, under `name`), in
-    one pass with no second copy of the table."""
+    float32: .npy has no bfloat16) or `.safetensors` (its own dtype, under `name`, with
+    `metadata` in its header), in one pass with no second copy of the table."""
     if suffix == ".npy":
         values = contents.float() if contents.dtype == torch.bfloat16 else contents
         np.save(out, values.numpy())
@@ -442,11 +510,10 @@ def write_table(out: BinaryIO, suffix: str, name: str, contents: torch.Tensor) -
     # The safetensors layout: an 8-byte little-endian header length, a JSON header
     # (padded with spaces to a multiple of 8), then the raw little-endian bytes.
     nbytes = contents.numel() * contents.element_size()
-    header = json.dumps(
-        {name: {"dtype": SAFETENSORS_DTYPES[contents.dtype], "shape": list(contents.shape),
-                "data_offsets": [0, nbytes]}},
-        separators=(",", ":"),
-    ).encode()  # fmt: skip
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    entries[name] = {"dtype": SAFETENSORS_DTYPES[contents.dtype], "shape": list(contents.shape),
+                     "data_offsets": [0, nbytes]}  # fmt: skip
+    header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     out.write(len(header).to_bytes(8, "little"))
     out.write(header)

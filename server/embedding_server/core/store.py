@@ -26,6 +26,7 @@ from embedding_server.core.sources import (
     footprint,
     materialise,
     open_table,
+    shard_source,
     shortfall,
     storable,
     write_table,
@@ -82,7 +83,10 @@ class TableStore:
             if source:  # a caller's file, inside the table directories
                 path, key = self.files.table_source(source)
                 dtype = old.spec.dtype if old.spec is not None else None  # stored as now
-                spec = TableSpec(old.name, path, key, dtype, confined=True)
+                shard = old.spec.shard if old.spec is not None else None
+                if old.shard is not None:
+                    shard = old.shard.shard
+                spec = TableSpec(old.name, path, key, dtype, confined=True, shard=shard)
             elif old.spec is not None:
                 spec = old.spec
             else:
@@ -111,6 +115,8 @@ class TableStore:
             raise TableLoadError(
                 f"table {old.name!r}: cannot read {quoted(str(spec.path))} ({type(exc).__name__})"
             ) from None
+        old_shard = None if old.shard is None else old.shard.shard
+        opened, shard = shard_source(old.name, opened, spec.shard or old_shard)
         if opened.shape[1] != old.dim:
             raise TableLoadError(
                 f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "
@@ -139,7 +145,7 @@ class TableStore:
                 f"reloading table {old.name!r}: {device} ran out of memory for the new version "
                 "beside the one serving now (which keeps serving)"
             ) from None
-        new.version, new.spec = old.version + 1, spec
+        new.version, new.spec, new.shard = old.version + 1, spec, shard
         return new
 
     def replace(self, table: Table) -> None:
@@ -183,8 +189,12 @@ class TableStore:
                 f"{ids.size} ids need vectors of shape [{ids.size}, {table.dim}], got "
                 f"{list(vectors.shape)}"
             )
-        check_ids(ids, table.rows)
-        unique, counts = np.unique(ids, return_counts=True)
+        global_ids = ids
+        if table.shard is not None:  # global ids on the wire, this shard's rows here
+            ids, _ = table.shard.localise(ids, None, table.name)
+        else:
+            check_ids(ids, table.rows)
+        unique, counts = np.unique(global_ids, return_counts=True)
         if (counts > 1).any():
             raise InvalidRequest(
                 f"id {int(unique[counts > 1][0])} is given twice; give each row once"
@@ -192,7 +202,7 @@ class TableStore:
         stored = storable(
             torch.from_numpy(np.asarray(vectors, dtype=np.float32)),
             torch.float32 if table.qparams is not None else table.weights.dtype,
-            lambda row, col: f"vector {row} (id {int(ids[row])}), element {col}",
+            lambda row, col: f"vector {row} (id {int(global_ids[row])}), element {col}",
             InvalidRequest,
         )
         index = torch.from_numpy(ids).to(table.weights.device)
@@ -240,6 +250,11 @@ class TableStore:
         """
         table = self.get(name)
         target = self.files.snapshot_target(path)
+        if table.shard is not None and target.suffix != ".safetensors":
+            raise InvalidRequest(
+                f"table {table.name!r} is shard {table.shard.shard} of a bigger table: snapshot "
+                "it to .safetensors, whose metadata records which rows it holds"
+            )
         rows = table.rows_for_kernels()
 
         def copy() -> torch.Tensor:
@@ -251,7 +266,9 @@ class TableStore:
 
         contents, version = table.read(copy)
         size = self.files.write_snapshot(
-            target, partial(write_table, suffix=target.suffix, name=table.name, contents=contents),
+            target,
+            partial(write_table, suffix=target.suffix, name=table.name, contents=contents,
+                    metadata=None if table.shard is None else table.shard.metadata()),
             overwrite=overwrite,
         )  # fmt: skip
         return table, version, target, size

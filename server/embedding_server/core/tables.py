@@ -9,7 +9,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from embedding_server.core import kernels
 from embedding_server.core.cache import CachedRows
 from embedding_server.core.devices import WIRE_VIEW
 from embedding_server.errors import InvalidRequest
+
+if TYPE_CHECKING:  # sharding imports this module (check_ids)
+    from embedding_server.core.sharding import ShardRows
 
 T = TypeVar("T")
 
@@ -98,6 +101,9 @@ class Table:
     qparams: torch.Tensor | None = None
     # Tables bigger than the device: `weights` stays in host memory, hot rows live here.
     cache: CachedRows | None = None
+    # One shard of a bigger table: `weights` holds its rows, this where they sit in the
+    # whole table (global ids on the wire); None for a whole table.
+    shard: ShardRows | None = None
     lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
     # [sequence number, version] in shared memory, for tables several processes read.
     shared_state: torch.Tensor | None = field(default=None, repr=False)

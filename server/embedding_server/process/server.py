@@ -138,7 +138,14 @@ def build_store(config: ServerConfig, device: torch.device) -> TableStore:
 
     if not config.tables:
         store.add(
-            demo_table(config.demo_rows, config.demo_dim, config.demo_seed, device, shared=shared)
+            demo_table(
+                config.demo_rows,
+                config.demo_dim,
+                config.demo_seed,
+                device,
+                shared=shared,
+                shard=config.shard,
+            )
         )
     for spec in config.tables:
         where = resolve_device(spec.device) if spec.device else device

@@ -129,6 +129,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 deadline=_deadline(context),
                 bags=bags,
                 padding_id=request.padding_id if request.HasField("padding_id") else None,
+                expect_shard=(
+                    (request.expect_shard.index, request.expect_shard.count)
+                    if request.HasField("expect_shard")
+                    else None
+                ),
             )
             metrics.child(metrics.REQUEST_IDS, method, table).observe(ids.size)
             if bags is not None:
@@ -150,10 +155,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
 
 def table_info(table: Table, store: TableStore) -> pb.TableInfo:
-    """A table as the wire describes it."""
+    """A table as the wire describes it (a shard: the whole table's rows, and its part)."""
+    shard = table.shard
+    part = None if shard is None else shard.shard
     return pb.TableInfo(
         name=table.name,
-        rows=table.rows,
+        rows=table.rows if shard is None else shard.rows,
+        shard=None if part is None else pb.ShardOf(index=part.index, count=part.count),
+        shard_rows=table.rows,
         dim=table.dim,
         dtype=codec.storage_dtype_to_wire(table.dtype),
         device=table.device,

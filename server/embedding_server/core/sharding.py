@@ -1,0 +1,112 @@
+"""One shard of a table: which global ids it holds, where they live, and its files.
+
+A server started with `--shard I/N` holds the rows `embedding_client.shards.shard_of`
+places on shard I: read from the full table file (memory-mapped; the rest is skipped)
+or from a per-shard `.safetensors` file written by `embedding-split` (or by
+SnapshotTable on a shard server), whose metadata says which shard of how many rows it
+holds. Ids on the wire stay global; `ShardRows.localise` turns them into the shard's
+own row numbers and refuses ids another shard holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embedding_client.shards import Shard, shard_of
+from embedding_server.core.tables import check_ids
+from embedding_server.errors import FailedPrecondition, InvalidRequest
+
+# Metadata keys of a per-shard .safetensors file.
+SHARD_KEY = "embedding.shard"  # "I/N"
+ROWS_KEY = "embedding.rows"  # rows of the whole table (the global id space)
+
+# Most global rows read at once while picking a shard's rows out of a full file.
+SPAN_ROWS = 1 << 18
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Shard `shard` of a table of `rows` global rows: `owned[k]` is the global id of its
+    local row k (ascending)."""
+
+    shard: Shard
+    rows: int
+    owned: np.ndarray
+
+    @classmethod
+    def of(cls, shard: Shard, rows: int) -> ShardRows:
+        return cls(shard, rows, shard.owned(rows))
+
+    def metadata(self) -> dict[str, str]:
+        """What a per-shard file says about itself."""
+        return {SHARD_KEY: str(self.shard), ROWS_KEY: str(self.rows)}
+
+    def localise(
+        self, ids: np.ndarray, padding_id: int | None, table: str
+    ) -> tuple[np.ndarray, int | None]:
+        """Global `ids` as this shard's local rows, and `padding_id` as a local row (None
+        when another shard holds it: no id of this request can then equal it).
+
+        Raises
+        ------
+        InvalidRequest
+            An id, or the padding id, outside the table's global rows.
+        FailedPrecondition
+            An id another shard holds (the caller's shard map is wrong or stale).
+        """
+        check_ids(ids, self.rows)
+        if padding_id is not None and not 0 <= padding_id < self.rows:
+            raise InvalidRequest(
+                f"padding_id {padding_id} is not a row of table {table!r}: it must be in "
+                f"[0, {self.rows})"
+            )
+        local = np.searchsorted(self.owned, ids)
+        flat_ids, flat_local = ids.reshape(-1), local.reshape(-1)
+        held = self.owned[np.minimum(flat_local, self.owned.size - 1)] == flat_ids
+        if not held.all():
+            position = int(np.flatnonzero(~held)[0])
+            foreign = int(flat_ids[position])
+            owner = int(shard_of(np.array([foreign]), self.shard.count)[0])
+            raise FailedPrecondition(
+                f"id {foreign} at position {position} is on shard {owner}/{self.shard.count} "
+                f"of table {table!r}; this server holds shard {self.shard}: route ids with "
+                "embedding_client.shards.shard_of (is the client's shard map stale?)"
+            )
+        if padding_id is not None:
+            at = int(np.searchsorted(self.owned, padding_id))
+            held_padding = at < self.owned.size and int(self.owned[at]) == padding_id
+            padding_id = at if held_padding else None
+        return local, padding_id
+
+
+def expect(shard: ShardRows | None, index: int, count: int, table: str) -> None:
+    """Refuse a request whose client believes this server holds shard `index`/`count` of
+    `table` when it does not (a stale shard map); (0, 1) stands for the whole table."""
+    held = (0, 1) if shard is None else (shard.shard.index, shard.shard.count)
+    if held != (index, count):
+        what = "the whole table" if shard is None else f"shard {shard.shard}"
+        raise FailedPrecondition(
+            f"the request is for shard {index}/{count} of table {table!r}, but this server "
+            f"holds {what}: the client's shard map is stale (rebuild it from ListTables)"
+        )
+
+
+def pick_rows(
+    read: Callable[[int, int], torch.Tensor], owned: np.ndarray, start: int, stop: int
+) -> torch.Tensor:
+    """Local rows [start, stop) of a shard, picked out of a full table read by `read`
+    (global rows [a, b) as a tensor), never more than `SPAN_ROWS` global rows at once."""
+    wanted = owned[start:stop]
+    parts = []
+    begin = 0
+    while begin < wanted.size:
+        first = int(wanted[begin])
+        end = int(np.searchsorted(wanted, first + SPAN_ROWS))
+        block = read(first, int(wanted[end - 1]) + 1)
+        parts.append(block[torch.from_numpy(wanted[begin:end] - first)])
+        begin = end
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
