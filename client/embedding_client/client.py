@@ -8,7 +8,7 @@ large messages, and raise one exception type, `EmbeddingError`.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,10 @@ class TableInfo:
     version: int
     bytes: int
     is_default: bool
+    # The part a shard server holds, (index, count); None for the whole table. `rows` is
+    # then the whole table's, `shard_rows` how many this server holds.
+    shard: tuple[int, int] | None = None
+    shard_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class LookupResult:
     vectors: np.ndarray
     table: str
     version: int
+    # From a ShardedClient: each answering shard's version (`version` is the lowest).
+    shard_versions: tuple[int, ...] = ()
 
 
 def _service_config(max_attempts: int) -> str:
@@ -229,6 +235,8 @@ def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
             version=t.version,
             bytes=t.bytes,
             is_default=t.is_default,
+            shard=(t.shard.index, t.shard.count) if t.HasField("shard") else None,
+            shard_rows=t.shard_rows if t.HasField("shard") else None,
         )
         for t in response.tables
     ]
@@ -317,12 +325,18 @@ class _ClientBase:
         max_message_bytes: int,
         security: Security | None,
         wait_for_ready: bool,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = with_default_port(target)
         self.timeout = timeout
         self.security = security or Security()
         self.wait_for_ready = wait_for_ready
         self._options = _channel_options(max_message_bytes, max_attempts)
+        if self.target.startswith("dns:"):
+            # A name with several addresses (a Kubernetes headless Service's replicas):
+            # spread calls over all of them, not only the first.
+            self._options.append(("grpc.lb_policy_name", "round_robin"))
+        self._options.extend(channel_options)
         if self.security.server_name:
             self._options.append(("grpc.ssl_target_name_override", self.security.server_name))
         token = self.security.token
@@ -386,6 +400,8 @@ class EmbeddingClient(_ClientBase):
     wait_for_ready : bool
         Wait (within the deadline) for an unreachable server to come up instead of
         failing fast with UNAVAILABLE: rides out restarts.
+    channel_options : sequence of (name, value)
+        More gRPC channel arguments, e.g. ``("grpc.max_reconnect_backoff_ms", 1000)``.
 
     Examples
     --------
@@ -402,8 +418,12 @@ class EmbeddingClient(_ClientBase):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         security: Security | None = None,
         wait_for_ready: bool = False,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
+        super().__init__(
+            target, timeout, max_attempts, max_message_bytes, security, wait_for_ready,
+            channel_options,
+        )  # fmt: skip
         self._channel: grpc.Channel = self._open_channel(grpc)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._lookups = _LookupMethods(self._channel)
@@ -623,8 +643,12 @@ class AsyncEmbeddingClient(_ClientBase):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         security: Security | None = None,
         wait_for_ready: bool = False,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(target, timeout, max_attempts, max_message_bytes, security, wait_for_ready)
+        super().__init__(
+            target, timeout, max_attempts, max_message_bytes, security, wait_for_ready,
+            channel_options,
+        )  # fmt: skip
         self._channel: grpc.aio.Channel = self._open_channel(grpc.aio)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._lookups = _LookupMethods(self._channel)
