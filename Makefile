@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
+	compose-up compose-up-cpu compose-down kubernetes smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
 	device-wheels
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make format  ruff format and ruff check --fix"
 	@echo "make proto   regenerate client/embedding_client/proto from protos/"
 	@echo "make compose-up / compose-up-cpu / compose-down   server + Prometheus + Grafana"
+	@echo "make kubernetes   regenerate deploy/kubernetes/embedding-2x2.yaml (SHARDS=N REPLICAS=R: stdout)"
 	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
 	@echo "make soak    60 s at 64 concurrent calls: errors, latency percentiles, RSS"
@@ -59,6 +60,12 @@ format: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+# Kubernetes manifests for N shards x R replicas; the checked-in 2 x 2 when none is given.
+kubernetes: $(STAMP)
+	@if [ -n "$(SHARDS)$(REPLICAS)" ]; then \
+		$(BIN)/python deploy/kubernetes/generate.py --shards $${SHARDS:-2} --replicas $${REPLICAS:-2}; \
+	else $(BIN)/python deploy/kubernetes/generate.py > deploy/kubernetes/embedding-2x2.yaml; fi
 
 lock: $(STAMP)
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
