@@ -11,7 +11,7 @@ own row numbers and refuses ids another shard holds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from embedding_server.errors import FailedPrecondition, InvalidRequest
 SHARD_KEY = "embedding.shard"  # "I/N"
 ROWS_KEY = "embedding.rows"  # rows of the whole table (the global id space)
 
+_ONE = np.uint64(1)
+
 # Most global rows read at once while picking a shard's rows out of a full file.
 SPAN_ROWS = 1 << 18
 
@@ -31,15 +33,34 @@ SPAN_ROWS = 1 << 18
 @dataclass(frozen=True)
 class ShardRows:
     """Shard `shard` of a table of `rows` global rows: `owned[k]` is the global id of its
-    local row k (ascending)."""
+    local row k (ascending).
+
+    Ids are turned into local rows by a rank bitmap (a bit per global row, set where
+    this shard holds it, in 64-bit words, with the count of set bits before each word):
+    one word read and one popcount per id, a quarter of a byte per global row, where a
+    binary search over `owned` cost 30x more on 8,192 ids.
+    """
 
     shard: Shard
     rows: int
     owned: np.ndarray
+    words: np.ndarray = field(repr=False)  # uint64, bit (id % 64) of word id // 64
+    before: np.ndarray = field(repr=False)  # int64, set bits in the words before each
 
     @classmethod
-    def of(cls, shard: Shard, rows: int) -> ShardRows:
-        return cls(shard, rows, shard.owned(rows))
+    def of(cls, shard: Shard, rows: int, chunk: int = 1 << 22) -> ShardRows:
+        assert chunk % 64 == 0, "a chunk fills whole words"
+        owned, words = [], []
+        for start in range(0, rows, chunk):  # chunk: a multiple of 64
+            held = shard_of(np.arange(start, min(rows, start + chunk)), shard.count) == shard.index
+            owned.append(start + np.flatnonzero(held))
+            packed = np.packbits(held, bitorder="little")
+            words.append(np.pad(packed, (0, -packed.size % 8)).view("<u8"))
+        all_words = np.concatenate(words) if words else np.zeros(0, np.uint64)
+        counts = np.bitwise_count(all_words).astype(np.int64)
+        before = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        ids = np.concatenate(owned).astype(np.int64) if owned else np.zeros(0, np.int64)
+        return cls(shard, rows, ids, all_words.astype(np.uint64), before)
 
     def metadata(self) -> dict[str, str]:
         """What a per-shard file says about itself."""
@@ -64,23 +85,28 @@ class ShardRows:
                 f"padding_id {padding_id} is not a row of table {table!r}: it must be in "
                 f"[0, {self.rows})"
             )
-        local = np.searchsorted(self.owned, ids)
-        flat_ids, flat_local = ids.reshape(-1), local.reshape(-1)
-        held = self.owned[np.minimum(flat_local, self.owned.size - 1)] == flat_ids
+        word = ids >> 6
+        bit = (ids & 63).astype(np.uint64)
+        bits = self.words[word]
+        held = ((bits >> bit) & _ONE).astype(bool)
         if not held.all():
-            position = int(np.flatnonzero(~held)[0])
-            foreign = int(flat_ids[position])
+            position = int(np.flatnonzero(~held.reshape(-1))[0])
+            foreign = int(ids.reshape(-1)[position])
             owner = int(shard_of(np.array([foreign]), self.shard.count)[0])
             raise FailedPrecondition(
                 f"id {foreign} at position {position} is on shard {owner}/{self.shard.count} "
                 f"of table {table!r}; this server holds shard {self.shard}: route ids with "
                 "embedding_client.shards.shard_of (is the client's shard map stale?)"
             )
+        local = self.before[word] + np.bitwise_count(bits & ((_ONE << bit) - _ONE))
         if padding_id is not None:
-            at = int(np.searchsorted(self.owned, padding_id))
-            held_padding = at < self.owned.size and int(self.owned[at]) == padding_id
-            padding_id = at if held_padding else None
-        return local, padding_id
+            padding_id = self.localise_one(padding_id)
+        return local.astype(np.int64, copy=False), padding_id
+
+    def localise_one(self, global_id: int) -> int | None:
+        """The local row of one global id in [0, rows), None if another shard holds it."""
+        at = int(np.searchsorted(self.owned, global_id))
+        return at if at < self.owned.size and int(self.owned[at]) == global_id else None
 
 
 def expect(shard: ShardRows | None, index: int, count: int, table: str) -> None:
