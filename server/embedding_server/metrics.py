@@ -131,6 +131,13 @@ TABLE_VERSION = Gauge(
     ["table"],
     multiprocess_mode="mostrecent",
 )
+# An info gauge (always 1): join it on (instance, table) to split any table series by shard.
+TABLE_SHARD = Gauge(
+    "embedding_table_shard",
+    "The part of each table this server holds: shard `shard` of `shards` (0 of 1: all of it).",
+    ["table", "shard", "shards"],
+    multiprocess_mode="mostrecent",
+)
 
 CACHE_LOOKUPS = Counter(
     "embedding_cache_lookups_total",
@@ -226,6 +233,8 @@ def publish_table(table: Table) -> None:
     for labels, nbytes in held.items():
         TABLE_BYTES.labels(*labels).set(nbytes)
     TABLE_VERSION.labels(table.name).set(table.version)
+    part = (0, 1) if table.shard is None else (table.shard.shard.index, table.shard.shard.count)
+    TABLE_SHARD.labels(table.name, *(str(n) for n in part)).set(1)
     if table.cache is not None:
         CACHE_ROWS.labels(table.name).set(table.cache.slots)
         CACHE_EVICTIONS.labels(table.name)
