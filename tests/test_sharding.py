@@ -441,3 +441,43 @@ def test_a_call_rides_out_a_shard_with_every_replica_down(cluster: Cluster) -> N
             caller.join(timeout=60)
         assert answer and _same(answer[0], cluster.tables["r"][[0, 1, 2]])
         assert client.stats()[0]["failovers"] >= 2
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 129, 5000])
+def test_the_rank_bitmap_turns_global_ids_into_local_rows(rows: int) -> None:
+    for count in (1, 2, 3, 7):
+        for index in range(count):
+            held = sharding.ShardRows.of(Shard(index, count), rows, chunk=128)
+            assert np.array_equal(held.owned, Shard(index, count).owned(rows))
+            if held.owned.size == 0:
+                continue
+            grid = np.resize(held.owned, (3, held.owned.size))  # any shape of ids
+            local, padding = held.localise(grid, int(held.owned[-1]), "t")
+            assert np.array_equal(local, np.resize(np.arange(held.owned.size), grid.shape))
+            assert padding == held.owned.size - 1
+            others = np.setdiff1d(np.arange(rows), held.owned)
+            if others.size:
+                with pytest.raises(sharding.FailedPrecondition, match=f"holds shard {index}/"):
+                    held.localise(np.array([held.owned[0], others[-1]]), None, "t")
+                assert held.localise(held.owned[:1], int(others[0]), "t")[1] is None
+
+
+def test_embedding_split_writes_a_file_each_shard_server_loads(tmp_path: Path) -> None:
+    full = tmp_path / "ads.npy"
+    np.save(full, RANDOM.astype(np.float64))  # stored as float32, as a server stores it
+    out = tmp_path / "shards"
+    done = subprocess.run([str(BIN / "embedding-split"), str(full), "--shards", "3", "--out",
+                           str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    files = sorted(out.glob("*.safetensors"))
+    assert [f.name for f in files] == [f"ads.shard-{i}-of-3.safetensors" for i in range(3)]
+    seen = np.zeros(len(RANDOM), dtype=int)
+    for index, path in enumerate(files):
+        table = load_table(TableSpec("ads", path, shard=Shard(index, 3)), torch.device("cpu"))
+        owned = Shard(index, 3).owned(len(RANDOM))
+        assert np.array_equal(table.weights.numpy(), RANDOM[owned])
+        seen[owned] += 1
+    assert (seen == 1).all()  # every row in exactly one file
+    again = subprocess.run([str(BIN / "embedding-split"), str(full), "--shards", "3", "--out",
+                            str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 2 and "--overwrite" in again.stderr
