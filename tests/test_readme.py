@@ -33,7 +33,8 @@ def test_flag_table_lists_every_flag_with_env_and_default() -> None:
 
 def test_python_example_runs(start_server: ServerFactory) -> None:
     server = start_server({"demo": random_table(10, 128)})
-    (example,) = _blocks("python")
+    example, sharded = _blocks("python")  # the second needs shards: test_sharding runs it
+    compile(sharded, "README: shards", "exec")
     namespace: dict[str, object] = {}
     exec(example.replace("localhost:50051", f"127.0.0.1:{server.port}"), namespace)
     vectors, same, half = (np.asarray(namespace[k]) for k in ("vectors", "same", "half"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -481,3 +482,15 @@ def test_embedding_split_writes_a_file_each_shard_server_loads(tmp_path: Path) -
     again = subprocess.run([str(BIN / "embedding-split"), str(full), "--shards", "3", "--out",
                             str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_the_readmes_sharded_example_runs(cluster: Cluster) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                  if "ShardedClient" in b]  # fmt: skip
+    for shard, replicas in enumerate(cluster.replicas):
+        for letter, replica in zip("ab", replicas, strict=True):
+            example = example.replace(f"shard{shard}-{letter}:50051", replica.target)
+    namespace: dict[str, object] = {}
+    exec(example, namespace)
+    assert _same(np.asarray(namespace["vectors"]), cluster.tables["r"][[[0, 2], [1, 2]]])

@@ -64,6 +64,7 @@ def deployment(shard: int, shards: int, args: argparse.Namespace) -> dict[str, A
         "volumeMounts": [
             {"name": "tables", "mountPath": "/tables", "readOnly": True},
             {"name": "config", "mountPath": "/etc/embedding", "readOnly": True},
+            {"name": "scratch", "mountPath": "/tmp"},  # the root file system is read-only
         ],
         "securityContext": {
             "runAsNonRoot": True,
@@ -109,6 +110,7 @@ def deployment(shard: int, shards: int, args: argparse.Namespace) -> dict[str, A
                             },
                         },
                         {"name": "config", "configMap": {"name": f"{APP}-tables"}},
+                        {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}},
                     ],
                 },
             },
