@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down kubernetes smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
+	compose-up compose-up-cpu compose-down kubernetes kube-play container-deps smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
 	device-wheels
 
 help:
@@ -21,6 +21,7 @@ help:
 	@echo "make proto   regenerate client/embedding_client/proto from protos/"
 	@echo "make compose-up / compose-up-cpu / compose-down   server + Prometheus + Grafana"
 	@echo "make kubernetes   regenerate deploy/kubernetes/embedding-2x2.yaml (SHARDS=N REPLICAS=R: stdout)"
+	@echo "make kube-play    2 shards x 2 replicas under podman kube play, a pod killed under load"
 	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
 	@echo "make soak    60 s at 64 concurrent calls: errors, latency percentiles, RSS"
@@ -60,6 +61,17 @@ format: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+# podman and what it needs here (DESIGN.md), for make smoke and make kube-play, when missing.
+container-deps:
+	@if command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+		&& { command -v catatonit >/dev/null || [ -x /usr/libexec/podman/catatonit ]; }; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc catatonit debootstrap >/dev/null; \
+	else echo "warning: podman not installed and not root: make smoke and make kube-play will skip"; fi
+
+kube-play: $(STAMP)
+	deploy/kubernetes/play.sh
 
 # Kubernetes manifests for N shards x R replicas; the checked-in 2 x 2 when none is given.
 kubernetes: $(STAMP)

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Run the Kubernetes manifests for real with `podman kube play`: 2 shards x 2 replicas of
+# the server image, a ShardedClient from the host checked against numpy, one pod killed
+# under load (no failed call), then `podman kube down`. Loopback only; cleans up.
+#
+#   deploy/kubernetes/play.sh        (make kube-play; builds the image with docker/smoke.sh
+#                                     when it is missing)
+#
+# podman has no Services, DNS or PodDisruptionBudgets, and here runs pods on the host
+# network: the manifests are played as generate.py writes them except that each replica
+# becomes a one-pod Deployment with its own ports (two pods cannot both listen on 50051
+# of one host), Services and budgets are left out, and the client is given the pods'
+# addresses instead of the headless Services' names.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+WORK=$ROOT/deploy/kubernetes/.play
+VENV_PY=$ROOT/.venv/bin/python
+IMAGE=localhost/embedding-server:smoke
+VOLUME=embedding-tables
+log() { printf '[kube-play %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+skip() { log "SKIPPED: $*"; exit 0; }
+
+for tool in podman runc catatonit; do
+    command -v "$tool" >/dev/null || [ -x "/usr/libexec/podman/$tool" ] \
+        || skip "$tool is not installed (apt-get install podman runc catatonit debootstrap)"
+done
+[ -x "$VENV_PY" ] || skip ".venv is missing: run make venv first"
+mkdir -p "$WORK"
+printf '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n' > "$WORK/containers.conf"
+export CONTAINERS_CONF=$WORK/containers.conf
+podman info >/dev/null 2>"$WORK/podman-info.err" \
+    || skip "podman is not usable here: $(tail -n 1 "$WORK/podman-info.err")"
+if ! podman image exists "$IMAGE"; then
+    log "no $IMAGE yet: building it with docker/smoke.sh"
+    docker/smoke.sh
+    podman image exists "$IMAGE" || skip "docker/smoke.sh did not build $IMAGE (see above)"
+fi
+
+log "tables: one 20,000 x 32 float32 table in the podman volume $VOLUME"
+rm -rf "$WORK/tables" && mkdir -p "$WORK/tables"
+"$VENV_PY" -c "import numpy as np; np.save('$WORK/tables/ads.npy', np.random.default_rng(5).standard_normal((20000, 32), dtype=np.float32))"
+chmod -R a+rX "$WORK/tables"
+podman volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+podman volume create "$VOLUME" >/dev/null
+tar -C "$WORK/tables" -c . | podman volume import "$VOLUME" -
+
+log "manifests: deploy/kubernetes/generate.py --shards 2 --replicas 2, as podman plays them"
+PORTS=$("$VENV_PY" - "$WORK" "$IMAGE" <<'PY'
+import socket, subprocess, sys
+from pathlib import Path
+import yaml
+
+work, image = Path(sys.argv[1]), sys.argv[2]
+text = subprocess.run(
+    [sys.executable, "deploy/kubernetes/generate.py", "--shards", "2", "--replicas", "2",
+     "--no-gpu", "--device", "cpu", "--image", image, "--table", "ads=ads.npy",
+     "--cpu", "250m", "--memory", "1Gi"], check=True, capture_output=True, text=True).stdout
+played, ports = [], []
+for item in yaml.safe_load_all(text):
+    if item["kind"] in ("Service", "PodDisruptionBudget"):
+        continue  # podman has neither
+    if item["kind"] != "Deployment":
+        played.append(item)
+        continue
+    for replica in range(item["spec"]["replicas"]):
+        free = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0)); free.append(s.getsockname()[1])
+        name = f"{item['metadata']['name']}-{replica}"
+        copy = yaml.safe_load(yaml.safe_dump(item))
+        copy["metadata"]["name"] = name
+        copy["spec"]["replicas"] = 1
+        container = copy["spec"]["template"]["spec"]["containers"][0]
+        container["env"] += [{"name": "EMBEDDING_HOST", "value": "127.0.0.1"},
+                             {"name": "EMBEDDING_PORT", "value": str(free[0])},
+                             {"name": "EMBEDDING_METRICS_HOST", "value": "127.0.0.1"},
+                             {"name": "EMBEDDING_METRICS_PORT", "value": str(free[1])}]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            container[probe]["grpc"]["port"] = free[0]
+        container.pop("ports")  # port mappings need a bridge network; host network here
+        shard = container["env"][0]["value"].split("/")[0]
+        ports.append(f"{shard}:{free[0]}:{name}")
+        played.append(copy)
+(work / "played.yaml").write_text(yaml.safe_dump_all(played, sort_keys=False))
+print(" ".join(ports))
+PY
+)
+log "pods (shard:port:name): $PORTS"
+
+cleanup() {
+    podman kube down "$WORK/played.yaml" >/dev/null 2>&1 || true
+    # podman plays an emptyDir as a named volume ("scratch"), shared by the pods.
+    podman volume rm -f "$VOLUME" scratch >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+podman kube play --network host "$WORK/played.yaml" >"$WORK/play.log" 2>&1 \
+    || { tail -n 20 "$WORK/play.log"; log "FAILED: podman kube play"; exit 1; }
+log "played: $(podman pod ps --format '{{.Name}} {{.Status}}' | tr '\n' ';')"
+
+log "driving a ShardedClient at the pods, killing one pod under load"
+"$VENV_PY" - "$WORK/tables/ads.npy" $PORTS <<'PY'
+import subprocess, sys, threading, time
+import numpy as np
+from embedding_client import EmbeddingClient, EmbeddingError
+from embedding_client.sharded import ShardedClient
+
+table = np.load(sys.argv[1])
+pods = [p.split(":") for p in sys.argv[2:]]
+shards: dict[int, list[str]] = {}
+for shard, port, _ in pods:
+    shards.setdefault(int(shard), []).append(f"127.0.0.1:{port}")
+deadline = time.monotonic() + 180
+for _, port, name in pods:
+    with EmbeddingClient(f"127.0.0.1:{port}", timeout=2, max_attempts=1) as probe:
+        while True:
+            try:
+                if probe.health() == "SERVING":
+                    break
+            except EmbeddingError:
+                pass
+            if time.monotonic() > deadline:
+                logs = subprocess.run(["podman", "logs", "--tail", "20", f"{name}-pod-0-server"],
+                                      capture_output=True, text=True)
+                sys.exit(f"{name} never SERVING:\n{logs.stdout}{logs.stderr}")
+            time.sleep(0.5)
+print("  every pod SERVING through grpc.health.v1", flush=True)
+shard_map = [shards[s] for s in sorted(shards)]
+rng = np.random.default_rng(0)
+calls = failures = wrong = 0
+stop = threading.Event()
+with ShardedClient(shard_map, timeout=20) as client:
+    info = {t.name: t for t in client.tables()}["ads"]
+    print(f"  table ads: {info.rows} rows of dim {info.dim} over {len(shard_map)} shards")
+    ids = rng.integers(0, 20000, (8, 16))
+    assert np.array_equal(client.lookup(ids, "ads"), table[ids])
+    assert np.allclose(client.lookup(ids, "ads", pooling="mean"), table[ids].mean(axis=1), atol=1e-6)
+
+    def load() -> None:
+        global calls, failures, wrong
+        local = np.random.default_rng(1)
+        while not stop.is_set():
+            batch = local.integers(0, 20000, 256)
+            try:
+                wrong += not np.array_equal(client.lookup(batch, "ads"), table[batch])
+            except EmbeddingError as exc:
+                failures += 1
+                print("  failed:", exc)
+            calls += 1
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        time.sleep(2)
+        victim = pods[0][2]
+        subprocess.run(["podman", "pod", "kill", f"{victim}-pod-0"], check=True,
+                       capture_output=True)
+        print(f"  killed pod {victim}-pod-0 (SIGKILL) after {calls} calls", flush=True)
+        time.sleep(3)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    print(f"  {calls} calls, {failures} failed, {wrong} wrong; failovers per shard: "
+          f"{[s['failovers'] for s in client.stats()]}")
+    assert calls > 20 and failures == 0 and wrong == 0
+PY
+log "podman kube down"
+podman kube down "$WORK/played.yaml" >/dev/null 2>&1
+trap - EXIT
+podman volume rm -f "$VOLUME" scratch >/dev/null
+log "PASSED"
