@@ -273,6 +273,21 @@ def test_the_async_client_answers_the_same(cluster: Cluster) -> None:
         assert _same(pooled, whole.lookup(ids % 2000, "q", pooling="sum"))
 
 
+def test_a_dns_shard_map_balances_and_updates_every_address(cluster: Cluster) -> None:
+    # One dns:/// name per shard, as a Kubernetes headless Service gives (here a name
+    # with one address: the resolver, round_robin and the update's own lookup still run).
+    by_name = [[f"dns:///127.0.0.1:{shard[0].port}"] for shard in cluster.replicas]
+    ids = np.random.default_rng(9).integers(0, 3000, 200)
+    with ShardedClient(by_name, timeout=30) as client:
+        assert _same(client.lookup(ids, "r"), cluster.tables["r"][ids])
+        rows = cluster.tables["r"][ids[:3]]  # the same values: nothing changes
+        answers = client.update_rows(
+            np.unique(ids[:3]), cluster.tables["r"][np.unique(ids[:3])], "r"
+        )
+        assert {a.name for a in answers} == {"r"} and len(answers) >= 1
+        assert _same(client.lookup(ids[:3], "r"), rows)
+
+
 def test_a_stale_map_or_a_foreign_id_is_refused(cluster: Cluster) -> None:
     swapped = [cluster.map[1], cluster.map[0]]
     three = [*cluster.map, [cluster.reference.target]]

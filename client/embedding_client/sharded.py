@@ -694,6 +694,7 @@ async def _addresses(targets: Sequence[str]) -> list[str]:
             found.append(with_default_port(target))
             continue
         host, _, port = target.split("/")[-1].rpartition(":")
+        host = host.strip("[]")  # an IPv6 literal, dns:///[::1]:50051
         infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
         for family, _, _, _, address in infos:
             host_text = str(address[0])
