@@ -405,7 +405,9 @@ class AsyncShardedClient:
             shard = next(self._any_shard) % self.shard_count
         replicas = self._replicas[shard]
         start = next(self._turns[shard]) % len(replicas)
-        order = replicas[start:] + replicas[:start]
+        # In turn, but replicas whose connection is failing last: a replica known to be
+        # down (killed, restarting) is not asked first by every other call.
+        order = sorted(replicas[start:] + replicas[:start], key=_failing)
         stats = self._stats[shard]
         stats.calls += 1
         started = time.monotonic()
@@ -669,6 +671,10 @@ class AsyncShardedClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _failing(client: AsyncEmbeddingClient) -> bool:
+    return bool(client._channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE)
 
 
 def _quoted(text: str) -> str:
