@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down kubernetes kube-play container-deps smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
+	compose-up compose-up-cpu compose-down kubernetes kube-play container-deps smoke compose-smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
 	device-wheels
 
 help:
@@ -21,6 +21,7 @@ help:
 	@echo "make proto   regenerate client/embedding_client/proto from protos/"
 	@echo "make compose-up / compose-up-cpu / compose-down   server + Prometheus + Grafana"
 	@echo "make kubernetes   regenerate deploy/kubernetes/embedding-2x2.yaml (SHARDS=N REPLICAS=R: stdout)"
+	@echo "make compose-smoke   docker-compose.yml itself under podman-compose: server + Prometheus"
 	@echo "make kube-play    2 shards x 2 replicas under podman kube play, a pod killed under load"
 	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"
@@ -72,6 +73,9 @@ container-deps:
 
 kube-play: $(STAMP)
 	deploy/kubernetes/play.sh
+
+compose-smoke: $(STAMP)
+	docker/compose-smoke.sh
 
 # Kubernetes manifests for N shards x R replicas; the checked-in 2 x 2 when none is given.
 kubernetes: $(STAMP)
