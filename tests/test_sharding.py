@@ -327,17 +327,27 @@ def test_update_rows_reaches_every_replica_of_the_shard(cluster: Cluster) -> Non
     ids = np.array([4, 11, 2500, 77])
     rows = np.full((4, 12), 0.5, dtype=np.float32) * np.arange(1, 5, dtype=np.float32)[:, None]
     original = cluster.tables["r"][ids].copy()
+    owner = shard_of(ids, SHARDS)
+
+    def versions() -> dict[str, int]:
+        seen = {}
+        for s, shard in enumerate(cluster.replicas):
+            for replica in shard:
+                with EmbeddingClient(replica.target, max_attempts=1) as direct:
+                    seen[replica.target] = direct.lookup_result(ids[owner == s], "r").version
+        return seen
+
     with ShardedClient(cluster.map, timeout=30) as client:
+        before = versions()
         answers = client.update_rows(ids, rows, "r")
         try:
             assert len(answers) == SHARDS * REPLICAS  # both shards own some of these ids
-            owner = shard_of(ids, SHARDS)
             for s, shard in enumerate(cluster.replicas):
                 for replica in shard:
                     with EmbeddingClient(replica.target, max_attempts=1) as direct:
                         result = direct.lookup_result(ids[owner == s], "r")
                         assert _same(result.vectors, rows[owner == s])
-                        assert result.version == 2
+                        assert result.version == before[replica.target] + 1
             assert _same(client.lookup(ids, "r"), rows)
         finally:
             # Back as the file has them: the fault tests restart replicas, which read it.
@@ -397,7 +407,8 @@ def test_a_replica_killed_under_load_fails_no_call(cluster: Cluster) -> None:
             # Failed over, and then the dead replica was no longer asked first by every
             # other call (it would be, taken in turn: about half the calls after the kill).
             failovers = client.stats()[1]["failovers"]
-            assert 0 < failovers < (load.calls - before) / 4, (failovers, load.calls - before)
+            after = load.calls - before
+            assert 0 < failovers <= max(10, after / 4), (failovers, after)
             # An update while a replica is down names it; the others took their rows.
             ids = np.flatnonzero(shard_of(np.arange(3000), 2) == 1)[:2]
             rows = cluster.tables["r"][ids]  # the same values: nothing else changes
