@@ -20,10 +20,16 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
-PROTO_FILE = "embedding/v1/embedding.proto"
+# Each .proto, and the stem its stubs are named by (the Open Inference Protocol's file is
+# the server's second service on the same port).
+PROTO_FILES = {"embedding/v1/embedding.proto": "embedding", "inference/grpc_service.proto":
+               "grpc_service"}  # fmt: skip
 STUB_DIR = ROOT / "client" / "embedding_client" / "proto"
 STUB_PACKAGE = "embedding_client.proto"
-GENERATED = ("embedding_pb2.py", "embedding_pb2.pyi", "embedding_pb2_grpc.py")
+GENERATED = tuple(
+    f"{stem}{suffix}" for stem in PROTO_FILES.values()
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)  # fmt: skip
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -38,19 +44,22 @@ def generate(out_dir: Path) -> list[Path]:
                 f"--python_out={tmp}",
                 f"--pyi_out={tmp}",
                 f"--grpc_python_out={tmp}",
-                str(PROTO_DIR / PROTO_FILE),
+                *(str(PROTO_DIR / proto) for proto in PROTO_FILES),
             ]
         )
         if status != 0:
             raise SystemExit(f"protoc failed with status {status}")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for name in GENERATED:
-            text = (Path(tmp) / "embedding" / "v1" / name).read_text()
-            text = text.replace("from embedding.v1 import", f"from {STUB_PACKAGE} import")
-            target = out_dir / name
-            target.write_text(text)
-            written.append(target)
+        for proto, stem in PROTO_FILES.items():
+            folder = Path(tmp) / Path(proto).parent
+            package = ".".join(Path(proto).parent.parts)
+            for name in (n for n in GENERATED if n.startswith(f"{stem}_")):
+                text = (folder / name).read_text()
+                text = text.replace(f"from {package} import", f"from {STUB_PACKAGE} import")
+                target = out_dir / name
+                target.write_text(text)
+                written.append(target)
     init = out_dir / "__init__.py"
     init.write_text('"""Stubs generated from protos/ by protos/generate.py: do not edit."""\n')
     written.append(init)
