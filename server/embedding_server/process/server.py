@@ -31,7 +31,7 @@ from embedding_server.core.lookup import Limits, Lookups
 from embedding_server.core.sources import demo_table, load_table
 from embedding_server.core.store import TableStore
 from embedding_server.process.callpool import CallPool
-from embedding_server.transport import connections
+from embedding_server.transport import connections, inference
 from embedding_server.transport.admin import (
     EmbeddingAdminServicer,
     Reload,
@@ -278,8 +278,11 @@ class EmbeddingServer:
             if config.batching
             else None
         )
-        pb_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingServicer(Lookups(store, limits, self.batcher, staging)), self._grpc
+        lookups = EmbeddingServicer(Lookups(store, limits, self.batcher, staging))
+        pb_grpc.add_EmbeddingServiceServicer_to_server(lookups, self._grpc)
+        # The Open Inference Protocol on the same port, over the same lookups.
+        inference.add_to_server(
+            inference.InferenceServicer(lookups, lambda: not self.draining), self._grpc
         )
         pb_grpc.add_EmbeddingAdminServicer_to_server(
             EmbeddingAdminServicer(store, reload, update), self._grpc
@@ -287,7 +290,14 @@ class EmbeddingServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if config.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._grpc
+                (
+                    SERVICE_NAME,
+                    ADMIN_SERVICE,
+                    inference.SERVICE_NAME,
+                    HEALTH_SERVICE,
+                    reflection.SERVICE_NAME,
+                ),
+                self._grpc,
             )
         self.port = 0
         self.metrics_port = 0

@@ -38,12 +38,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def Lookup(
         self, request: pb.LookupRequest, context: grpc.ServicerContext
     ) -> codec.EncodedLookupResponse:
-        return self._lookup("Lookup", request, context)
+        return self.lookup_request("Lookup", request, context)
 
     def LookupDense(
         self, request: pb.LookupRequest, context: grpc.ServicerContext
     ) -> codec.EncodedLookupResponse:
-        return self._lookup("LookupDense", request, context)
+        return self.lookup_request("LookupDense", request, context)
 
     def LookupStream(
         self, requests: Iterator[pb.LookupRequest], context: grpc.ServicerContext
@@ -52,7 +52,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             try:
                 if isinstance(request, Malformed):
                     raise codec.WireError(f"not a valid LookupRequest: {request.error}")
-                result = self._lookup("LookupStream", request, context)
+                result = self.lookup_request("LookupStream", request, context)
             except MAPPED_ERRORS as exc:
                 error = pb.StreamError(code=status_code(exc).value[0], message=str(exc))
                 yield pb.LookupStreamResponse(sequence=sequence, error=error)
@@ -91,7 +91,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         total_bytes = 0
         for feature in request.features:
             try:
-                result = self._lookup(method, feature.lookup, context)
+                result = self.lookup_request(method, feature.lookup, context)
             except MAPPED_ERRORS as exc:
                 raise type(exc)(f"feature {quoted(feature.feature)}: {exc}") from None
             total_bytes += result.nbytes
@@ -110,9 +110,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         store = self.lookups.store
         return pb.ListTablesResponse(tables=[table_info(t, store) for t in store])
 
-    def _lookup(
-        self, method: str, request: pb.LookupRequest, context: grpc.ServicerContext
+    def lookup_request(
+        self,
+        method: str,
+        request: pb.LookupRequest,
+        context: grpc.ServicerContext,
+        dense: bool | None = None,
     ) -> codec.EncodedLookupResponse:
+        """One lookup as `method` (the metrics label; dense for LookupDense and
+        LookupManyDense unless `dense` says), with its metrics; errors raised as the core's."""
         started = time.perf_counter()
         # Label by the resolved table only: a caller's made-up names must not become series.
         table = self.lookups.store.resolve_name(request.table) or ""
@@ -125,7 +131,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 request.table,
                 ids,
                 dtype,
-                dense=method in DENSE_METHODS,
+                dense=method in DENSE_METHODS if dense is None else dense,
                 deadline=_deadline(context),
                 bags=bags,
                 padding_id=request.padding_id if request.HasField("padding_id") else None,
