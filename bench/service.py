@@ -4,6 +4,8 @@ Every figure comes from one run on one machine, so the ratios compare like with 
 
 - `Lookup`, `LookupDense`, `LookupStream`: a real `embedding-server` process (demo table
   V x 128 float32); `LookupStream` sends each worker's calls over one open stream;
+  `ModelInfer` (with `--load h2load` only): the same lookup through the Open Inference
+  Protocol, as Triton's client sends it;
 - `ceiling`: a bare grpc server in the same framework with no service logic at all
   (ids bytes in, `table[ids].tobytes()` out), the limit of one Python gRPC process;
 - `redis`: Debian's `redis-server` on loopback, rows stored as packed float32 values,
@@ -270,7 +272,7 @@ def measure(target: str, kind: str, batch: int, rows: int, concurrency: int, sec
 
 # ---------------------------------------------------------------- h2load: a load that is not Python
 
-H2LOAD_KINDS = ("Lookup", "LookupDense", "ceiling")
+H2LOAD_KINDS = ("Lookup", "LookupDense", "ModelInfer", "ceiling")
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -280,6 +282,13 @@ def grpc_body(kind: str, batch: int, rows: int, seed: int = 0) -> tuple[str, byt
     ids = np.random.default_rng(seed).integers(0, rows, size=batch, dtype=np.int64)
     if kind == "ceiling":
         path, message = "/ceiling/Lookup", ids.tobytes()
+    elif kind == "ModelInfer":  # the Open Inference Protocol, as Triton's client sends it
+        from embedding_client.proto import grpc_service_pb2 as oip
+
+        request = oip.ModelInferRequest(model_name="demo")
+        request.inputs.add(name="ids", datatype="INT64", shape=[batch])
+        request.raw_input_contents.append(ids.tobytes())
+        path, message = "/inference.GRPCInferenceService/ModelInfer", request.SerializeToString()
     else:
         from embedding_client import codec
 
@@ -386,7 +395,7 @@ def start_redis(rows: int, workdir: Path) -> tuple[subprocess.Popen, int]:  # ty
     return process, port
 
 
-SERVICE_KINDS = ("Lookup", "LookupDense", "LookupStream")
+SERVICE_KINDS = ("Lookup", "LookupDense", "LookupStream", "ModelInfer")
 
 
 def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -398,6 +407,8 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _applies(kind: str, batch: int, concurrency: int, args: argparse.Namespace) -> bool:
+    if kind.startswith("ModelInfer") and args.load != "h2load":
+        return False  # the Python load speaks embedding.v1 only
     # LookupDense is ~1e4x slower: a big batch would take the whole time budget; the
     # server takes at most --max-streams open streams.
     too_dense = kind.startswith("LookupDense") and batch > args.max_dense_batch
