@@ -10,7 +10,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
 .PHONY: help venv system-deps run test lint format proto lock clean \
-	compose-up compose-up-cpu compose-down kubernetes kube-play container-deps smoke compose-smoke screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
+	compose-up compose-up-cpu compose-down kubernetes kube-play container-deps smoke compose-smoke mutate screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
 	device-wheels
 
 help:
@@ -29,6 +29,7 @@ help:
 	@echo "make bench   kernel, service and device-cache benchmarks: tables and plots in bench/results/"
 	@echo "make bench-ranking   LookupMany over 26 Criteo-sized tables vs bare servers (needs h2load)"
 	@echo "make device-wheels   wheels for bench/device.sh, the GPU measurements on a lent machine"
+	@echo "make mutate MODULE=codec   mutation testing (cosmic-ray) of one core module, resumable"
 	@echo "make clean   remove .venv and caches"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -76,6 +77,10 @@ kube-play: $(STAMP)
 
 compose-smoke: $(STAMP)
 	docker/compose-smoke.sh
+
+# Mutation testing, outside CI's time budget (hours for all modules on 2 cores).
+mutate: $(STAMP)
+	mutation/run.sh $(or $(MODULE),codec)
 
 # Kubernetes manifests for N shards x R replicas; the checked-in 2 x 2 when none is given.
 kubernetes: $(STAMP)
