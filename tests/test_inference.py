@@ -195,6 +195,18 @@ def foreign_python() -> Path:
     return python
 
 
+def run_foreign(python: Path, script: str, port: int, out: Path) -> dict[str, Any]:
+    """Run `script` (argv: the server's address, an output prefix) in the foreign clients'
+    environment against the server on `port`; the JSON report it writes to `out`.json."""
+    path = out.with_name(f"{out.name}_call.py")  # not kserve.py: it would shadow the package
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(python), str(path), f"127.0.0.1:{port}", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(json.loads(out.with_suffix(".json").read_text()))
+
+
 TRITON_SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -228,14 +240,8 @@ def test_tritons_client_gets_the_bits_lookup_answers(
     served: tuple[Stub, EmbeddingClient, int], foreign_python: Path, tmp_path: Path
 ) -> None:
     _, client, port = served
-    script = tmp_path / "triton_call.py"
-    script.write_text(TRITON_SCRIPT)
     out = tmp_path / "triton"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(foreign_python), str(script), f"127.0.0.1:{port}", str(out)],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "triton.json").read_text())
+    report = run_foreign(foreign_python, TRITON_SCRIPT, port, out)
     assert report["live"] and report["ready"] and report["model_ready"]
     assert report["metadata"]["name"] == "items"
     assert report["metadata"]["inputs"] == [{"name": "ids", "datatype": "INT64", "shape": ["-1"]}]
@@ -322,14 +328,8 @@ def test_kserves_client_gets_the_bits_lookup_answers(
     served: tuple[Stub, EmbeddingClient, int], foreign_python: Path, tmp_path: Path
 ) -> None:
     _, client, port = served
-    script = tmp_path / "kserve_call.py"
-    script.write_text(KSERVE_SCRIPT)
     out = tmp_path / "kserve"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(foreign_python), str(script), f"127.0.0.1:{port}", str(out)],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "kserve.json").read_text())
+    report = run_foreign(foreign_python, KSERVE_SCRIPT, port, out)
     assert report == {"live": True, "ready": True, "model_ready": True}
     want = client.lookup(np.array([[0, 5, 299], [7, 7, 1]]), "items")
     for name in ("raw", "typed"):  # raw bytes in and out; typed ids in, typed FP32 out
