@@ -233,8 +233,7 @@ def publish_table(table: Table) -> None:
     for labels, nbytes in held.items():
         TABLE_BYTES.labels(*labels).set(nbytes)
     TABLE_VERSION.labels(table.name).set(table.version)
-    part = (0, 1) if table.shard is None else (table.shard.shard.index, table.shard.shard.count)
-    TABLE_SHARD.labels(table.name, *(str(n) for n in part)).set(1)
+    TABLE_SHARD.labels(table.name, *(str(n) for n in table.part)).set(1)
     if table.cache is not None:
         CACHE_ROWS.labels(table.name).set(table.cache.slots)
         CACHE_EVICTIONS.labels(table.name)

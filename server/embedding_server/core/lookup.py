@@ -20,8 +20,8 @@ from embedding_client.codec import Bags
 from embedding_server.core import devices, kernels, sharding
 from embedding_server.core.batcher import Batcher
 from embedding_server.core.store import TableStore
-from embedding_server.core.tables import Table, check_ids
-from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit
+from embedding_server.core.tables import Table, check_ids, check_padding_id
+from embedding_server.errors import DeadlineExceeded, OverLimit
 
 # Ids arrive as read-only views of the request bytes; the kernels never write them,
 # so torch's warning about non-writable arrays does not apply.
@@ -99,7 +99,7 @@ class Lookups:
         """
         table = self.store.get(table_name)
         if expect_shard is not None:
-            sharding.expect(table.shard, *expect_shard, table.name)
+            sharding.expect(table, *expect_shard)
         if table.shard is not None:
             self._check_count(ids.size, "ids")  # before any work on a hostile count
             ids, padding_id = table.shard.localise(ids, padding_id, table.name)
@@ -217,11 +217,8 @@ class Lookups:
                     f"of {limits.max_dense_macs} (--max-dense-macs): use Lookup, or fewer ids"
                 )
         check_ids(ids, table.rows)
-        if padding_id is not None and not 0 <= padding_id < table.rows:
-            raise InvalidRequest(
-                f"padding_id {padding_id} is not a row of table {table.name!r}: it must be in "
-                f"[0, {table.rows})"
-            )
+        if padding_id is not None:
+            check_padding_id(padding_id, table.rows, table.name)
 
     def _check_count(self, count: int, what: str) -> None:
         if count > self.limits.max_ids:

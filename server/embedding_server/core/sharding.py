@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from embedding_client.shards import Shard, shard_of
-from embedding_server.core.tables import check_ids
-from embedding_server.errors import FailedPrecondition, InvalidRequest
+from embedding_server.core.tables import Table, check_ids, check_padding_id
+from embedding_server.errors import FailedPrecondition
 
 # Metadata keys of a per-shard .safetensors file.
 SHARD_KEY = "embedding.shard"  # "I/N"
@@ -80,15 +80,9 @@ class ShardRows:
             An id another shard holds (the caller's shard map is wrong or stale).
         """
         check_ids(ids, self.rows)
-        if padding_id is not None and not 0 <= padding_id < self.rows:
-            raise InvalidRequest(
-                f"padding_id {padding_id} is not a row of table {table!r}: it must be in "
-                f"[0, {self.rows})"
-            )
-        word = ids >> 6
-        bit = (ids & 63).astype(np.uint64)
-        bits = self.words[word]
-        held = ((bits >> bit) & _ONE).astype(bool)
+        if padding_id is not None:
+            check_padding_id(padding_id, self.rows, table)
+        held, local = self._rank(ids)
         if not held.all():
             position = int(np.flatnonzero(~held.reshape(-1))[0])
             foreign = int(ids.reshape(-1)[position])
@@ -98,26 +92,30 @@ class ShardRows:
                 f"of table {table!r}; this server holds shard {self.shard}: route ids with "
                 "embedding_client.shards.shard_of (is the client's shard map stale?)"
             )
-        local = self.before[word] + np.bitwise_count(bits & ((_ONE << bit) - _ONE))
         if padding_id is not None:
-            padding_id = self.localise_one(padding_id)
-        return local.astype(np.int64, copy=False), padding_id
+            padding_held, padding_local = self._rank(np.array([padding_id], dtype=np.int64))
+            padding_id = int(padding_local[0]) if padding_held[0] else None
+        return local, padding_id
 
-    def localise_one(self, global_id: int) -> int | None:
-        """The local row of one global id in [0, rows), None if another shard holds it."""
-        at = int(np.searchsorted(self.owned, global_id))
-        return at if at < self.owned.size and int(self.owned[at]) == global_id else None
+    def _rank(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For global ids in [0, rows): whether this shard holds each, and its local row
+        (the set bits before it; meaningful where held)."""
+        word = ids >> 6
+        bit = (ids & 63).astype(np.uint64)
+        bits = self.words[word]
+        held = ((bits >> bit) & _ONE).astype(bool)
+        local = self.before[word] + np.bitwise_count(bits & ((_ONE << bit) - _ONE))
+        return held, local.astype(np.int64, copy=False)
 
 
-def expect(shard: ShardRows | None, index: int, count: int, table: str) -> None:
+def expect(table: Table, index: int, count: int) -> None:
     """Refuse a request whose client believes this server holds shard `index`/`count` of
     `table` when it does not (a stale shard map); (0, 1) stands for the whole table."""
-    held = (0, 1) if shard is None else (shard.shard.index, shard.shard.count)
-    if held != (index, count):
-        what = "the whole table" if shard is None else f"shard {shard.shard}"
+    if table.part != (index, count):
+        what = "the whole table" if table.shard is None else f"shard {table.shard.shard}"
         raise FailedPrecondition(
-            f"the request is for shard {index}/{count} of table {table!r}, but this server "
-            f"holds {what}: the client's shard map is stale (rebuild it from ListTables)"
+            f"the request is for shard {index}/{count} of table {table.name!r}, but this "
+            f"server holds {what}: the client's shard map is stale (rebuild it from ListTables)"
         )
 
 

@@ -83,9 +83,7 @@ class TableStore:
             if source:  # a caller's file, inside the table directories
                 path, key = self.files.table_source(source)
                 dtype = old.spec.dtype if old.spec is not None else None  # stored as now
-                shard = old.spec.shard if old.spec is not None else None
-                if old.shard is not None:
-                    shard = old.shard.shard
+                shard = None if old.shard is None else old.shard.shard  # the part it holds now
                 spec = TableSpec(old.name, path, key, dtype, confined=True, shard=shard)
             elif old.spec is not None:
                 spec = old.spec
@@ -115,8 +113,7 @@ class TableStore:
             raise TableLoadError(
                 f"table {old.name!r}: cannot read {quoted(str(spec.path))} ({type(exc).__name__})"
             ) from None
-        old_shard = None if old.shard is None else old.shard.shard
-        opened, shard = shard_source(old.name, opened, spec.shard or old_shard)
+        opened, shard = shard_source(old.name, opened, spec.shard)
         if opened.shape[1] != old.dim:
             raise TableLoadError(
                 f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "

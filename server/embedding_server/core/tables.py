@@ -170,6 +170,11 @@ class Table:
         return int(self.weights.shape[1])
 
     @property
+    def part(self) -> tuple[int, int]:
+        """(shard index, shard count) of what this table holds: (0, 1) for all of it."""
+        return (0, 1) if self.shard is None else (self.shard.shard.index, self.shard.shard.count)
+
+    @property
     def dtype(self) -> str:
         return "int8" if self.qparams is not None else STORAGE_DTYPES[self.weights.dtype]
 
@@ -199,6 +204,14 @@ class Table:
     def nbytes(self) -> int:
         extra = 0 if self.qparams is None else self.qparams.numel() * self.qparams.element_size()
         return self.weights.numel() * self.weights.element_size() + extra
+
+
+def check_padding_id(padding_id: int, rows: int, table: str) -> None:
+    """Refuse a padding id that is not a row id in [0, rows) of `table`."""
+    if not 0 <= padding_id < rows:
+        raise InvalidRequest(
+            f"padding_id {padding_id} is not a row of table {table!r}: it must be in [0, {rows})"
+        )
 
 
 def check_ids(ids: np.ndarray, rows: int) -> None:
