@@ -29,7 +29,7 @@ help:
 	@echo "make bench   kernel, service and device-cache benchmarks: tables and plots in bench/results/"
 	@echo "make bench-ranking   LookupMany over 26 Criteo-sized tables vs bare servers (needs h2load)"
 	@echo "make device-wheels   wheels for bench/device.sh, the GPU measurements on a lent machine"
-	@echo "make mutate MODULE=codec   mutation testing (cosmic-ray) of one core module, resumable"
+	@echo "make mutate MODULE=codec   mutation testing (mutmut) of one core module, resumable"
 	@echo "make clean   remove .venv and caches"
 
 $(STAMP): pyproject.toml constraints.txt

@@ -1,0 +1,74 @@
+"""The mutation score of one module from mutmut's results, the reviewed equivalents left out.
+
+    python mutation/score.py MODULE EQUIVALENT_FILE SURVIVORS_OUT   (cwd: the module's copy)
+
+Killed and timed-out mutants count as caught (a timeout is a mutant that made the tests
+hang, which they noticed); survivors and mutants no selected test reaches count as not
+caught. A survivor listed in EQUIVALENT_FILE (`mutant-name  reason`, one per line) is
+left out of the score: it changes nothing a caller can observe, and the reason says why.
+Survivors' diffs go to SURVIVORS_OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+
+CAUGHT = {"killed", "timeout", "caught by type check", "segfault"}
+MISSED = {"survived", "no tests"}
+
+
+def read_equivalents(path: Path) -> dict[str, str]:
+    """Mutant name -> why it is equivalent."""
+    equivalents = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, reason = line.partition(" ")
+            equivalents[name] = reason.strip()
+    return equivalents
+
+
+def main(module: str, equivalent_file: str, survivors_out: str) -> int:
+    metas = sorted(Path("mutants/src").rglob("*.py.meta"))
+    statuses: dict[str, str] = {}
+    sources: dict[str, Path] = {}
+    for meta in metas:
+        source = Path(str(meta.relative_to("mutants"))[: -len(".meta")])
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            statuses[name] = status_by_exit_code[code]
+            sources[name] = source
+    equivalents = read_equivalents(Path(equivalent_file))
+    missed = sorted(n for n, s in statuses.items() if s in MISSED and n not in equivalents)
+    stale = sorted(
+        n for n in equivalents if n in statuses and statuses[n] not in MISSED
+    )  # listed as equivalent, yet a test now catches it: the list is out of date
+    counts = Counter(statuses.values())
+    equivalent = sum(1 for n in statuses if n in equivalents and statuses[n] in MISSED)
+    caught = sum(counts[s] for s in CAUGHT)
+    scored = caught + len(missed)
+    print(f"{module}: {len(statuses)} mutants: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if scored:
+        print(
+            f"{module}: {caught} of {scored} non-equivalent mutants caught "
+            f"({100 * caught / scored:.1f}%); {equivalent} reviewed as equivalent"
+        )
+    unfinished = [n for n, s in statuses.items() if s not in CAUGHT | MISSED]
+    if unfinished:
+        print(f"{module}: {len(unfinished)} not finished ({Counter(statuses[n] for n in unfinished)})")
+    for name in stale:
+        print(f"{module}: {name} is listed as equivalent but is now caught: remove it")
+    with open(survivors_out, "w") as out:
+        for name in missed:
+            out.write(f"# {name}: {statuses[name]}\n{get_diff_for_mutant(name, path=sources[name])}\n\n")
+    print(f"{module}: {len(missed)} survivors' diffs in {survivors_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
