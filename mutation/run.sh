@@ -64,4 +64,4 @@ cd "$work"
 "$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" > run.log 2>&1 \
     || { tail -n 30 run.log >&2; echo "mutmut failed: $work/run.log" >&2; exit 1; }
 "$ROOT/.venv/bin/python" "$ROOT/mutation/score.py" "$MODULE" "$ROOT/mutation/equivalent.txt" \
-    "$work/mutants" "$ROOT/mutation/.work/$MODULE-survivors.txt"
+    "$ROOT/mutation/.work/$MODULE-survivors.txt"

@@ -15,6 +15,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 
 from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
@@ -88,12 +89,15 @@ def test_id_array_refusals() -> None:
         codec.as_id_array([True])
     with refused("ids have 17 dimensions; at most 16 are supported"):
         codec.as_id_array(np.zeros((1,) * 17, dtype=np.int64))
+    # A tensor is read through torch (numpy cannot read one that requires grad).
+    with refused("ids must be integers, got dtype float32"):
+        codec.as_id_array(torch.tensor([1.0, 2.0], requires_grad=True))
     with pytest.raises(codec.WireError, match=r"^ids must form a rectangular array: "):
         codec.as_id_array([[1, 2], [3]])
 
 
 def test_id_count_counts_either_id_field_without_decoding() -> None:
-    assert codec.id_count(ids_request([5, 6, 7])) == 3
+    assert repr(codec.id_count(ids_request([5, 6, 7]))) == "3"  # an int: it goes into messages
     assert codec.id_count(pb.LookupRequest(ids_list=[1, 2])) == 2
     assert codec.id_count(pb.LookupRequest()) == 0
 
@@ -110,7 +114,8 @@ def test_decoded_ids_keep_their_shape_and_refusals_name_the_numbers() -> None:
     deepest = codec.decode_ids(ids_request([9], ids_shape=pb.Shape(dims=[1] * 16)))
     assert deepest.shape == (1,) * 16
     empty = codec.decode_ids(pb.LookupRequest(ids_shape=pb.Shape(dims=[0, 3])))
-    assert empty.shape == (0, 3)
+    assert empty.shape == (0, 3) and empty.dtype == np.dtype("<i8")
+    assert codec.decode_ids(pb.LookupRequest()).dtype == np.dtype("<i8")
     with refused("set either ids (bytes) or ids_list, not both"):
         codec.decode_ids(ids_request([1], ids_list=[1]))
     with refused("ids is 12 bytes, not a multiple of 8 (ids are little-endian int64)"):
@@ -137,12 +142,20 @@ def test_a_pooled_request_carries_its_bags_fields() -> None:
     assert not request.lengths and request.HasField("padding_id") and request.padding_id == 0
     assert np.frombuffer(request.per_id_weights, "<f4").tolist() == [0.5, 1.0, 2.0]
     assert list(request.ids_shape.dims) == [3] and request.dtype == pb.DTYPE_FLOAT16
+    assert request.table == "t"
     by_lengths = codec.encode_lookup_request(
         [1, 2, 3], None, "float32", pooling="max", lengths=[1, 2]
     )
     assert by_lengths.pooling == pb.POOLING_MAX and list(by_lengths.lengths) == [1, 2]
     assert not by_lengths.offsets and not by_lengths.per_id_weights
     assert not by_lengths.HasField("padding_id") and by_lengths.table == ""
+    columns = codec.encode_lookup_request(
+        [1, 2, 3], None, "float32", pooling="sum", offsets=np.array([[0], [1]]), weights=[[1, 2, 3]]
+    )  # bag fields of any shape are flattened
+    assert list(columns.offsets) == [0, 1]
+    assert np.frombuffer(columns.per_id_weights, "<f4").tolist() == [1, 2, 3]
+    lengths = codec.encode_lookup_request([1, 2], None, "float32", pooling="sum", lengths=[[1, 1]])
+    assert list(lengths.lengths) == [1, 1]
     mean = codec.encode_lookup_request([[1, 2]], None, "float32", pooling="mean")
     assert mean.pooling == pb.POOLING_MEAN and list(mean.ids_shape.dims) == [1, 2]
     scalar = codec.encode_lookup_request(3, None, "float32")
@@ -219,8 +232,11 @@ def test_bag_refusals_name_the_field_the_position_and_the_numbers() -> None:
             "offsets must not decrease: offsets[2] = 2 < offsets[1] = 3",
         ),
         ({"pooling": 1, "offsets": [0, 6]}, "offsets[1] = 6 is past the 5 ids"),
+        ({"pooling": 1, "offsets": [0, 2, 6]}, "offsets[2] = 6 is past the 5 ids"),
         ({"pooling": 1, "lengths": [2, -1, 4]}, "lengths[1] = -1 is negative"),
+        ({"pooling": 1, "lengths": [2, 0, -3, 6]}, "lengths[2] = -3 is negative"),
         ({"pooling": 1, "lengths": [0, 6]}, "lengths[1] = 6 is more than the 5 ids sent"),
+        ({"pooling": 1, "lengths": [5, 6]}, "lengths[1] = 6 is more than the 5 ids sent"),
         ({"pooling": 1, "lengths": [2, 2]}, "lengths add up to 4 but 5 ids were sent"),
         ({"pooling": 1, "lengths": [2, 2, 2]}, "lengths add up to 6 but 5 ids were sent"),
         (
@@ -373,3 +389,12 @@ def test_a_many_answer_reads_each_feature_and_skips_unknown_inner_fields() -> No
     assert [r.feature for r in read.results] == ["a", ""]
     assert [r.result.table_version for r in read.results] == [3, 3]
     assert [r.result.shape for r in read.results] == [(1, 1), (1, 1)]
+    # A FeatureResult with fields a newer server might add: a string (3) and a varint (4).
+    result = inner.SerializeToString()
+    feature = b"\x0a\x01b\x12" + codec._varint(len(result)) + result + b"\x1a\x02zz\x20\x07"
+    data = b"\x0a" + codec._varint(len(feature)) + feature
+    (read_one,) = codec.read_many_response(data).results
+    (parsed,) = pb.LookupManyResponse.FromString(data).results
+    assert read_one.feature == parsed.feature == "b"
+    assert read_one.result.table_version == parsed.result.table_version == 3
+    assert bytes(read_one.result.vectors) == parsed.result.vectors

@@ -170,7 +170,7 @@ def encode_lookup_request(
     if lengths is not None:
         request.lengths.extend(as_id_array(lengths).reshape(-1).tolist())
     if weights is not None:
-        request.per_id_weights = np.require(np.asarray(weights), "<f4", "C").tobytes()
+        request.per_id_weights = np.asarray(weights, dtype="<f4").tobytes()  # row-major
     return request
 
 
