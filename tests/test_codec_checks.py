@@ -92,6 +92,8 @@ def test_id_array_refusals() -> None:
     # A tensor is read through torch (numpy cannot read one that requires grad).
     with refused("ids must be integers, got dtype float32"):
         codec.as_id_array(torch.tensor([1.0, 2.0], requires_grad=True))
+    with refused("ids must be integers, got dtype float32"):  # a class of a torch submodule
+        codec.as_id_array(torch.nn.Parameter(torch.tensor([1.0, 2.0])))
     with pytest.raises(codec.WireError, match=r"^ids must form a rectangular array: "):
         codec.as_id_array([[1, 2], [3]])
 
