@@ -29,7 +29,7 @@ declare -A MODULES=(
     [kernels]="embedding_server/core/kernels.py|test_kernels test_pooling test_quantized"
     [lookup]="embedding_server/core/lookup.py|test_limits test_service test_pooling"
     [tables]="embedding_server/core/tables.py|test_tables test_updates test_limits"
-    [auth]="embedding_server/transport/auth.py|test_security"
+    [auth]="embedding_server/transport/auth.py|test_auth test_security"
     [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits"
     [sharding]="embedding_server/core/sharding.py|test_sharding"
 )
