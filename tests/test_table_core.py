@@ -1,0 +1,173 @@
+"""The table module's pieces one at a time: the id checks and their messages, the
+read/write lock, and what a Table reports about itself.
+
+Lookups, updates and reloads exercise these through servers (test_limits, test_updates,
+test_reload); here each is pinned where it is defined. Written against mutation
+testing's survivors (`make mutate MODULE=tables`).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from embedding_server.core import kernels
+from embedding_server.core.tables import ReadWriteLock, Table, check_ids, check_padding_id
+from embedding_server.errors import InvalidRequest
+
+
+def exactly(message: str) -> str:
+    return f"^{re.escape(message)}$"
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_ids_in_range_pass_and_the_first_bad_one_is_named(dtype: type) -> None:
+    check_ids(np.array([0, 9, 3], dtype=dtype), 10)
+    check_ids(np.zeros((0, 4), dtype=dtype), 0)
+    cases = [
+        ([0, 10, -1], "id 10 at position 1 is out of range"),
+        ([0, 3, -1], "id -1 at position 2 is out of range"),
+        ([[0, 1], [2, 11]], "id 11 at position 3 (index [1, 1]) is out of range"),
+        ([[[5], [-7]]], "id -7 at position 1 (index [0, 1, 0]) is out of range"),
+    ]
+    for ids, start in cases:
+        message = f"{start}: table has 10 rows, ids must be in [0, 10)"
+        with pytest.raises(InvalidRequest, match=exactly(message)):
+            check_ids(np.array(ids, dtype=dtype), 10)
+    scalar = "id 12 at position 0 is out of range: table has 10 rows, ids must be in [0, 10)"
+    with pytest.raises(InvalidRequest, match=exactly(scalar)):
+        check_ids(np.array(12, dtype=dtype), 10)
+
+
+def test_the_extremes_of_int64_are_out_of_range() -> None:
+    for bad in (np.iinfo(np.int64).min, np.iinfo(np.int64).max, 10):
+        with pytest.raises(InvalidRequest, match=f"^id {bad} at position 0 "):
+            check_ids(np.array([bad], dtype=np.int64), 10)
+    check_ids(np.array([9], dtype=np.int64), 10)  # the last row
+
+
+def test_padding_ids_must_be_rows() -> None:
+    check_padding_id(0, 5, "t")
+    check_padding_id(4, 5, "t")
+    for bad in (5, -1):
+        message = f"padding_id {bad} is not a row of table 't': it must be in [0, 5)"
+        with pytest.raises(InvalidRequest, match=exactly(message)):
+            check_padding_id(bad, 5, "t")
+
+
+def test_a_writer_waits_for_readers_and_goes_before_new_ones() -> None:
+    lock = ReadWriteLock()
+    order: list[str] = []
+    lock.acquire_read()
+    writer = threading.Thread(target=lambda: _write(lock, order))
+    late_reader = threading.Thread(target=lambda: _read(lock, order))
+    try:
+        writer.start()
+        time.sleep(0.2)
+        assert order == []  # the writer waits for the reader inside
+        late_reader.start()
+        time.sleep(0.2)
+        assert order == []  # a new reader waits behind the waiting writer
+        lock.release_read()
+        writer.join(5)
+        late_reader.join(5)
+        assert order == ["write", "read"]
+    finally:
+        writer.join(5)
+        late_reader.join(5)
+    with lock.reading(), lock.reading():  # readers share it
+        pass
+    with lock.writing():
+        pass
+
+
+def _write(lock: ReadWriteLock, order: list[str]) -> None:
+    with lock.writing():
+        order.append("write")
+
+
+def _read(lock: ReadWriteLock, order: list[str]) -> None:
+    with lock.reading():
+        order.append("read")
+
+
+def test_a_lock_pickles_as_a_fresh_one() -> None:
+    import pickle
+
+    lock = ReadWriteLock()
+    lock.acquire_read()
+    copy = pickle.loads(pickle.dumps(lock))
+    with copy.writing():  # not held by the original's reader
+        pass
+
+
+def table(weights: torch.Tensor, **fields: object) -> Table:
+    return Table(name="t", weights=weights, source="test", **fields)  # type: ignore[arg-type]
+
+
+def test_what_a_table_reports_about_itself() -> None:
+    floats = table(torch.zeros((6, 4), dtype=torch.float16))
+    assert (floats.rows, floats.dim, floats.dtype, floats.device) == (6, 4, "float16", "cpu")
+    assert (floats.part, floats.nbytes, floats.version) == ((0, 1), 48, 1)
+    assert floats.memory() == {torch.device("cpu"): 48}
+    assert floats.rows_for_kernels() is floats.weights
+    codes = torch.zeros((6, 4), dtype=torch.uint8)
+    quantized = table(codes, qparams=torch.zeros((6, 2)))
+    assert (quantized.dtype, quantized.nbytes) == ("int8", 24 + 48)
+    rows = quantized.rows_for_kernels()
+    assert isinstance(rows, kernels.QuantizedRows) and rows.codes is codes
+
+
+def test_versions_live_in_shared_state_when_there_is_one() -> None:
+    plain = table(torch.zeros((2, 2)))
+    plain.version = 5
+    assert plain.version == 5
+    state = torch.tensor([0, 1], dtype=torch.int64)
+    shared = table(torch.zeros((2, 2)), shared_state=state)
+    shared.version = 7
+    assert shared.version == 7 and int(state[1]) == 7
+    state[1] = 9  # another process's update
+    assert shared.version == 9
+    assert shared.read(lambda: "rows") == ("rows", 9)
+    assert plain.read(lambda: "rows") == ("rows", 5)
+
+
+def test_a_shared_read_waits_out_a_write_and_rereads_after_an_overlap() -> None:
+    state = torch.tensor([1, 3], dtype=torch.int64)  # odd: a write is under way
+    shared = table(torch.zeros((2, 2)), shared_state=state)
+    calls: list[int] = []
+
+    def kernel() -> int:
+        calls.append(int(state[0]))
+        if len(calls) == 1:
+            state[0] = 4  # a write began and ended during this read
+            state[1] = 4
+        return len(calls)
+
+    def finish_write() -> None:
+        time.sleep(0.1)
+        state[0] = 2
+
+    writer = threading.Thread(target=finish_write)
+    writer.start()
+    try:
+        assert shared.read(kernel) == (2, 4)
+        assert calls == [2, 4]  # never read while odd; read again after the overlap
+    finally:
+        writer.join(5)
+
+
+def test_host_arrays_are_views_of_the_weights_wire_bits() -> None:
+    weights = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    floats = table(weights)
+    view = floats.host_array()
+    assert view.dtype == np.float32 and np.shares_memory(view, weights.numpy())
+    assert floats.host_array() is view  # made once
+    halves = table(weights.to(torch.bfloat16)).host_array()
+    assert halves.dtype == np.int16  # bfloat16's bits
+    assert floats.__getstate__()["_views"] == {}  # never pickled
