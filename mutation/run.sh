@@ -26,7 +26,7 @@ CHILDREN=${MUTATE_CHILDREN:-$(nproc)}
 # it, and with the slow server tests (faults, connections, reload) a module took hours.
 declare -A MODULES=(
     [codec]="embedding_client/codec.py|test_codec test_codec_checks test_fuzz"
-    [kernels]="embedding_server/core/kernels.py|test_kernels test_pooling test_quantized"
+    [kernels]="embedding_server/core/kernels.py|test_kernel_units test_kernels test_pooling test_quantized"
     [lookup]="embedding_server/core/lookup.py|test_limits test_service test_pooling"
     [tables]="embedding_server/core/tables.py|test_table_core test_tables test_updates test_limits"
     [auth]="embedding_server/transport/auth.py|test_auth test_security"

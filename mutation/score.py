@@ -6,7 +6,10 @@ Killed and timed-out mutants count as caught (a timeout is a mutant that made th
 hang, which they noticed); survivors and mutants no selected test reaches count as not
 caught. A survivor listed in EQUIVALENT_FILE (`mutant-name  reason`, one per line) is
 left out of the score: it changes nothing a caller can observe, and the reason says why.
-Survivors' diffs go to SURVIVORS_OUT.
+One whose reason starts with `[cuda]` changes only what happens on a CUDA device (a
+tensor made on the CPU instead): tests/test_cuda.py catches those where a GPU is, so they
+are left out of this machine's score and counted apart. Survivors' diffs go to
+SURVIVORS_OUT.
 """
 
 from __future__ import annotations
@@ -49,23 +52,28 @@ def main(module: str, equivalent_file: str, survivors_out: str) -> int:
         n for n in equivalents if n in statuses and statuses[n] not in MISSED
     )  # listed as equivalent, yet a test now catches it: the list is out of date
     counts = Counter(statuses.values())
-    equivalent = sum(1 for n in statuses if n in equivalents and statuses[n] in MISSED)
+    left_out = [n for n in statuses if n in equivalents and statuses[n] in MISSED]
+    cuda = sum(1 for n in left_out if equivalents[n].startswith("[cuda]"))
+    equivalent = len(left_out) - cuda
     caught = sum(counts[s] for s in CAUGHT)
     scored = caught + len(missed)
     print(f"{module}: {len(statuses)} mutants: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if scored:
         print(
             f"{module}: {caught} of {scored} non-equivalent mutants caught "
-            f"({100 * caught / scored:.1f}%); {equivalent} reviewed as equivalent"
+            f"({100 * caught / scored:.1f}%); {equivalent} reviewed as equivalent, {cuda} "
+            "that only a CUDA device shows left out"
         )
     unfinished = [n for n, s in statuses.items() if s not in CAUGHT | MISSED]
     if unfinished:
-        print(f"{module}: {len(unfinished)} not finished ({Counter(statuses[n] for n in unfinished)})")
+        kinds = Counter(statuses[n] for n in unfinished)
+        print(f"{module}: {len(unfinished)} not finished ({dict(kinds)})")
     for name in stale:
         print(f"{module}: {name} is listed as equivalent but is now caught: remove it")
     with open(survivors_out, "w") as out:
         for name in missed:
-            out.write(f"# {name}: {statuses[name]}\n{get_diff_for_mutant(name, path=sources[name])}\n\n")
+            diff = get_diff_for_mutant(name, path=sources[name])
+            out.write(f"# {name}: {statuses[name]}\n{diff}\n\n")
     print(f"{module}: {len(missed)} survivors' diffs in {survivors_out}")
     return 0
 
