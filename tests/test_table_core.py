@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from embedding_server.core import kernels
+from embedding_server.core.cache import CachedRows
 from embedding_server.core.tables import ReadWriteLock, Table, check_ids, check_padding_id
 from embedding_server.errors import InvalidRequest
 
@@ -31,6 +32,7 @@ def test_ids_in_range_pass_and_the_first_bad_one_is_named(dtype: type) -> None:
     check_ids(np.zeros((0, 4), dtype=dtype), 0)
     cases = [
         ([0, 10, -1], "id 10 at position 1 is out of range"),
+        ([9, 10], "id 10 at position 1 is out of range"),
         ([0, 3, -1], "id -1 at position 2 is out of range"),
         ([[0, 1], [2, 11]], "id 11 at position 3 (index [1, 1]) is out of range"),
         ([[[5], [-7]]], "id -7 at position 1 (index [0, 1, 0]) is out of range"),
@@ -116,11 +118,17 @@ def test_what_a_table_reports_about_itself() -> None:
     assert (floats.part, floats.nbytes, floats.version) == ((0, 1), 48, 1)
     assert floats.memory() == {torch.device("cpu"): 48}
     assert floats.rows_for_kernels() is floats.weights
-    codes = torch.zeros((6, 4), dtype=torch.uint8)
-    quantized = table(codes, qparams=torch.zeros((6, 2)))
+    codes, qparams = torch.zeros((6, 4), dtype=torch.uint8), torch.zeros((6, 2))
+    quantized = table(codes, qparams=qparams)
     assert (quantized.dtype, quantized.nbytes) == ("int8", 24 + 48)
     rows = quantized.rows_for_kernels()
-    assert isinstance(rows, kernels.QuantizedRows) and rows.codes is codes
+    assert isinstance(rows, kernels.QuantizedRows)
+    assert rows.codes is codes and rows.qparams is qparams
+    host = torch.zeros((40, 4))
+    cached = table(host, cache=CachedRows(host, 10, torch.device("cpu")))
+    assert cached.rows_for_kernels() is cached.cache and cached.device == "cpu"
+    # The cache on the weights' own device: both counted there.
+    assert cached.memory() == {torch.device("cpu"): 40 * 4 * 4 + 10 * 4 * 4}
 
 
 def test_versions_live_in_shared_state_when_there_is_one() -> None:
