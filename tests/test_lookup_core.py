@@ -1,0 +1,166 @@
+"""The lookup core (`Lookups`) called directly: shard tables, the batcher and the host
+take chosen when they should be, deadlines reaching the dense kernels, the limits'
+messages.
+
+Servers exercise all of this in test_service, test_limits, test_pooling and
+test_sharding (as separate processes, which mutation testing cannot see into); here
+each decision is pinned in process. Written against mutation testing's survivors
+(`make mutate MODULE=lookup`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from embedding_client.codec import Bags
+from embedding_client.shards import Shard
+from embedding_server.core import kernels
+from embedding_server.core.batcher import Batcher
+from embedding_server.core.lookup import Limits, Lookups
+from embedding_server.core.sharding import ShardRows
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
+from embedding_server.errors import DeadlineExceeded, FailedPrecondition, OverLimit
+
+FULL = (np.random.default_rng(3).integers(-8, 9, (100, 4)) / 4).astype(np.float32)
+LIMITS = Limits(
+    max_ids=5, max_dense_macs=10**9, dense_chunk_cells=1 << 16, max_response_bytes=1 << 20
+)
+
+
+def exactly(message: str) -> str:
+    return f"^{re.escape(message)}$"
+
+
+def lookups_of(table: Table, limits: Limits = LIMITS, batcher: Batcher | None = None) -> Lookups:
+    store = TableStore()
+    store.add(table)
+    return Lookups(store, limits, batcher)
+
+
+@pytest.fixture
+def shard() -> tuple[Lookups, np.ndarray]:
+    """Shard 1 of 2 of FULL, and the global ids it holds."""
+    rows = ShardRows.of(Shard(1, 2), len(FULL), chunk=64)
+    table = Table(name="t", weights=torch.from_numpy(FULL[rows.owned]), source="test", shard=rows)
+    return lookups_of(table), rows.owned
+
+
+def test_a_shard_looks_up_global_ids_and_pads_by_global_id(
+    shard: tuple[Lookups, np.ndarray],
+) -> None:
+    lookups, owned = shard
+    mine = owned[[4, 0, 9]]
+    out = lookups.lookup("t", mine, "float32")
+    np.testing.assert_array_equal(out.vectors, FULL[mine])
+    padded = lookups.lookup("t", mine, "float32", padding_id=int(mine[1]))
+    expected = FULL[mine].copy()
+    expected[1] = 0
+    np.testing.assert_array_equal(padded.vectors, expected)
+    dense = lookups.lookup("t", mine, "float32", dense=True)
+    np.testing.assert_array_equal(dense.vectors, FULL[mine])
+
+
+def test_a_shard_refuses_other_shards_ids_and_counts_before_mapping(
+    shard: tuple[Lookups, np.ndarray],
+) -> None:
+    lookups, owned = shard
+    foreign = next(i for i in range(100) if i not in set(owned.tolist()))
+    on_other = f"^id {foreign} at position 1 is on shard 0/2 of table 't'"
+    with pytest.raises(FailedPrecondition, match=on_other):
+        lookups.lookup("t", np.array([owned[0], foreign]), "float32")
+    # Over the id limit: refused by count before any id is mapped (all foreign here).
+    too_many = np.full(6, foreign)
+    message = "6 ids in one request; this server takes at most 5 (--max-ids): split the request"
+    with pytest.raises(OverLimit, match=exactly(message)):
+        lookups.lookup("t", too_many, "float32")
+
+
+def test_expect_shard_is_checked_against_the_part_held(shard: tuple[Lookups, np.ndarray]) -> None:
+    lookups, owned = shard
+    assert lookups.lookup("t", owned[:2], "float32", expect_shard=(1, 2)).vectors.shape == (2, 4)
+    message = (
+        "the request is for shard 0/2 of table 't', but this server holds shard 1/2: the "
+        "client's shard map is stale (rebuild it from ListTables)"
+    )
+    with pytest.raises(FailedPrecondition, match=exactly(message)):
+        lookups.lookup("t", owned[:2], "float32", expect_shard=(0, 2))
+    whole = lookups_of(Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test"))
+    with pytest.raises(FailedPrecondition, match="but this server holds the whole table"):
+        whole.lookup("w", np.array([1]), "float32", expect_shard=(1, 2))
+    assert whole.lookup("w", np.array([1]), "float32", expect_shard=(0, 1)).vectors.shape == (1, 4)
+
+
+@pytest.fixture
+def whole() -> Lookups:
+    return lookups_of(Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test"))
+
+
+def test_a_plain_lookup_is_a_gather_by_the_host_take(
+    whole: Lookups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[int] = []
+    real = kernels.host_take
+
+    def spy(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        taken.append(ids.size)
+        return real(rows, ids)
+
+    monkeypatch.setattr(kernels, "host_take", spy)
+    out = whole.lookup("w", np.array([3, 1]), "float32")
+    assert out.kernel == "gather" and taken == [2]
+    np.testing.assert_array_equal(out.vectors, FULL[[3, 1]])
+    whole.lookup("w", np.array([3, 1]), "float16")  # another dtype: torch converts
+    assert taken == [2]
+
+
+def test_a_batcher_given_serves_the_plain_gathers() -> None:
+    batcher = Batcher(max_delay_s=0.001, max_ids=4096)
+    try:
+        announced: list[int] = []
+        real = batcher.expect
+
+        def expect():  # type: ignore[no-untyped-def]
+            announced.append(1)
+            return real()
+
+        batcher.expect = expect  # type: ignore[method-assign]
+        table = Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test")
+        lookups = lookups_of(table, batcher=batcher)
+        out = lookups.lookup("w", np.array([7, 2]), "float32")
+        np.testing.assert_array_equal(np.asarray(out.vectors), FULL[[7, 2]])
+        assert announced == [1]
+        lookups.lookup("w", np.array([7, 2]), "float32", padding_id=0)  # not batched
+        assert announced == [1]
+    finally:
+        batcher.close()
+
+
+def test_the_deadline_reaches_each_dense_kernel(whole: Lookups) -> None:
+    passed = time.monotonic() - 1
+    with pytest.raises(DeadlineExceeded):
+        whole.lookup("w", np.array([1, 2]), "float32", dense=True, deadline=passed)
+    bags = Bags("sum", np.array([0, 1]), (2,))
+    with pytest.raises(DeadlineExceeded):
+        whole.lookup("w", np.array([1, 2]), "float32", dense=True, deadline=passed, bags=bags)
+
+
+def test_the_response_limit_names_the_bytes_and_the_way_out() -> None:
+    small = Limits(
+        max_ids=5, max_dense_macs=10**9, dense_chunk_cells=1 << 16, max_response_bytes=40
+    )
+    lookups = lookups_of(
+        Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test"), small
+    )
+    message = (
+        "the response would be 48 bytes, over the 40-byte message limit (--max-message-bytes): "
+        "split the request or ask for float16/bfloat16"
+    )
+    with pytest.raises(OverLimit, match=exactly(message)):
+        lookups.lookup("w", np.array([1, 2, 3]), "float32")
+    assert lookups.lookup("w", np.array([1, 2, 3]), "float16").vectors.nbytes == 24
