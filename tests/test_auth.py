@@ -20,7 +20,6 @@ from embedding_server.transport.auth import (
     Authenticator,
     _bearer,
     _match,
-    is_loopback_peer,
 )
 
 
@@ -69,26 +68,6 @@ def test_match_gives_the_tokens_position_or_zero() -> None:
     assert _match(b"two", tokens) == 2 and _match(b"one", tokens) == 1
     assert repr(_match(b"three", tokens)) == "0"
     assert repr(_match(b"", [b""])) == "0"  # an empty credential never matches
-
-
-@pytest.mark.parametrize(
-    ("peer", "loopback"),
-    [
-        ("unix:/tmp/socket", True),
-        ("unix-abstract:name", True),
-        ("ipv4:127.0.0.1:1", True),
-        ("ipv4:127.9.9.9:1", True),
-        ("ipv6:[::1]:1", True),
-        ("ipv6:%5B::1%5D:1", True),
-        ("ipv6:[::ffff:127.0.0.1]:1", True),
-        ("ipv6:[fe80::1%eth0]:1", False),
-        ("ipv4:10.0.0.1:1", False),
-        ("ipv4:not-an-address:1", False),
-        ("vsock:3:1", False),
-    ],
-)
-def test_loopback_peers(peer: str, loopback: bool) -> None:
-    assert is_loopback_peer(peer) is loopback
 
 
 def test_an_authenticator_by_default_checks_nobody_and_has_no_admin() -> None:
