@@ -25,7 +25,12 @@ from embedding_server.core.lookup import Limits, Lookups
 from embedding_server.core.sharding import ShardRows
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
-from embedding_server.errors import DeadlineExceeded, FailedPrecondition, OverLimit
+from embedding_server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+    OverLimit,
+)
 
 FULL = (np.random.default_rng(3).integers(-8, 9, (100, 4)) / 4).astype(np.float32)
 LIMITS = Limits(
@@ -132,11 +137,20 @@ def test_a_batcher_given_serves_the_plain_gathers() -> None:
         batcher.expect = expect  # type: ignore[method-assign]
         table = Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test")
         lookups = lookups_of(table, batcher=batcher)
-        out = lookups.lookup("w", np.array([7, 2]), "float32")
-        np.testing.assert_array_equal(np.asarray(out.vectors), FULL[[7, 2]])
+        out = lookups.lookup("w", np.array([[7], [2]]), "float16")
+        vectors = np.asarray(out.vectors).view(np.float16).reshape(out.shape)
+        np.testing.assert_array_equal(vectors, FULL[[[7], [2]]])
+        assert (out.shape, out.dtype, out.table, out.version) == ((2, 1, 4), "float16", table, 1)
+        assert out.kernel == "gather" and out.kernel_seconds >= 0
         assert announced == [1]
-        lookups.lookup("w", np.array([7, 2]), "float32", padding_id=0)  # not batched
-        assert announced == [1]
+        with pytest.raises(InvalidRequest, match=r"^id 100 at position 1 is out of range"):
+            lookups.lookup("w", np.array([7, 100]), "float32")  # checked while announced
+        assert announced == [1, 1]
+        bags = Bags("sum", np.array([0]), (1,))
+        lookups.lookup("w", np.array([7, 2]), "float32", padding_id=0)  # none batched:
+        lookups.lookup("w", np.array([7, 2]), "float32", dense=True)
+        lookups.lookup("w", np.array([7, 2]), "float32", bags=bags)
+        assert announced == [1, 1]
     finally:
         batcher.close()
 
