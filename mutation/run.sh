@@ -60,7 +60,7 @@ TOML
 fi
 echo "mutating src/$file (children: $CHILDREN), tests:${entry#*|}"
 cd "$work"
-# The progress line is redrawn in place; keep the last one of each second in the log.
+# mutmut redraws one progress line; where a run is: tail -c 200 run.log | tr '\r' '\n'
 "$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" > run.log 2>&1 \
     || { tail -n 30 run.log >&2; echo "mutmut failed: $work/run.log" >&2; exit 1; }
 "$ROOT/.venv/bin/python" "$ROOT/mutation/score.py" "$MODULE" "$ROOT/mutation/equivalent.txt" \
