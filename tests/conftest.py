@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,6 +40,11 @@ def admin_settings(folder: Path | None = None) -> dict[str, object]:
     if folder is not None:
         settings.update(table_dirs=(str(folder),), snapshot_dir=str(folder))
     return settings
+
+
+def exactly(message: str) -> str:
+    """A `match=` pattern for an error whose message is exactly `message`."""
+    return f"^{re.escape(message)}$"
 
 
 def random_table(rows: int, dim: int, seed: int = 0) -> np.ndarray:

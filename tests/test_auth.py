@@ -8,7 +8,6 @@ Written against mutation testing's survivors (`make mutate MODULE=auth`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +20,8 @@ from embedding_server.transport.auth import (
     _bearer,
     _match,
 )
+
+from .conftest import exactly
 
 
 @dataclass
@@ -40,10 +41,6 @@ class Call:
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return self.names
-
-
-def exactly(message: str) -> str:
-    return f"^{re.escape(message)}$"
 
 
 ADMIN_OFF = (

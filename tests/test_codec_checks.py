@@ -9,7 +9,6 @@ planted bug that every other test let through.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import ml_dtypes
@@ -20,10 +19,12 @@ import torch
 from embedding_client import codec
 from embedding_client.proto import embedding_pb2 as pb
 
+from .conftest import exactly
+
 
 def refused(message: str) -> pytest.RaisesExc[codec.WireError]:
     """Expect a WireError whose message is exactly `message`."""
-    return pytest.raises(codec.WireError, match=f"^{re.escape(message)}$")
+    return pytest.raises(codec.WireError, match=exactly(message))
 
 
 def ids_request(ids: list[int], **fields: Any) -> pb.LookupRequest:

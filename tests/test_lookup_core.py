@@ -10,7 +10,6 @@ each decision is pinned in process. Written against mutation testing's survivors
 
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
@@ -32,14 +31,12 @@ from embedding_server.errors import (
     OverLimit,
 )
 
+from .conftest import exactly
+
 FULL = (np.random.default_rng(3).integers(-8, 9, (100, 4)) / 4).astype(np.float32)
 LIMITS = Limits(
     max_ids=5, max_dense_macs=10**9, dense_chunk_cells=1 << 16, max_response_bytes=1 << 20
 )
-
-
-def exactly(message: str) -> str:
-    return f"^{re.escape(message)}$"
 
 
 def lookups_of(table: Table, limits: Limits = LIMITS, batcher: Batcher | None = None) -> Lookups:

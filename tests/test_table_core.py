@@ -8,7 +8,6 @@ testing's survivors (`make mutate MODULE=tables`).
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
@@ -21,9 +20,7 @@ from embedding_server.core.cache import CachedRows
 from embedding_server.core.tables import ReadWriteLock, Table, check_ids, check_padding_id
 from embedding_server.errors import InvalidRequest
 
-
-def exactly(message: str) -> str:
-    return f"^{re.escape(message)}$"
+from .conftest import exactly
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
