@@ -2,6 +2,7 @@
 # Mutation testing of one core module with mutmut, resumable, outside CI's budget.
 #
 #   mutation/run.sh codec        (make mutate MODULE=codec; modules: see MODULES below)
+#   MUTATE_FRESH=1 mutation/run.sh codec     (start over: the figure to report)
 #
 # mutmut plants one bug at a time (an operator swapped, a constant changed, a condition
 # negated, an argument dropped...) and runs the tests that reach the mutated function
@@ -11,9 +12,14 @@
 #
 # The mutants live in a copy of the committed tree (mutation/.work/MODULE, packages moved
 # under src/ where mutmut looks for them), never in the checkout. A run stopped at any
-# point goes on where it stopped; a new commit starts the module over (the copy records
-# the commit it was made from). At the end: the score, with the survivors reviewed as
-# equivalent in mutation/equivalent.txt left out, and the survivors' diffs in
+# point goes on where it stopped. After a new commit the copy is refreshed and mutmut's
+# verdicts kept where they still hold: mutants of functions whose source changed are run
+# again (mutmut compares each function's hash), new tests are traced, and the earlier
+# survivors that a listed test reaches are run again by name, so that a test written
+# against a survivor is tried at once. A verdict of "killed" is not revisited when a test
+# changes, and a changed test list starts over: report the score of a MUTATE_FRESH=1 run.
+# At the end: the score, with the survivors reviewed as equivalent in
+# mutation/equivalent.txt left out, and the survivors' diffs in
 # mutation/.work/MODULE-survivors.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +36,7 @@ declare -A MODULES=(
     [lookup]="embedding_server/core/lookup.py|test_lookup_core test_limits test_service test_pooling"
     [tables]="embedding_server/core/tables.py|test_table_core test_tables test_updates test_limits test_memory"
     [auth]="embedding_server/transport/auth.py|test_auth test_security"
-    [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits"
+    [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits test_stream test_handler_threads test_faults"
     [sharding]="embedding_server/core/sharding.py|test_sharding"
 )
 entry=${MODULES[$MODULE]:-}
@@ -40,11 +46,14 @@ tests=""
 for t in ${entry#*|}; do tests="$tests\"tests/$t.py\", "; done
 work=$ROOT/mutation/.work/$MODULE
 head=$(git rev-parse HEAD)
-if [ "$(cat "$work/.commit" 2>/dev/null)" != "$head" ]; then
-    [ -d "$work" ] && echo "mutation/.work/$MODULE was made from another commit: starting over"
-    rm -rf "$work" && mkdir -p "$work/src"
-    git archive HEAD | tar -x -C "$work"   # the committed tree: the checkout is never mutated
+made=$(cat "$work/.commit" 2>/dev/null || true)
+extract() {  # the committed tree (the checkout is never mutated), mutmut's results kept
+    find "$work" -mindepth 1 -maxdepth 1 ! -name mutants ! -name .rerun -exec rm -rf {} +
+    mkdir -p "$work/src"
+    git archive HEAD | tar -x -C "$work"
     mv "$work/client/embedding_client" "$work/server/embedding_server" "$work/src/"
+    # newer than mutmut's copies, whatever the commit's date: the mutants are made again
+    find "$work/src" -type f -exec touch {} +
     cat >> "$work/pyproject.toml" <<TOML
 
 [tool.mutmut]
@@ -57,11 +66,33 @@ process_isolation = "forkserver"
 also_copy = ["protos", "deploy", "docker", "docs", "README.md"]
 TOML
     echo "$head" > "$work/.commit"
+}
+if [ -n "${MUTATE_FRESH:-}" ] || [ ! -d "$work/mutants" ]; then
+    rm -rf "$work" && mkdir -p "$work"
+    extract
+elif [ "$made" != "$head" ]; then
+    echo "mutation/.work/$MODULE was made from ${made:0:7}: refreshed to ${head:0:7}," \
+        "changed functions and earlier survivors are run again"
+    # mutmut copies a file into mutants/ only where none is: drop every copy (its
+    # verdicts, *.meta, and its trace of the tests, mutmut-stats.json, stay)
+    find "$work/mutants" -type f ! -name '*.meta' ! -name mutmut-stats.json -delete
+    extract
+    touch "$work/.rerun"
 fi
 echo "mutating src/$file (children: $CHILDREN), tests:${entry#*|}"
 cd "$work"
 # mutmut redraws one progress line; where a run is: tail -c 200 run.log | tr '\r' '\n'
 "$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" > run.log 2>&1 \
     || { tail -n 30 run.log >&2; echo "mutmut failed: $work/run.log" >&2; exit 1; }
+if [ -e .rerun ]; then  # (removed once done: a stopped rerun is taken up next time)
+    mapfile -t again < <("$ROOT/.venv/bin/python" "$ROOT/mutation/score.py" --rerun \
+        "$ROOT/mutation/equivalent.txt")
+    if [ "${#again[@]}" -gt 0 ]; then
+        echo "running ${#again[@]} earlier survivors again against the tests now listed"
+        "$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" "${again[@]}" > rerun.log 2>&1 \
+            || { tail -n 30 rerun.log >&2; echo "mutmut failed: $work/rerun.log" >&2; exit 1; }
+    fi
+    rm .rerun
+fi
 "$ROOT/.venv/bin/python" "$ROOT/mutation/score.py" "$MODULE" "$ROOT/mutation/equivalent.txt" \
     "$ROOT/mutation/.work/$MODULE-survivors.txt"

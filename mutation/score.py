@@ -1,6 +1,7 @@
 """The mutation score of one module from mutmut's results, the reviewed equivalents left out.
 
     python mutation/score.py MODULE EQUIVALENT_FILE SURVIVORS_OUT   (cwd: the module's copy)
+    python mutation/score.py --rerun EQUIVALENT_FILE   (the survivors a new test may catch)
 
 Killed and timed-out mutants count as caught (a timeout is a mutant that made the tests
 hang, which they noticed); survivors and mutants no selected test reaches count as not
@@ -10,6 +11,11 @@ One whose reason starts with `[cuda]` changes only what happens on a CUDA device
 tensor made on the CPU instead): tests/test_cuda.py catches those where a GPU is, so they
 are left out of this machine's score and counted apart. Survivors' diffs go to
 SURVIVORS_OUT.
+
+`--rerun` prints the names of the survivors (and mutants no test reached before), not
+listed as equivalent, whose function some selected test now reaches: mutmut keeps a
+verdict until the mutated function changes, so after a new test these are run again by
+name (mutation/run.sh does).
 """
 
 from __future__ import annotations
@@ -37,15 +43,32 @@ def read_equivalents(path: Path) -> dict[str, str]:
     return equivalents
 
 
-def main(module: str, equivalent_file: str, survivors_out: str) -> int:
-    metas = sorted(Path("mutants/src").rglob("*.py.meta"))
+def read_statuses() -> tuple[dict[str, str], dict[str, Path]]:
+    """Every mutant's status and the source file it is in, from mutmut's results."""
     statuses: dict[str, str] = {}
     sources: dict[str, Path] = {}
-    for meta in metas:
+    for meta in sorted(Path("mutants/src").rglob("*.py.meta")):
         source = Path(str(meta.relative_to("mutants"))[: -len(".meta")])
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             statuses[name] = status_by_exit_code[code]
             sources[name] = source
+    return statuses, sources
+
+
+def rerun(equivalent_file: str) -> int:
+    statuses, _ = read_statuses()
+    equivalents = read_equivalents(Path(equivalent_file))
+    stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
+    reached = stats["tests_by_mangled_function_name"]
+    for name, status in sorted(statuses.items()):
+        function = name.partition("__mutmut_")[0]
+        if status in MISSED and name not in equivalents and reached.get(function):
+            print(name)
+    return 0
+
+
+def main(module: str, equivalent_file: str, survivors_out: str) -> int:
+    statuses, sources = read_statuses()
     equivalents = read_equivalents(Path(equivalent_file))
     missed = sorted(n for n, s in statuses.items() if s in MISSED and n not in equivalents)
     stale = sorted(
@@ -79,4 +102,6 @@ def main(module: str, equivalent_file: str, survivors_out: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--rerun":
+        sys.exit(rerun(*sys.argv[2:]))
     sys.exit(main(*sys.argv[1:]))
