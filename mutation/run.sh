@@ -36,7 +36,7 @@ declare -A MODULES=(
     [lookup]="embedding_server/core/lookup.py|test_lookup_core test_limits test_service test_pooling"
     [tables]="embedding_server/core/tables.py|test_table_core test_tables test_updates test_limits test_memory"
     [auth]="embedding_server/transport/auth.py|test_auth test_security"
-    [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits test_stream test_handler_threads test_faults"
+    [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits test_stream test_handler_threads test_faults test_connections"
     [sharding]="embedding_server/core/sharding.py|test_sharding"
 )
 entry=${MODULES[$MODULE]:-}
