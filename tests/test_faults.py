@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient, EmbeddingError
 from embedding_client.proto import embedding_pb2 as pb
@@ -20,7 +21,15 @@ from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server.core import kernels
 from embedding_server.core.lookup import Lookups
 
-from .conftest import BIN, ServerFactory, free_port, random_table, server_env, wait_serving
+from .conftest import (
+    BIN,
+    ServerFactory,
+    exactly,
+    free_port,
+    random_table,
+    server_env,
+    wait_serving,
+)
 
 WEIGHTS = random_table(5000, 32, seed=21)
 
@@ -235,6 +244,76 @@ def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
     assert not stopping.is_alive()
     assert results.pop("late").startswith("UNAVAILABLE: the server is shutting down")
     assert results == {"slow": "OK", **{f"queued-{k}": "OK" for k in range(6)}}
+
+
+def _grpc_count(kind: str, method: str, code: str | None = None) -> float:
+    """grpc_server_started_total (code None) or grpc_server_handled_total for one method
+    of the data service, summed over every server of this process."""
+    labels = {"grpc_type": kind, "grpc_service": "embedding.v1.EmbeddingService",
+              "grpc_method": method}  # fmt: skip
+    if code is None:
+        return REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0
+    labels["grpc_code"] = code
+    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+
+def test_calls_that_arrive_while_draining_are_refused_and_counted(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a stop waits for a running call, unary and stream calls that arrive are
+    refused with UNAVAILABLE and what to do, each counted as started and handled under
+    its own type and method; health still answers (NOT_SERVING), and the running call
+    ends well."""
+    release = threading.Event()
+    original = Lookups.lookup
+
+    def lookup(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
+        if table_name == "slow":
+            assert release.wait(30)
+        return original(self, table_name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Lookups, "lookup", lookup)
+    table = random_table(50, 4, seed=5)
+    server = start_server({"t": table, "slow": table}, workers=4)
+    target = f"127.0.0.1:{server.port}"
+    slow_result: list[np.ndarray] = []
+
+    def slow_call() -> None:
+        with EmbeddingClient(target, max_attempts=1, timeout=30) as client:
+            slow_result.append(client.lookup([1, 2], "slow"))
+
+    slow = threading.Thread(target=slow_call)
+    stopping = threading.Thread(target=server.stop, kwargs={"grace": 20})
+    refusal = "the server is shutting down: retry on another server"
+    cells = [(kind, method, code) for kind, method in
+             (("unary", "Lookup"), ("bidi_stream", "LookupStream"))
+             for code in (None, "UNAVAILABLE")]  # fmt: skip
+    try:
+        slow.start()
+        _until(lambda: server.pool.running == 1)
+        before = {cell: _grpc_count(*cell) for cell in cells}
+        stopping.start()
+        _until(lambda: server.draining)
+        with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+            for _ in range(2):  # the second call is refused by the handler made for the first
+                with pytest.raises(EmbeddingError, match=exactly(f"UNAVAILABLE: {refusal}")):
+                    client.lookup([3], "t")
+            with pytest.raises(EmbeddingError, match=exactly(f"UNAVAILABLE: {refusal}")):
+                list(client.lookup_stream(iter([np.array([3])]), table="t"))
+            assert client.health() == "NOT_SERVING"
+        counted = {cell: _grpc_count(*cell) - before[cell] for cell in cells}
+        assert counted == {
+            ("unary", "Lookup", None): 2, ("unary", "Lookup", "UNAVAILABLE"): 2,
+            ("bidi_stream", "LookupStream", None): 1,
+            ("bidi_stream", "LookupStream", "UNAVAILABLE"): 1,
+        }  # fmt: skip
+        release.set()
+        slow.join(timeout=30)
+        stopping.join(timeout=30)
+    finally:
+        release.set()
+    assert not stopping.is_alive() and not slow.is_alive()
+    np.testing.assert_array_equal(slow_result[0], table[[1, 2]])
 
 
 def test_one_hot_matmuls_wait_for_a_place_within_their_deadline(
