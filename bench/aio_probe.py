@@ -1,0 +1,102 @@
+"""A probe, not a server: the embedding service's Lookup path served by `grpc.aio`.
+
+What moving the service onto grpc.aio would buy (issue 12), measured before the transport
+is rewritten. The probe runs the real per-call code of a Lookup: the servicer with its
+limits, id checks, gather, metrics and framing (`EmbeddingServicer.lookup_request`), the
+authenticator's check, and the interceptor's gRPC metrics, status mapping and malformed
+request answer, on one event loop, inline (a small plain gather blocks the loop for
+microseconds; the real server would hand dense and large calls to threads). It has none
+of the rest of the server: draining, streams, admin, health, the connection cap, other
+RPCs. bench/service.py measures it as `Lookup[aio-probe]` (`--aio-probe`) beside the real
+server and the bare servers, in the same run.
+
+    .venv/bin/python bench/service.py --load h2load --aio-probe --kinds Lookup,ceiling
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import signal
+import time
+from typing import Any
+
+SERVICE = "embedding.v1.EmbeddingService"
+
+
+def probe_server(port: int, rows: int, malloc_tune: bool = True) -> None:
+    """Serve Lookup on 127.0.0.1:`port` over the demo table (`rows` x 128 float32, the
+    server's seeded one) until SIGTERM. `malloc_tune`: glibc's thresholds raised, as
+    `embedding-server --malloc-tune true` (its default) does."""
+    import grpc
+    import torch
+
+    from embedding_client import codec
+    from embedding_client.proto import embedding_pb2 as pb
+    from embedding_server import metrics
+    from embedding_server.core.lookup import Limits, Lookups
+    from embedding_server.core.sources import demo_table
+    from embedding_server.core.store import TableStore
+    from embedding_server.transport.auth import Authenticator
+    from embedding_server.transport.interceptor import (
+        MAPPED_ERRORS,
+        Malformed,
+        _tolerant,
+        status_code,
+    )
+    from embedding_server.transport.servicer import EmbeddingServicer
+
+    if malloc_tune:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    store = TableStore()
+    store.add(demo_table(rows, 128, 0, torch.device("cpu")))
+    limits = Limits(max_ids=1 << 20, max_dense_macs=1 << 40, dense_chunk_cells=1 << 22,
+                    max_response_bytes=1 << 30)  # fmt: skip
+    servicer = EmbeddingServicer(Lookups(store, limits))
+    authenticator = Authenticator()
+
+    async def lookup(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # The interceptor's `observed`, for this one method.
+        metrics.child(metrics.GRPC_STARTED, "unary", SERVICE, "Lookup").inc()
+        inflight = metrics.child(metrics.INFLIGHT, "Lookup")
+        inflight.inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            authenticator.check(context, admin=False)  # type: ignore[arg-type]
+            if isinstance(request, Malformed):
+                raise codec.WireError(f"the request is not a valid {SERVICE}/Lookup message")
+            return servicer.lookup_request("Lookup", request, context)  # type: ignore[arg-type]
+        except MAPPED_ERRORS as exc:
+            code = status_code(exc)
+            await context.abort(code, str(exc))
+        finally:
+            inflight.dec()
+            seconds = time.perf_counter() - started
+            metrics.child(metrics.GRPC_HANDLED, "unary", SERVICE, "Lookup", code.name).inc()
+            metrics.child(metrics.GRPC_HANDLING, "unary", SERVICE, "Lookup", code.name).observe(
+                seconds
+            )
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 1 << 30),
+                                          ("grpc.max_receive_message_length", 1 << 30),
+                                          ("grpc.so_reuseport", 0)])  # fmt: skip
+        handler = grpc.unary_unary_rpc_method_handler(
+            lookup,
+            request_deserializer=_tolerant(pb.LookupRequest.FromString),
+            response_serializer=lambda response: response.SerializeToString(),
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Lookup": handler}),)
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, lambda: asyncio.ensure_future(server.stop(0))
+        )
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
