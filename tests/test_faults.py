@@ -3,6 +3,7 @@ cancelled calls, oversized requests."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import threading
@@ -314,6 +315,44 @@ def test_calls_that_arrive_while_draining_are_refused_and_counted(
         release.set()
     assert not stopping.is_alive() and not slow.is_alive()
     np.testing.assert_array_equal(slow_result[0], table[[1, 2]])
+
+
+def test_an_unexpected_error_is_internal_logged_and_counted(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a handler reaches the caller as INTERNAL naming only the error's type (the
+    rest is in the server log, with the method and traceback), is counted and timed under
+    INTERNAL, and the server goes on answering."""
+
+    def broken(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
+        raise ZeroDivisionError("a bug's own words, for the log only")
+
+    monkeypatch.setattr(Lookups, "lookup", broken)
+    server = start_server({"t": random_table(10, 4)})
+    caplog.set_level(logging.ERROR, logger="embedding_server.transport.interceptor")
+    timed = {"grpc_type": "unary", "grpc_service": "embedding.v1.EmbeddingService",
+             "grpc_method": "Lookup", "grpc_code": "INTERNAL"}  # fmt: skip
+
+    def counted() -> tuple[float, float]:
+        timings = REGISTRY.get_sample_value("grpc_server_handling_seconds_count", timed)
+        return _grpc_count("unary", "Lookup", "INTERNAL"), timings or 0.0
+
+    before = counted()
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=10) as client:
+        with pytest.raises(
+            EmbeddingError,
+            match=exactly("INTERNAL: internal error (ZeroDivisionError); see the server log"),
+        ):
+            client.lookup([1], "t")
+        assert client.health() == "SERVING"
+        assert [t.name for t in client.tables()] == ["t"]
+    after = counted()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage() == (
+        "/embedding.v1.EmbeddingService/Lookup failed on an unexpected error"
+    )
+    assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
 
 
 def test_one_hot_matmuls_wait_for_a_place_within_their_deadline(
