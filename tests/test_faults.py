@@ -355,6 +355,30 @@ def test_an_unexpected_error_is_internal_logged_and_counted(
     assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
 
 
+def test_health_answers_are_counted_under_the_code_the_prober_gets(
+    start_server: ServerFactory,
+) -> None:
+    """grpc's health service answers a service it does not know with NOT_FOUND set on the
+    call, not raised: the counters must still say NOT_FOUND, not OK."""
+    server = start_server({"t": random_table(10, 4)})
+    labels = {"grpc_type": "unary", "grpc_service": "grpc.health.v1.Health",
+              "grpc_method": "Check"}  # fmt: skip
+
+    def handled(code: str) -> float:
+        sample = REGISTRY.get_sample_value(
+            "grpc_server_handled_total", {**labels, "grpc_code": code}
+        )
+        return sample or 0.0
+
+    before = {code: handled(code) for code in ("OK", "NOT_FOUND")}
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=10) as client:
+        assert client.health() == "SERVING"
+        with pytest.raises(EmbeddingError) as raised:
+            client.health("no.such.Service")
+        assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    assert {code: handled(code) - before[code] for code in before} == {"OK": 1, "NOT_FOUND": 1}
+
+
 def test_one_hot_matmuls_wait_for_a_place_within_their_deadline(
     start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -296,6 +296,10 @@ class StatusInterceptor(grpc.ServerInterceptor):
                 details = f"internal error ({type(exc).__name__}); see the server log"
                 context.abort(code, details)
             finally:
+                if not checks_callers and code is grpc.StatusCode.OK:
+                    # health answers a service it does not know by setting NOT_FOUND
+                    # without raising: count the code the caller gets
+                    code = context.code() or code  # type: ignore[attr-defined]
                 inflight.dec()
                 seconds = time.perf_counter() - started
                 metrics.child(metrics.GRPC_HANDLED, "unary", service, method, code.name).inc()
