@@ -7,10 +7,12 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import torch
 
 from embedding_client import EmbeddingClient
 from embedding_server.config import ServerConfig
+from embedding_server.core.lookup import Lookups
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
 from embedding_server.process.server import EmbeddingServer
@@ -76,6 +79,27 @@ def start_server() -> Iterator[ServerFactory]:
     yield start
     for server in servers:
         server.stop(grace=0)
+
+
+@pytest.fixture
+def slow_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """Lookups of a table named "slow" hold their handler thread (not marked as waiting)
+    until `.release` is set; `.entered` is set as each starts. Released at teardown, so
+    a failing test does not leave server threads waiting."""
+    held = SimpleNamespace(entered=threading.Event(), release=threading.Event())
+    original = Lookups.lookup
+
+    def lookup(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
+        if table_name == "slow":
+            held.entered.set()
+            assert held.release.wait(30)
+        return original(self, table_name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Lookups, "lookup", lookup)
+    try:
+        yield held
+    finally:
+        held.release.set()
 
 
 @pytest.fixture(scope="module")

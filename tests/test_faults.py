@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -195,19 +196,11 @@ def test_sigterm_finishes_every_received_call_queued_and_dense(tmp_path: Path) -
 
 
 def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
-    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:
     """The one running place is taken by a call that waits; six calls queue behind it.
     A stop then answers all seven, and refuses the call that arrives after it began."""
-    release = threading.Event()
-    original = Lookups.lookup
-
-    def lookup(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
-        if table_name == "slow":
-            assert release.wait(30)  # holds its handler thread, not marked as waiting
-        return original(self, table_name, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Lookups, "lookup", lookup)
+    release = slow_lookups.release
     table = random_table(50, 4, seed=3)
     server = start_server({"t": table, "slow": table}, workers=1)
     target = f"127.0.0.1:{server.port}"
@@ -259,21 +252,13 @@ def _grpc_count(kind: str, method: str, code: str | None = None) -> float:
 
 
 def test_calls_that_arrive_while_draining_are_refused_and_counted(
-    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:
     """While a stop waits for a running call, unary and stream calls that arrive are
     refused with UNAVAILABLE and what to do, each counted as started and handled under
     its own type and method; health still answers (NOT_SERVING), and the running call
     ends well."""
-    release = threading.Event()
-    original = Lookups.lookup
-
-    def lookup(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
-        if table_name == "slow":
-            assert release.wait(30)
-        return original(self, table_name, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Lookups, "lookup", lookup)
+    release = slow_lookups.release
     table = random_table(50, 4, seed=5)
     server = start_server({"t": table, "slow": table}, workers=4)
     target = f"127.0.0.1:{server.port}"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from embedding_client import AsyncEmbeddingClient, EmbeddingClient, EmbeddingError
 from embedding_client.proto import embedding_pb2 as pb
@@ -117,6 +119,64 @@ def test_drain_does_not_wait_for_idle_streams(start_server: ServerFactory) -> No
     np.testing.assert_array_equal(
         np.frombuffer(answers[1].result.vectors, "<f4").reshape(2, 8), weights[[2, 3]]
     )
+
+
+def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """While a stop waits for a running call, a message on an open stream is not started:
+    the stream ends with UNAVAILABLE saying to resend the rest elsewhere, and is counted
+    so; the answers it had stand and the running call ends well."""
+    table = random_table(20, 4, seed=9)
+    server = start_server({"t": table, "slow": table}, workers=4)
+    target = f"127.0.0.1:{server.port}"
+    more = threading.Event()
+
+    def requests():  # type: ignore[no-untyped-def]
+        yield pb.LookupRequest(table="t", ids_list=[1])
+        more.wait(30)
+        yield pb.LookupRequest(table="t", ids_list=[2])
+
+    slow_result: list[np.ndarray] = []
+
+    def slow_call() -> None:
+        with EmbeddingClient(target, max_attempts=1, timeout=30) as client:
+            slow_result.append(client.lookup([3], "slow"))
+
+    slow = threading.Thread(target=slow_call)
+    stopping = threading.Thread(target=server.stop, kwargs={"grace": 20})
+    labels = {"grpc_type": "bidi_stream", "grpc_service": "embedding.v1.EmbeddingService",
+              "grpc_method": "LookupStream", "grpc_code": "UNAVAILABLE"}  # fmt: skip
+    before = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+    channel = grpc.insecure_channel(target)
+    try:
+        stream = pb_grpc.EmbeddingServiceStub(channel).LookupStream(requests(), timeout=30)
+        first = next(stream)
+        slow.start()
+        assert slow_lookups.entered.wait(10)
+        stopping.start()
+        deadline = time.monotonic() + 10
+        while not server.draining and time.monotonic() < deadline:
+            time.sleep(0.01)
+        more.set()
+        with pytest.raises(grpc.RpcError) as raised:
+            next(stream)
+        after = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+        slow_lookups.release.set()
+        slow.join(timeout=30)
+        stopping.join(timeout=30)
+    finally:
+        more.set()
+        slow_lookups.release.set()
+        channel.close()
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert raised.value.details() == "the server is shutting down: resend the rest elsewhere"
+    assert after - before == 1
+    np.testing.assert_array_equal(
+        np.frombuffer(first.result.vectors, "<f4").reshape(1, 4), table[[1]]
+    )
+    assert not stopping.is_alive() and not slow.is_alive()
+    np.testing.assert_array_equal(slow_result[0], table[[3]])
 
 
 def test_streams_past_the_limit_are_refused_not_queued(start_server: ServerFactory) -> None:
