@@ -4,6 +4,8 @@ normal callers are served all the while. Attacks go through real sockets on loop
 
 from __future__ import annotations
 
+import logging
+import re
 import resource
 import socket
 import subprocess
@@ -174,9 +176,12 @@ def test_an_attacker_cannot_use_up_the_file_descriptors(
         time.sleep(0.2)
 
 
-def test_idle_streams_are_cancelled_and_free_their_places(start_server: ServerFactory) -> None:
+def test_idle_streams_are_cancelled_and_free_their_places(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     """Before, eight streams that sent nothing locked every other stream caller out for
-    as long as they stayed open."""
+    as long as they stayed open. Each cancellation is logged with the caller and counted."""
+    caplog.set_level(logging.INFO, logger="embedding_server.transport.interceptor")
     server = start_server({"t": WEIGHTS}, max_streams=3, stream_idle_s=2.0)
     target = f"127.0.0.1:{server.port}"
     release = threading.Event()
@@ -220,6 +225,12 @@ def test_idle_streams_are_cancelled_and_free_their_places(start_server: ServerFa
             client.close()
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
     assert b'embedding_stream_idle_timeouts_total{grpc_method="LookupStream"} 3.0' in text
+    logged = [r.getMessage() for r in caplog.records if "idle for over" in r.getMessage()]
+    assert len(logged) == 3, logged
+    for line in logged:
+        assert re.fullmatch(
+            r"LookupStream stream from ipv4:127\.0\.0\.1:\d+ idle for over 2 s: cancelled", line
+        ), line
 
 
 def test_a_busy_stream_is_not_idle(start_server: ServerFactory) -> None:
