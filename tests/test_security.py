@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -121,6 +122,13 @@ def test_bearer_tokens_guard_every_rpc_but_health(start_server: ServerFactory) -
     ):
         ProtoReflectionDescriptorDatabase(channel).get_services()
     assert raised_rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        # health's Watch (a server stream, as Kubernetes' grpc probes may use) is open too
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
 
 
 def test_tokens_never_reach_logs_or_metrics(

@@ -16,6 +16,7 @@ from embedding_client import AsyncEmbeddingClient, EmbeddingClient, EmbeddingErr
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server.process.server import EmbeddingServer
+from embedding_server.transport.interceptor import StatusInterceptor
 
 from .conftest import ServerFactory, random_table
 
@@ -147,7 +148,14 @@ def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
     stopping = threading.Thread(target=server.stop, kwargs={"grace": 20})
     labels = {"grpc_type": "bidi_stream", "grpc_service": "embedding.v1.EmbeddingService",
               "grpc_method": "LookupStream", "grpc_code": "UNAVAILABLE"}  # fmt: skip
-    before = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+    started_labels = {k: v for k, v in labels.items() if k != "grpc_code"}
+
+    def counts() -> tuple[float, float]:
+        started = REGISTRY.get_sample_value("grpc_server_started_total", started_labels)
+        handled = REGISTRY.get_sample_value("grpc_server_handled_total", labels)
+        return started or 0.0, handled or 0.0
+
+    before = counts()
     channel = grpc.insecure_channel(target)
     try:
         stream = pb_grpc.EmbeddingServiceStub(channel).LookupStream(requests(), timeout=30)
@@ -161,7 +169,7 @@ def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
         more.set()
         with pytest.raises(grpc.RpcError) as raised:
             next(stream)
-        after = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+        after = counts()
         slow_lookups.release.set()
         slow.join(timeout=30)
         stopping.join(timeout=30)
@@ -171,12 +179,31 @@ def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
         channel.close()
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert raised.value.details() == "the server is shutting down: resend the rest elsewhere"
-    assert after - before == 1
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)  # started, refused
     np.testing.assert_array_equal(
         np.frombuffer(first.result.vectors, "<f4").reshape(1, 4), table[[1]]
     )
     assert not stopping.is_alive() and not slow.is_alive()
     np.testing.assert_array_equal(slow_result[0], table[[3]])
+
+
+def test_drain_waits_for_each_stream_answer_in_progress_and_no_longer() -> None:
+    """The drain's count of stream answers in progress, through the interceptor itself:
+    it waits while any is, returns as the last one ends (not at its timeout), and refuses
+    new ones once it began."""
+    interceptor = StatusInterceptor()
+    assert interceptor._enter() and interceptor._enter()  # two answers in progress
+    interceptor._leave()
+    assert interceptor.drain(timeout=0.3) is False  # one is still running
+    assert not interceptor._enter()  # draining: no new answer starts
+    ending = threading.Timer(0.3, interceptor._leave)
+    started = time.monotonic()
+    ending.start()
+    try:
+        assert interceptor.drain(timeout=20) is True
+        assert time.monotonic() - started < 5  # woken as the count reached 0
+    finally:
+        ending.cancel()
 
 
 def test_streams_past_the_limit_are_refused_not_queued(start_server: ServerFactory) -> None:
@@ -202,6 +229,12 @@ def test_streams_past_the_limit_are_refused_not_queued(start_server: ServerFacto
                 "use unary Lookup, or retry later"
             )
             assert client.lookup([2]).shape == (1, 4)  # unary calls still get a thread
+        release.set()
+        for stream in open_streams:
+            assert list(stream) == []  # the held streams end once their requests do
+        started = time.monotonic()
+        server.stop(grace=20)  # the refused stream left nothing counted as running
+        assert time.monotonic() - started < 5
     finally:
         release.set()
         for channel in channels:
