@@ -14,10 +14,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient, EmbeddingError
 
@@ -176,12 +178,18 @@ def test_an_attacker_cannot_use_up_the_file_descriptors(
         time.sleep(0.2)
 
 
+CANCELLED_STREAMS = {"grpc_type": "bidi_stream", "grpc_service": "embedding.v1.EmbeddingService",
+                     "grpc_method": "LookupStream", "grpc_code": "CANCELLED"}  # fmt: skip
+
+
 def test_idle_streams_are_cancelled_and_free_their_places(
     start_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before, eight streams that sent nothing locked every other stream caller out for
     as long as they stayed open. Each cancellation is logged with the caller and counted."""
     caplog.set_level(logging.INFO, logger="embedding_server.transport.interceptor")
+    cancelled_before = REGISTRY.get_sample_value("grpc_server_handled_total", CANCELLED_STREAMS)
+    cancelled_before = cancelled_before or 0.0
     server = start_server({"t": WEIGHTS}, max_streams=3, stream_idle_s=2.0)
     target = f"127.0.0.1:{server.port}"
     release = threading.Event()
@@ -225,6 +233,9 @@ def test_idle_streams_are_cancelled_and_free_their_places(
             client.close()
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
     assert b'embedding_stream_idle_timeouts_total{grpc_method="LookupStream"} 3.0' in text
+    assert REGISTRY.get_sample_value("grpc_server_handled_total", CANCELLED_STREAMS) == (
+        cancelled_before + 3
+    )
     logged = [r.getMessage() for r in caplog.records if "idle for over" in r.getMessage()]
     assert len(logged) == 3, logged
     for line in logged:
@@ -244,3 +255,44 @@ def test_a_busy_stream_is_not_idle(start_server: ServerFactory) -> None:
 
         results = list(client.lookup_stream(batches(), "t"))
     assert [r.vectors.tolist() for r in results] == [WEIGHTS[[k]].tolist() for k in range(12)]
+
+
+def test_a_stream_answering_longer_than_the_idle_timeout_is_not_idle(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """Idle means waiting for the caller's next message: a stream whose answer takes
+    three idle timeouts is not cancelled, while one beside it that sends nothing is."""
+    server = start_server({"t": WEIGHTS, "slow": WEIGHTS}, stream_idle_s=0.5)
+    target = f"127.0.0.1:{server.port}"
+    quiet = threading.Event()
+    outcomes: dict[str, str] = {}
+
+    def stream(name: str, batches: Iterator[list[int]], table: str) -> None:
+        with EmbeddingClient(target, timeout=30, max_attempts=1) as client:
+            try:
+                rows = [r.vectors for r in client.lookup_stream(batches, table)]
+                outcomes[name] = "OK" if np.array_equal(rows[0], WEIGHTS[[5]]) else "WRONG"
+            except EmbeddingError as exc:
+                outcomes[name] = exc.code.name
+
+    def silent() -> Iterator[list[int]]:
+        quiet.wait(30)  # sends nothing
+        yield [1]
+
+    busy = threading.Thread(target=stream, args=("busy", iter([[5]]), "slow"))
+    idle = threading.Thread(target=stream, args=("idle", silent(), "t"))
+    try:
+        busy.start()
+        assert slow_lookups.entered.wait(10)
+        idle.start()
+        idle.join(timeout=10)  # cancelled after ~0.5 s, while the busy one is answering
+        assert outcomes == {"idle": "CANCELLED"}
+        time.sleep(1.0)  # the busy stream is answering for 3 idle timeouts in all
+        slow_lookups.release.set()
+        busy.join(timeout=10)
+    finally:
+        quiet.set()
+        slow_lookups.release.set()
+        busy.join(timeout=10)
+        idle.join(timeout=10)
+    assert outcomes == {"idle": "CANCELLED", "busy": "OK"}

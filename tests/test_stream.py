@@ -206,6 +206,35 @@ def test_drain_waits_for_each_stream_answer_in_progress_and_no_longer() -> None:
         ending.cancel()
 
 
+def test_a_stream_cancelled_during_an_answer_leaves_nothing_running(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """A caller cancels its stream while the server computes an answer: once that answer
+    is done the stream no longer counts as running, so a stop does not wait for it."""
+    table = random_table(20, 4, seed=10)
+    server = start_server({"slow": table}, workers=4)
+    more = threading.Event()
+
+    def requests():  # type: ignore[no-untyped-def]
+        yield pb.LookupRequest(table="slow", ids_list=[1])
+        more.wait(30)
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        call = pb_grpc.EmbeddingServiceStub(channel).LookupStream(requests(), timeout=30)
+        assert slow_lookups.entered.wait(10)
+        call.cancel()
+        slow_lookups.release.set()  # the answer completes after the caller left
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.stop(grace=20)
+        assert time.monotonic() - started < 5
+    finally:
+        more.set()
+        slow_lookups.release.set()
+        channel.close()
+
+
 def test_streams_past_the_limit_are_refused_not_queued(start_server: ServerFactory) -> None:
     server = start_server({"t": random_table(10, 4)}, max_streams=2, workers=4)
     release = threading.Event()
