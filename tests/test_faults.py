@@ -302,6 +302,38 @@ def test_calls_that_arrive_while_draining_are_refused_and_counted(
     np.testing.assert_array_equal(slow_result[0], table[[1, 2]])
 
 
+def test_a_stop_past_its_grace_says_calls_were_still_running(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call still running (its handler thread held) when the grace period ends: the
+    stop does not wait longer, and says so."""
+    caplog.set_level(logging.WARNING, logger="embedding_server")
+    table = random_table(10, 4, seed=6)
+    server = start_server({"slow": table}, workers=2)
+    outcome: list[str] = []
+
+    def call() -> None:
+        with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=30) as client:
+            try:
+                client.lookup([1], "slow")
+                outcome.append("OK")
+            except EmbeddingError as exc:
+                outcome.append(exc.code.name)
+
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        assert slow_lookups.entered.wait(10)
+        started = time.monotonic()
+        server.stop(grace=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        slow_lookups.release.set()
+        caller.join(timeout=30)
+    assert "calls still running after the 0.5 s grace period: cancelling" in caplog.messages
+    assert outcome and outcome[0] != "OK"  # cut off at the end of the grace period
+
+
 def test_an_unexpected_error_is_internal_logged_and_counted(
     start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
