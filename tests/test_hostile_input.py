@@ -80,6 +80,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespac
             snapshots=snapshots,
             lookups=pb_grpc.EmbeddingServiceStub(channel),
             admin=pb_grpc.EmbeddingAdminStub(channel),
+            channel=channel,
         )
     finally:
         channel.close()
@@ -260,6 +261,32 @@ def test_the_cases_seen_get_clear_codes(hostile: SimpleNamespace) -> None:
     with EmbeddingClient(f"127.0.0.1:{hostile.server.port}") as client:
         assert client.health() == "SERVING"
         np.testing.assert_array_equal(client.lookup([1, 2], "t"), WEIGHTS[[1, 2]])
+
+
+def test_bytes_that_are_not_a_message_get_invalid_argument(hostile: SimpleNamespace) -> None:
+    """A body that does not parse as the method's request (a field cut short) is answered
+    INVALID_ARGUMENT naming the method, not grpc's own INTERNAL; on a stream, that one
+    message gets its error and the stream goes on."""
+    cut_short = b"\x0a\x05ab"  # field 1 (table) says 5 bytes, 2 follow
+    for method in ("Lookup", "LookupDense"):
+        call = hostile.channel.unary_unary(f"/embedding.v1.EmbeddingService/{method}")
+        code, details, _ = _status(call, cut_short)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert details.startswith(
+            f"the request is not a valid embedding.v1.EmbeddingService/{method} message: "
+        ), details
+        _check(code, details)
+    stream = hostile.channel.stream_stream(
+        "/embedding.v1.EmbeddingService/LookupStream",
+        response_deserializer=pb.LookupStreamResponse.FromString,
+    )
+    good = pb.LookupRequest(table="t", ids_list=[2]).SerializeToString()
+    first, second = stream(iter([cut_short, good]), timeout=20)
+    assert first.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert first.error.message.startswith("not a valid LookupRequest: "), first.error.message
+    np.testing.assert_array_equal(
+        np.frombuffer(second.result.vectors, "<f4").reshape(1, -1), WEIGHTS[[2]]
+    )
 
 
 def test_caller_text_cannot_forge_a_log_line(tmp_path: Path) -> None:
