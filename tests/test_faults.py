@@ -350,9 +350,10 @@ def test_an_unexpected_error_is_internal_logged_and_counted(
     timed = {"grpc_type": "unary", "grpc_service": "embedding.v1.EmbeddingService",
              "grpc_method": "Lookup", "grpc_code": "INTERNAL"}  # fmt: skip
 
-    def counted() -> tuple[float, float]:
+    def counted() -> tuple[float, float, float]:
         timings = REGISTRY.get_sample_value("grpc_server_handling_seconds_count", timed)
-        return _grpc_count("unary", "Lookup", "INTERNAL"), timings or 0.0
+        started = _grpc_count("unary", "Lookup")
+        return started, _grpc_count("unary", "Lookup", "INTERNAL"), timings or 0.0
 
     before = counted()
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=10) as client:
@@ -364,7 +365,7 @@ def test_an_unexpected_error_is_internal_logged_and_counted(
         assert client.health() == "SERVING"
         assert [t.name for t in client.tables()] == ["t"]
     after = counted()
-    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    assert tuple(a - b for a, b in zip(after, before, strict=True)) == (1, 1, 1)
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.getMessage() == (
         "/embedding.v1.EmbeddingService/Lookup failed on an unexpected error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -243,8 +244,14 @@ def test_admin_and_data_tokens_have_their_roles(
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, scheme
     with _client(remote_like.port, token="admin-token") as admin:  # admin works for data
         np.testing.assert_array_equal(admin.lookup([2]), TABLE[[2]])
+        admin.update_rows([4], TABLE[[4]], "t")  # an admin call that succeeds
     audit = [r.getMessage() for r in caplog.records if r.name == "embedding_server.audit"]
-    assert len(audit) == 8, audit  # every admin call, refused or not; no data call
+    assert len(audit) == 9, audit  # every admin call, refused or not; no data call
+    assert re.fullmatch(
+        r"admin UpdateRows by admin token #1 from ipv4:127\.0\.0\.1:\d+ \[[^]]*\] -> OK "
+        r"\(\d+\.\d{3} s\)",
+        audit[-1],
+    ), audit[-1]
     assert any(
         "admin ReloadTable by data token #1 from ipv4:127.0.0.1:" in line
         and "[table='t'] -> PERMISSION_DENIED: the credential of this call" in line
