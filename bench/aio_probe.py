@@ -80,17 +80,25 @@ def probe_server(port: int, rows: int, malloc_tune: bool = True) -> None:
                 seconds
             )
 
+    handler = grpc.unary_unary_rpc_method_handler(
+        lookup,
+        request_deserializer=_tolerant(pb.LookupRequest.FromString),
+        response_serializer=lambda response: response.SerializeToString(),
+    )
+    serve_aio(port, SERVICE, handler)
+
+
+def serve_aio(port: int, service: str, lookup: Any) -> None:
+    """Serve `lookup` (a grpc method handler) as `service`/Lookup on 127.0.0.1:`port`
+    with grpc.aio, on one event loop, until SIGTERM."""
+    import grpc
+
     async def serve() -> None:
         server = grpc.aio.server(options=[("grpc.max_send_message_length", 1 << 30),
                                           ("grpc.max_receive_message_length", 1 << 30),
                                           ("grpc.so_reuseport", 0)])  # fmt: skip
-        handler = grpc.unary_unary_rpc_method_handler(
-            lookup,
-            request_deserializer=_tolerant(pb.LookupRequest.FromString),
-            response_serializer=lambda response: response.SerializeToString(),
-        )
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, {"Lookup": handler}),)
+            (grpc.method_handlers_generic_handler(service, {"Lookup": lookup}),)
         )
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()

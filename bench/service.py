@@ -87,24 +87,12 @@ def ceiling_server(port: int, rows: int, workers: int, flavour: str = "sync") ->
     options = [("grpc.max_send_message_length", 1 << 30),
                ("grpc.max_receive_message_length", 1 << 30), ("grpc.so_reuseport", 0)]  # fmt: skip
     if flavour.startswith("aio"):
+        from aio_probe import serve_aio  # bench/, beside this script
 
         async def lookup_async(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return table[np.frombuffer(request, dtype="<i8")].tobytes()
 
-        async def serve() -> None:
-            server = grpc.aio.server(options=options)
-            handler = grpc.unary_unary_rpc_method_handler(lookup_async)
-            server.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler("ceiling", {"Lookup": handler}),)
-            )
-            server.add_insecure_port(f"127.0.0.1:{port}")
-            await server.start()
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGTERM, lambda: asyncio.ensure_future(server.stop(0))
-            )
-            await server.wait_for_termination()
-
-        asyncio.run(serve())
+        serve_aio(port, "ceiling", grpc.unary_unary_rpc_method_handler(lookup_async))
         return
 
     def lookup(request: bytes, context: grpc.ServicerContext) -> bytes:
