@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server.core import kernels
 from embedding_server.core.lookup import Lookups
+from embedding_server.transport.interceptor import StatusInterceptor
 
 from .conftest import (
     BIN,
@@ -300,6 +302,42 @@ def test_calls_that_arrive_while_draining_are_refused_and_counted(
         release.set()
     assert not stopping.is_alive() and not slow.is_alive()
     np.testing.assert_array_equal(slow_result[0], table[[1, 2]])
+
+
+def test_a_handler_that_aborts_keeps_its_code(caplog: pytest.LogCaptureFixture) -> None:
+    """The interceptor's contract with handlers that set their own status (none of ours
+    does today; grpc's own services may): the caller gets the handler's code and message,
+    the call is counted under that code, and it is not logged as a server bug."""
+
+    def aborting(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the handler's own words")
+        return b""  # never reached
+
+    caplog.set_level(logging.ERROR, logger="embedding_server.transport.interceptor")
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), interceptors=[StatusInterceptor()])
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(
+            "test.Aborting", {"Call": grpc.unary_unary_rpc_method_handler(aborting)}
+        ),)
+    )  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    labels = {"grpc_type": "unary", "grpc_service": "test.Aborting", "grpc_method": "Call",
+              "grpc_code": "FAILED_PRECONDITION"}  # fmt: skip
+    before = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+    server.start()
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            pytest.raises(grpc.RpcError) as raised,
+        ):
+            channel.unary_unary("/test.Aborting/Call")(b"", timeout=10)
+    finally:
+        server.stop(0).wait()
+    assert (raised.value.code(), raised.value.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "the handler's own words"
+    )  # fmt: skip
+    assert REGISTRY.get_sample_value("grpc_server_handled_total", labels) == before + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_a_stop_past_its_grace_says_calls_were_still_running(
