@@ -370,6 +370,10 @@ class StatusInterceptor(grpc.ServerInterceptor):
                 code = grpc.StatusCode.CANCELLED  # by the client, or idle: see _reap
                 raise
             finally:
+                if code is grpc.StatusCode.OK and (stream.expired or not context.is_active()):
+                    # cancelled (idle: see _reap; or by the caller) while grpc's request
+                    # iterator ended the stream as if the caller had closed it
+                    code = grpc.StatusCode.CANCELLED
                 if admitted:
                     with self._idle:
                         self._streams.pop(id(stream), None)
