@@ -10,6 +10,7 @@ each decision is pinned in process. Written against mutation testing's survivors
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -175,3 +176,63 @@ def test_the_response_limit_names_the_bytes_and_the_way_out() -> None:
     with pytest.raises(OverLimit, match=exactly(message)):
         lookups.lookup("w", np.array([1, 2, 3]), "float32")
     assert lookups.lookup("w", np.array([1, 2, 3]), "float16").vectors.nbytes == 24
+
+
+def test_one_hot_matmuls_take_a_place_and_give_up_at_their_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one place, a second one-hot matmul waits for the first and gives up before
+    its deadline, saying why; plain gathers never wait for a place."""
+    one = Limits(max_ids=5, max_dense_macs=10**9, dense_chunk_cells=1 << 16,
+                 max_response_bytes=1 << 20, dense_concurrency=1)  # fmt: skip
+    lookups = lookups_of(Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test"), one)
+    entered, release = threading.Event(), threading.Event()
+    original = kernels.one_hot_matmul
+
+    def held(*args: object, **kwargs: object) -> object:
+        entered.set()
+        assert release.wait(30)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "one_hot_matmul", held)
+    first: list[np.ndarray] = []
+    holder = threading.Thread(
+        target=lambda: first.append(
+            np.asarray(lookups.lookup("w", np.array([1, 2]), "float32", dense=True).vectors)
+        )
+    )
+    # Without the place, the calls below would wait for the first: freed in 5 s, never hung.
+    releaser = threading.Timer(5, release.set)
+    try:
+        holder.start()
+        assert entered.wait(10)
+        releaser.start()
+        plain = lookups.lookup("w", np.array([3]), "float32")
+        assert not release.is_set()  # answered while the one-hot matmul held the place
+        np.testing.assert_array_equal(np.asarray(plain.vectors).reshape(1, 4), FULL[[3]])
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=exactly(
+            "the deadline passed while the call waited for other one-hot matmuls "
+            "(at most 1 run at once, --dense-concurrency)"
+        )):  # fmt: skip
+            lookups.lookup("w", np.array([4]), "float32", dense=True,
+                           deadline=time.monotonic() + 0.5)  # fmt: skip
+        assert time.monotonic() - started < 0.5  # gave up a little before the deadline
+    finally:
+        release.set()
+        releaser.cancel()
+        holder.join(timeout=10)
+    np.testing.assert_array_equal(first[0].reshape(2, 4), FULL[[1, 2]])
+
+
+def test_a_device_out_of_memory_is_over_limit_with_the_way_out(
+    whole: Lookups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> object:
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(kernels, "one_hot_matmul", out_of_memory)
+    with pytest.raises(OverLimit, match=exactly(
+        "cpu has no memory left for this request on table 'w' (2 ids); retry with fewer ids"
+    )):  # fmt: skip
+        whole.lookup("w", np.array([1, 2]), "float32", dense=True)
