@@ -254,6 +254,28 @@ def test_idle_streams_are_cancelled_and_free_their_places(
         ), line
 
 
+def test_idle_streams_are_reaped_after_every_stream_had_closed(start_server: ServerFactory) -> None:
+    """The reaper stops when no stream is open and starts again with the next one: an
+    idle stream opened after a quiet spell is cancelled too."""
+    server = start_server({"t": WEIGHTS}, stream_idle_s=0.4)  # the reaper looks every 0.1 s
+    with EmbeddingClient(f"127.0.0.1:{server.port}", timeout=10, max_attempts=1) as client:
+        (first,) = client.lookup_stream([[1]], "t")  # opens, is answered, closes
+        np.testing.assert_array_equal(first.vectors, WEIGHTS[[1]])
+        time.sleep(0.5)  # no stream open: the reaper has ended
+        quiet = threading.Event()
+
+        def silent() -> Iterator[list[int]]:
+            quiet.wait(30)
+            yield [2]
+
+        try:
+            with pytest.raises(EmbeddingError) as raised:
+                list(client.lookup_stream(silent(), "t"))
+        finally:
+            quiet.set()
+    assert raised.value.code == grpc.StatusCode.CANCELLED, raised.value
+
+
 def test_a_busy_stream_is_not_idle(start_server: ServerFactory) -> None:
     server = start_server({"t": WEIGHTS}, stream_idle_s=1.0)
     with EmbeddingClient(f"127.0.0.1:{server.port}", timeout=30, max_attempts=1) as client:
