@@ -274,6 +274,7 @@ def test_bytes_that_are_not_a_message_get_invalid_argument(hostile: SimpleNamesp
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
         assert details.startswith(
             f"the request is not a valid embedding.v1.EmbeddingService/{method} message: "
+            "Error parsing message"  # protobuf's own words follow
         ), details
         _check(code, details)
     stream = hostile.channel.stream_stream(
@@ -283,7 +284,9 @@ def test_bytes_that_are_not_a_message_get_invalid_argument(hostile: SimpleNamesp
     good = pb.LookupRequest(table="t", ids_list=[2]).SerializeToString()
     first, second = stream(iter([cut_short, good]), timeout=20)
     assert first.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert first.error.message.startswith("not a valid LookupRequest: "), first.error.message
+    assert first.error.message.startswith("not a valid LookupRequest: Error parsing message"), (
+        first.error.message
+    )
     np.testing.assert_array_equal(
         np.frombuffer(second.result.vectors, "<f4").reshape(1, -1), WEIGHTS[[2]]
     )
