@@ -20,6 +20,7 @@ import torch
 
 from embedding_client import EmbeddingClient
 from embedding_server.config import ServerConfig
+from embedding_server.core import kernels
 from embedding_server.core.lookup import Lookups
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
@@ -96,6 +97,25 @@ def slow_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
         return original(self, table_name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Lookups, "lookup", lookup)
+    try:
+        yield held
+    finally:
+        held.release.set()
+
+
+@pytest.fixture
+def held_matmuls(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """One-hot matmuls (`kernels.one_hot_matmul`) wait until `.release` is set; `.entered`
+    is set as each starts. Released at teardown."""
+    held = SimpleNamespace(entered=threading.Event(), release=threading.Event())
+    original = kernels.one_hot_matmul
+
+    def held_matmul(*args: object, **kwargs: object) -> object:
+        held.entered.set()
+        assert held.release.wait(30)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "one_hot_matmul", held_matmul)
     try:
         yield held
     finally:

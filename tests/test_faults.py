@@ -21,7 +21,6 @@ from prometheus_client import REGISTRY
 from embedding_client import EmbeddingClient, EmbeddingError
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
-from embedding_server.core import kernels
 from embedding_server.core.lookup import Lookups
 from embedding_server.transport.interceptor import StatusInterceptor
 
@@ -436,19 +435,11 @@ def test_health_answers_are_counted_under_the_code_the_prober_gets(
 
 
 def test_one_hot_matmuls_wait_for_a_place_within_their_deadline(
-    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+    start_server: ServerFactory, held_matmuls: SimpleNamespace
 ) -> None:
     """With --dense-concurrency 1, a second LookupDense waits for the first and gives up
     at its deadline; lookups go on meanwhile."""
-    release, started = threading.Event(), threading.Event()
-    original = kernels.one_hot_matmul
-
-    def slow(*args: object, **kwargs: object) -> object:
-        started.set()
-        assert release.wait(30)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(kernels, "one_hot_matmul", slow)
+    release, started = held_matmuls.release, held_matmuls.entered
     table = random_table(50, 4, seed=4)
     server = start_server({"t": table}, dense_concurrency=1)
     target = f"127.0.0.1:{server.port}"

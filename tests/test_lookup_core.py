@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -179,22 +180,14 @@ def test_the_response_limit_names_the_bytes_and_the_way_out() -> None:
 
 
 def test_one_hot_matmuls_take_a_place_and_give_up_at_their_deadline(
-    monkeypatch: pytest.MonkeyPatch,
+    held_matmuls: SimpleNamespace,
 ) -> None:
     """With one place, a second one-hot matmul waits for the first and gives up before
     its deadline, saying why; plain gathers never wait for a place."""
     one = Limits(max_ids=5, max_dense_macs=10**9, dense_chunk_cells=1 << 16,
                  max_response_bytes=1 << 20, dense_concurrency=1)  # fmt: skip
     lookups = lookups_of(Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test"), one)
-    entered, release = threading.Event(), threading.Event()
-    original = kernels.one_hot_matmul
-
-    def held(*args: object, **kwargs: object) -> object:
-        entered.set()
-        assert release.wait(30)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(kernels, "one_hot_matmul", held)
+    entered, release = held_matmuls.entered, held_matmuls.release
     first: list[np.ndarray] = []
     holder = threading.Thread(
         target=lambda: first.append(
