@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient
 from embedding_server.config import ServerConfig
@@ -49,6 +50,27 @@ def admin_settings(folder: Path | None = None) -> dict[str, object]:
 def exactly(message: str) -> str:
     """A `match=` pattern for an error whose message is exactly `message`."""
     return f"^{re.escape(message)}$"
+
+
+def grpc_count(
+    kind: str, method: str, code: str | None = None,
+    service: str = "embedding.v1.EmbeddingService",
+) -> float:  # fmt: skip
+    """grpc_server_started_total (code None) or grpc_server_handled_total of one method,
+    summed over every server of this process (compare before and after)."""
+    labels = {"grpc_type": kind, "grpc_service": service, "grpc_method": method}
+    if code is None:
+        return REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0
+    labels["grpc_code"] = code
+    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+
+def until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Wait for `condition`, failing the test if it does not hold within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def random_table(rows: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -23,7 +23,15 @@ from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient, EmbeddingError
 
-from .conftest import BIN, ServerFactory, free_port, random_table, server_env, wait_serving
+from .conftest import (
+    BIN,
+    ServerFactory,
+    free_port,
+    grpc_count,
+    random_table,
+    server_env,
+    wait_serving,
+)
 
 WEIGHTS = random_table(100, 8, seed=9)
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -178,18 +186,13 @@ def test_an_attacker_cannot_use_up_the_file_descriptors(
         time.sleep(0.2)
 
 
-CANCELLED_STREAMS = {"grpc_type": "bidi_stream", "grpc_service": "embedding.v1.EmbeddingService",
-                     "grpc_method": "LookupStream", "grpc_code": "CANCELLED"}  # fmt: skip
-
-
 def test_idle_streams_are_cancelled_and_free_their_places(
     start_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before, eight streams that sent nothing locked every other stream caller out for
     as long as they stayed open. Each cancellation is logged with the caller and counted."""
     caplog.set_level(logging.INFO, logger="embedding_server.transport.interceptor")
-    cancelled_before = REGISTRY.get_sample_value("grpc_server_handled_total", CANCELLED_STREAMS)
-    cancelled_before = cancelled_before or 0.0
+    cancelled_before = grpc_count("bidi_stream", "LookupStream", "CANCELLED")
     idle_before = (
         REGISTRY.get_sample_value(
             "embedding_stream_idle_timeouts_total", {"grpc_method": "LookupStream"}
@@ -243,9 +246,7 @@ def test_idle_streams_are_cancelled_and_free_their_places(
         "embedding_stream_idle_timeouts_total", {"grpc_method": "LookupStream"}
     )
     assert idle == idle_before + 3  # (other tests of this process may have counted some)
-    assert REGISTRY.get_sample_value("grpc_server_handled_total", CANCELLED_STREAMS) == (
-        cancelled_before + 3
-    )
+    assert grpc_count("bidi_stream", "LookupStream", "CANCELLED") == cancelled_before + 3
     logged = [r.getMessage() for r in caplog.records if "idle for over" in r.getMessage()]
     assert len(logged) == 3, logged
     for line in logged:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,8 +28,10 @@ from .conftest import (
     ServerFactory,
     exactly,
     free_port,
+    grpc_count,
     random_table,
     server_env,
+    until,
     wait_serving,
 )
 
@@ -220,16 +221,16 @@ def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
     stopping = threading.Thread(target=server.stop, kwargs={"grace": 20})
     try:
         threads[0].start()
-        _until(lambda: server.pool.running == 1 and not server.pool.queued)
+        until(lambda: server.pool.running == 1 and not server.pool.queued)
         for thread in threads[1:]:
             thread.start()
-        _until(lambda: server.pool.queued == 6)
+        until(lambda: server.pool.queued == 6)
         stopping.start()
-        _until(lambda: server.draining)  # (a health probe would queue behind them too)
+        until(lambda: server.draining)  # (a health probe would queue behind them too)
         late = threading.Thread(target=call, args=("late", "t"))
         late.start()
         threads.append(late)
-        _until(lambda: server.pool.queued == 7)  # the late call waits too, to be refused
+        until(lambda: server.pool.queued == 7)  # the late call waits too, to be refused
         release.set()
         for thread in threads:
             thread.join(timeout=30)
@@ -239,17 +240,6 @@ def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
     assert not stopping.is_alive()
     assert results.pop("late").startswith("UNAVAILABLE: the server is shutting down")
     assert results == {"slow": "OK", **{f"queued-{k}": "OK" for k in range(6)}}
-
-
-def _grpc_count(kind: str, method: str, code: str | None = None) -> float:
-    """grpc_server_started_total (code None) or grpc_server_handled_total for one method
-    of the data service, summed over every server of this process."""
-    labels = {"grpc_type": kind, "grpc_service": "embedding.v1.EmbeddingService",
-              "grpc_method": method}  # fmt: skip
-    if code is None:
-        return REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0
-    labels["grpc_code"] = code
-    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
 def test_calls_that_arrive_while_draining_are_refused_and_counted(
@@ -277,10 +267,10 @@ def test_calls_that_arrive_while_draining_are_refused_and_counted(
              for code in (None, "UNAVAILABLE")]  # fmt: skip
     try:
         slow.start()
-        _until(lambda: server.pool.running == 1)
-        before = {cell: _grpc_count(*cell) for cell in cells}
+        until(lambda: server.pool.running == 1)
+        before = {cell: grpc_count(*cell) for cell in cells}
         stopping.start()
-        _until(lambda: server.draining)
+        until(lambda: server.draining)
         with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
             for _ in range(2):  # the second call is refused by the handler made for the first
                 with pytest.raises(EmbeddingError, match=exactly(f"UNAVAILABLE: {refusal}")):
@@ -288,7 +278,7 @@ def test_calls_that_arrive_while_draining_are_refused_and_counted(
             with pytest.raises(EmbeddingError, match=exactly(f"UNAVAILABLE: {refusal}")):
                 list(client.lookup_stream(iter([np.array([3])]), table="t"))
             assert client.health() == "NOT_SERVING"
-        counted = {cell: _grpc_count(*cell) - before[cell] for cell in cells}
+        counted = {cell: grpc_count(*cell) - before[cell] for cell in cells}
         assert counted == {
             ("unary", "Lookup", None): 2, ("unary", "Lookup", "UNAVAILABLE"): 2,
             ("bidi_stream", "LookupStream", None): 1,
@@ -320,9 +310,7 @@ def test_a_handler_that_aborts_keeps_its_code(caplog: pytest.LogCaptureFixture) 
         ),)
     )  # fmt: skip
     port = server.add_insecure_port("127.0.0.1:0")
-    labels = {"grpc_type": "unary", "grpc_service": "test.Aborting", "grpc_method": "Call",
-              "grpc_code": "FAILED_PRECONDITION"}  # fmt: skip
-    before = REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+    before = grpc_count("unary", "Call", "FAILED_PRECONDITION", service="test.Aborting")
     server.start()
     try:
         with (
@@ -335,7 +323,9 @@ def test_a_handler_that_aborts_keeps_its_code(caplog: pytest.LogCaptureFixture) 
     assert (raised.value.code(), raised.value.details()) == (
         grpc.StatusCode.FAILED_PRECONDITION, "the handler's own words"
     )  # fmt: skip
-    assert REGISTRY.get_sample_value("grpc_server_handled_total", labels) == before + 1
+    assert grpc_count("unary", "Call", "FAILED_PRECONDITION", service="test.Aborting") == (
+        before + 1
+    )
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -389,8 +379,8 @@ def test_an_unexpected_error_is_internal_logged_and_counted(
 
     def counted() -> tuple[float, float, float]:
         timings = REGISTRY.get_sample_value("grpc_server_handling_seconds_count", timed)
-        started = _grpc_count("unary", "Lookup")
-        return started, _grpc_count("unary", "Lookup", "INTERNAL"), timings or 0.0
+        started = grpc_count("unary", "Lookup")
+        return started, grpc_count("unary", "Lookup", "INTERNAL"), timings or 0.0
 
     before = counted()
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=10) as client:
@@ -416,14 +406,9 @@ def test_health_answers_are_counted_under_the_code_the_prober_gets(
     """grpc's health service answers a service it does not know with NOT_FOUND set on the
     call, not raised: the counters must still say NOT_FOUND, not OK."""
     server = start_server({"t": random_table(10, 4)})
-    labels = {"grpc_type": "unary", "grpc_service": "grpc.health.v1.Health",
-              "grpc_method": "Check"}  # fmt: skip
 
     def handled(code: str) -> float:
-        sample = REGISTRY.get_sample_value(
-            "grpc_server_handled_total", {**labels, "grpc_code": code}
-        )
-        return sample or 0.0
+        return grpc_count("unary", "Check", code, service="grpc.health.v1.Health")
 
     before = {code: handled(code) for code in ("OK", "NOT_FOUND")}
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=10) as client:
@@ -459,13 +444,6 @@ def test_one_hot_matmuls_wait_for_a_place_within_their_deadline(
             running.join(timeout=30)
         np.testing.assert_array_equal(first[0], table[[1, 2]])
         np.testing.assert_array_equal(client.lookup_dense([3]), table[[3]])  # the place is free
-
-
-def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_kill9_and_restart_under_load(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
 
 from embedding_client import AsyncEmbeddingClient, EmbeddingClient, EmbeddingError
 from embedding_client.proto import embedding_pb2 as pb
@@ -18,7 +17,7 @@ from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server.process.server import EmbeddingServer
 from embedding_server.transport.interceptor import StatusInterceptor
 
-from .conftest import ServerFactory, random_table
+from .conftest import ServerFactory, grpc_count, random_table, until
 
 
 def test_stream_answers_every_batch_in_order(
@@ -146,14 +145,10 @@ def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
 
     slow = threading.Thread(target=slow_call)
     stopping = threading.Thread(target=server.stop, kwargs={"grace": 20})
-    labels = {"grpc_type": "bidi_stream", "grpc_service": "embedding.v1.EmbeddingService",
-              "grpc_method": "LookupStream", "grpc_code": "UNAVAILABLE"}  # fmt: skip
-    started_labels = {k: v for k, v in labels.items() if k != "grpc_code"}
 
     def counts() -> tuple[float, float]:
-        started = REGISTRY.get_sample_value("grpc_server_started_total", started_labels)
-        handled = REGISTRY.get_sample_value("grpc_server_handled_total", labels)
-        return started or 0.0, handled or 0.0
+        started = grpc_count("bidi_stream", "LookupStream")
+        return started, grpc_count("bidi_stream", "LookupStream", "UNAVAILABLE")
 
     before = counts()
     channel = grpc.insecure_channel(target)
@@ -163,9 +158,7 @@ def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
         slow.start()
         assert slow_lookups.entered.wait(10)
         stopping.start()
-        deadline = time.monotonic() + 10
-        while not server.draining and time.monotonic() < deadline:
-            time.sleep(0.01)
+        until(lambda: server.draining)
         more.set()
         with pytest.raises(grpc.RpcError) as raised:
             next(stream)
