@@ -129,16 +129,21 @@ def test_vectors_decode_without_copy(dtype: str, numpy_dtype: type) -> None:
         (5, 3, "bfloat16", 2**40),
         (16, 8, "float32", 300),  # a length that needs two varint bytes
         (2048, 128, "float32", 7),  # a 1 MiB field: a three-byte length
+        (1, 300, "float16", 1),  # a dim past one varint byte
+        (200, 2**21, "float32", 1),  # a three-byte dim, 0-byte table name below
     ],
 )
 @pytest.mark.parametrize("sequence", [0, 1, 200])
+@pytest.mark.parametrize("table", ["table", "", "tâble/ü" * 20])  # empty; UTF-8 past 127 bytes
 def test_hand_serialized_lookup_responses_are_protobufs_own_bytes(
-    rows: int, dim: int, dtype: str, version: int, sequence: int
+    rows: int, dim: int, dtype: str, version: int, sequence: int, table: str
 ) -> None:
     numpy_dtype = np.dtype("<i2") if dtype == "bfloat16" else np.dtype(dtype)
+    if rows * dim > 1 << 20:  # the shape's bytes matter here, not the vectors'
+        rows = 0
     values = np.random.default_rng(rows).standard_normal((rows, dim)).astype(numpy_dtype)
-    encoded = codec.EncodedLookupResponse(values, dtype, (rows, dim), "table", version)
-    reference = codec.encode_lookup_response(values.tobytes(), dtype, (rows, dim), "table", version)
+    encoded = codec.EncodedLookupResponse(values, dtype, (rows, dim), table, version)
+    reference = codec.encode_lookup_response(values.tobytes(), dtype, (rows, dim), table, version)
     assert encoded.SerializeToString() == reference.SerializeToString()
     assert pb.LookupResponse.FromString(encoded.SerializeToString()) == reference
     assert encoded.nbytes == values.nbytes

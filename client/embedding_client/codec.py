@@ -281,7 +281,10 @@ def decode_ids(request: pb.LookupRequest) -> np.ndarray:
         flat = np.asarray(request.ids_list, dtype=ID_DTYPE)
     if not request.HasField("ids_shape"):
         return flat
-    dims = tuple(request.ids_shape.dims)
+    shape = request.ids_shape.dims
+    if len(shape) == 1 and shape[0] == flat.size:
+        return flat  # what the client sends for a list of ids: nothing to reshape
+    dims = tuple(shape)
     if len(dims) > MAX_ID_DIMS:
         raise WireError(f"ids_shape has {len(dims)} dims; at most {MAX_ID_DIMS} are supported")
     if any(d < 0 for d in dims):
@@ -347,6 +350,12 @@ def encode_lookup_response(
 
 
 def _varint(value: int) -> bytes:
+    if value < _SMALL:
+        return _SMALL_VARINTS[value]
+    return _encode_varint(value)
+
+
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -355,6 +364,11 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+# Every varint of one or two bytes, made once: the answers' lengths and shapes need a few
+# per call.
+_SMALL = 1 << 14
+_SMALL_VARINTS = [_encode_varint(value) for value in range(_SMALL)]
+
 # Wire keys (field number << 3 | wire type) of the fields serialized by hand below.
 _LOOKUP_VECTORS = b"\x0a"  # LookupResponse.vectors = 1, length-delimited
 _STREAM_SEQUENCE = b"\x08"  # LookupStreamResponse.sequence = 1, varint
@@ -362,6 +376,31 @@ _STREAM_RESULT = b"\x12"  # LookupStreamResponse.result = 2, length-delimited
 _MANY_RESULTS = b"\x0a"  # LookupManyResponse.results = 1, length-delimited (repeated)
 _FEATURE_NAME = b"\x0a"  # FeatureResult.feature = 1, length-delimited
 _FEATURE_RESULT = b"\x12"  # FeatureResult.result = 2, length-delimited
+
+
+_LOOKUP_DTYPE = b"\x10"  # LookupResponse.dtype = 2, varint
+_LOOKUP_SHAPE = b"\x1a"  # LookupResponse.shape = 3, packed (length-delimited)
+_LOOKUP_TABLE = b"\x22"  # LookupResponse.table = 4, length-delimited
+_LOOKUP_VERSION = b"\x28"  # LookupResponse.table_version = 5, varint
+
+
+def _lookup_response_tail(dtype: str, shape: tuple[int, ...], table: str, version: int) -> bytes:
+    """LookupResponse's fields after the vectors, as protobuf writes them (in field order,
+    proto3 defaults left out; shape dims are never negative), framed by hand: building a
+    message to serialize them cost a busy server several microseconds per call."""
+    parts = [_DTYPE_FIELDS[dtype]]
+    if shape:
+        dims = b"".join([_varint(d) for d in shape])
+        parts += [_LOOKUP_SHAPE, _varint(len(dims)), dims]
+    if table:
+        name = table.encode()
+        parts += [_LOOKUP_TABLE, _varint(len(name)), name]
+    if version:
+        parts += [_LOOKUP_VERSION, _varint(version)]
+    return b"".join(parts)
+
+
+_DTYPE_FIELDS = {name: _LOOKUP_DTYPE + _varint(dtype_to_wire(name)) for name in DTYPE_NAMES}
 
 
 class EncodedLookupResponse:
@@ -384,7 +423,7 @@ class EncodedLookupResponse:
         self.vectors = np.ascontiguousarray(vectors).reshape(-1).view(np.uint8).data
         self.nbytes = self.vectors.nbytes
         self.dtype, self.shape, self.table, self.version = dtype, shape, table, version
-        self._tail = encode_lookup_response(b"", dtype, shape, table, version).SerializeToString()
+        self._tail = _lookup_response_tail(dtype, shape, table, version)
 
     def _parts(self) -> list[Any]:
         if not self.nbytes:
