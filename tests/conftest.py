@@ -110,15 +110,18 @@ def slow_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     until `.release` is set; `.entered` is set as each starts. Released at teardown, so
     a failing test does not leave server threads waiting."""
     held = SimpleNamespace(entered=threading.Event(), release=threading.Event())
-    original = Lookups.lookup
 
-    def lookup(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
-        if table_name == "slow":
-            held.entered.set()
-            assert held.release.wait(30)
-        return original(self, table_name, *args, **kwargs)  # type: ignore[arg-type]
+    def holding(original: Callable[..., object]) -> Callable[..., object]:
+        def call(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
+            if table_name == "slow":
+                held.entered.set()
+                assert held.release.wait(30)
+            return original(self, table_name, *args, **kwargs)
 
-    monkeypatch.setattr(Lookups, "lookup", lookup)
+        return call
+
+    for way in ("lookup", "plain"):  # the general way and the short way (Lookups.plain)
+        monkeypatch.setattr(Lookups, way, holding(getattr(Lookups, way)))
     try:
         yield held
     finally:

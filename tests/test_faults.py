@@ -372,6 +372,7 @@ def test_an_unexpected_error_is_internal_logged_and_counted(
         raise ZeroDivisionError("a bug's own words, for the log only")
 
     monkeypatch.setattr(Lookups, "lookup", broken)
+    monkeypatch.setattr(Lookups, "plain", broken)  # the short way of plain lookups
     server = start_server({"t": random_table(10, 4)})
     caplog.set_level(logging.ERROR, logger="embedding_server.transport.interceptor")
     timed = {"grpc_type": "unary", "grpc_service": "embedding.v1.EmbeddingService",

@@ -134,13 +134,17 @@ def test_a_read_reports_the_version_of_the_rows_it_read() -> None:
 
     def release_then_update() -> None:  # the most unlucky moment for a writer to come in
         release()
-        if table.version == 1:
+        if table.version in (1, 2):
             store.update_rows("t", np.array([0]), np.full((1, DIM), 7.0, np.float32))
 
     table.lock.release_read = release_then_update  # type: ignore[method-assign]
     rows, version = table.read(lambda: table.weights[0].clone())
     assert (version, table.version) == (1, 2)
     np.testing.assert_array_equal(rows.numpy(), WEIGHTS[0])
+    # The plain lookup's short way (Table.take) the same: its version is its rows'.
+    taken, _, version = table.take(np.array([0, 0]))
+    assert (version, table.version) == (2, 3)
+    np.testing.assert_array_equal(taken, np.full((2, DIM), 7.0, np.float32))
 
 
 def test_a_seqlock_read_overlapping_a_write_reads_again() -> None:

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from embedding_client import codec
 from embedding_client.codec import Bags
+from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.shards import Shard
 from embedding_server.core import kernels
 from embedding_server.core.batcher import Batcher
@@ -32,6 +34,7 @@ from embedding_server.errors import (
     InvalidRequest,
     OverLimit,
 )
+from embedding_server.transport.servicer import EmbeddingServicer
 
 from .conftest import exactly
 
@@ -121,6 +124,126 @@ def test_a_plain_lookup_is_a_gather_by_the_host_take(
     np.testing.assert_array_equal(out.vectors, FULL[[3, 1]])
     whole.lookup("w", np.array([3, 1]), "float16")  # another dtype: torch converts
     assert taken == [2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("ids", [[3, 1, 3], [[7], [2]], [], [99]], ids=["1d", "2d", "none", "last"])
+def test_the_short_way_answers_what_lookup_answers(dtype: str, ids: list[int]) -> None:
+    weights = torch.from_numpy(FULL.copy()).to(getattr(torch, dtype))
+    table = Table(name="w", weights=weights, source="test")
+    lookups = lookups_of(table)
+    array = np.array(ids, dtype=np.int64)
+    short, general = lookups.plain("w", array, dtype), lookups.lookup("w", array, dtype)
+    assert short is not None
+    assert short.vectors.dtype == general.vectors.dtype
+    np.testing.assert_array_equal(short.vectors, general.vectors)
+    assert short[1:4] == general[1:4] == ((*array.shape, 4), dtype, table)
+    assert (short.version, short.kernel) == (general.version, general.kernel) == (1, "gather")
+    assert 0 <= short.kernel_seconds < 1
+
+
+def test_the_short_way_leaves_every_other_call_to_lookup(whole: Lookups) -> None:
+    ids = np.array([1, 2])
+    assert whole.plain("w", ids, "float16") is None  # a conversion: torch's
+    assert whole.plain("", ids, "float32") is None  # no table of that (resolved) name
+    assert (
+        whole.plain("w", np.zeros(kernels.HOST_TAKE_ELEMENTS // 4 + 1, np.int64), "float32") is None
+    )
+    weights = torch.from_numpy(FULL.copy())
+    rows = ShardRows.of(Shard(0, 2), len(FULL), chunk=64)
+    sharded = Table(name="s", weights=weights[rows.owned], source="test", shard=rows)
+    codes, params = kernels.quantize(weights)
+    quantized = Table(name="q", weights=codes, source="test", qparams=params)
+    for table in (sharded, quantized):
+        assert lookups_of(table).plain(table.name, ids, "float32") is None
+    batcher = Batcher(max_delay_s=0.001, max_ids=4096)
+    try:
+        table = Table(name="w", weights=weights, source="test")
+        assert lookups_of(table, batcher=batcher).plain("w", ids, "float32") is None
+    finally:
+        batcher.close()
+
+
+def test_the_short_way_refuses_what_lookup_refuses() -> None:
+    small = Limits(max_ids=3, max_dense_macs=1, dense_chunk_cells=1, max_response_bytes=40)
+    lookups = lookups_of(
+        Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test"), small
+    )
+    refusals = [
+        ([1, 100], InvalidRequest, "id 100 at position 1 is out of range: table has 100 rows, "
+                                   "ids must be in [0, 100)"),
+        ([-1], InvalidRequest, "id -1 at position 0 is out of range: table has 100 rows, "
+                               "ids must be in [0, 100)"),
+        ([1, 2, 3, 4], OverLimit, "4 ids in one request; this server takes at most 3 "
+                                  "(--max-ids): split the request"),
+        ([1, 2, 3], OverLimit, "the response would be 48 bytes, over the 40-byte message "
+                               "limit (--max-message-bytes): split the request or ask for "
+                               "float16/bfloat16"),
+    ]  # fmt: skip
+    for ids, error, message in refusals:
+        for how in (lookups.plain, lookups.lookup):
+            with pytest.raises(error, match=exactly(message)):
+                how("w", np.array(ids, dtype=np.int64), "float32")
+
+
+def test_the_short_way_reads_rows_whole_and_says_which_version() -> None:
+    table = Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test")
+    lookups = lookups_of(table)
+    answers: list[object] = []
+    reader = threading.Thread(
+        target=lambda: answers.append(lookups.plain("w", np.array([4]), "float32")), daemon=True
+    )
+    with table.lock.writing():  # an update under way: the read waits for it
+        reader.start()
+        time.sleep(0.2)
+        waited = not answers
+        table.weights[4] = 9.0
+        table.version = 2
+    reader.join(timeout=5)
+    assert waited
+    assert len(answers) == 1
+    out = answers[0]
+    assert out is not None and out.version == 2  # type: ignore[attr-defined]
+    assert (out.vectors == 9.0).all()  # type: ignore[attr-defined]
+    shared = Table(name="s", weights=torch.from_numpy(FULL.copy()), source="test",
+                   shared_state=torch.tensor([0, 5], dtype=torch.int64))  # fmt: skip
+    out = lookups_of(shared).plain("s", np.array([2, 0]), "float32")
+    assert out is not None and out.version == 5
+    np.testing.assert_array_equal(out.vectors, FULL[[2, 0]])
+
+
+def test_the_servicer_takes_the_short_way_for_plain_requests_only(
+    whole: Lookups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    servicer = EmbeddingServicer(whole)
+    shortcuts: list[str] = []
+    real = whole.plain
+
+    def plain(table: str, ids: np.ndarray, dtype: str) -> object:
+        shortcuts.append(table)
+        return real(table, ids, dtype)
+
+    monkeypatch.setattr(whole, "plain", plain)
+    context = SimpleNamespace(time_remaining=lambda: None)
+    answer = servicer.Lookup(codec.encode_lookup_request([[1, 2]], "", "float32"), context)  # type: ignore[arg-type]
+    assert shortcuts == ["w"]  # the name resolved: the default table
+    assert (answer.shape, answer.table) == ((1, 2, 4), "w")
+    others = [
+        codec.encode_lookup_request([1, 2], "w", "float32", padding_id=1),
+        codec.encode_lookup_request([1, 2], "w", "float32", pooling="sum", lengths=[2]),
+        codec.encode_lookup_request([1, 2], "w", "float32", pooling="max"),
+        pb.LookupRequest(table="w", ids_list=[1, 2], expect_shard=pb.ShardOf(index=0, count=1)),
+    ]
+    for request in others:
+        servicer.Lookup(request, context)  # type: ignore[arg-type]
+    servicer.LookupDense(codec.encode_lookup_request([1], "w", "float32"), context)  # type: ignore[arg-type]
+    assert shortcuts == ["w"]
+    bag_fields = [pb.LookupRequest(table="w", ids_list=[1, 2], lengths=[2]),
+                  pb.LookupRequest(table="w", ids_list=[1, 2], offsets=[0]),
+                  pb.LookupRequest(table="w", ids_list=[1], per_id_weights=bytes(4))]  # fmt: skip
+    for request in bag_fields:  # without pooling: refused, not looked up the short way
+        with pytest.raises(codec.WireError, match=r"^offsets, lengths and per_id_weights need"):
+            servicer.Lookup(request, context)  # type: ignore[arg-type]
 
 
 def test_a_batcher_given_serves_the_plain_gathers() -> None:

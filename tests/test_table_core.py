@@ -50,6 +50,22 @@ def test_the_extremes_of_int64_are_out_of_range() -> None:
     check_ids(np.array([9], dtype=np.int64), 10)  # the last row
 
 
+def test_many_ids_and_strided_ids_are_checked_like_a_few() -> None:
+    """A few contiguous int64 ids are checked by Python's max over their bytes, more (and
+    strided ones) by numpy: the same answers either way."""
+    many = np.arange(100, dtype=np.int64) % 10
+    check_ids(many, 10)
+    for bad, position in ((-3, 77), (10, 99), (np.iinfo(np.int64).min, 40)):
+        ids = many.copy()
+        ids[position] = bad
+        with pytest.raises(InvalidRequest, match=rf"^id {bad} at position {position} "):
+            check_ids(ids, 10)
+    columns = np.array([[0, -1], [2, 3], [4, 10]], dtype=np.int64)
+    check_ids(columns[:, 0], 10)  # a strided view: [0, 2, 4]
+    with pytest.raises(InvalidRequest, match=r"^id -1 at position 0 "):
+        check_ids(columns[:, 1], 10)
+
+
 def test_padding_ids_must_be_rows() -> None:
     check_padding_id(0, 5, "t")
     check_padding_id(4, 5, "t")

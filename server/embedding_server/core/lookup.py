@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from embedding_server.errors import DeadlineExceeded, OverLimit
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in OUTPUT_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,10 @@ class Limits:
     dense_concurrency: int = 2
 
 
-@dataclass(frozen=True)
-class LookupOutput:
+class LookupOutput(NamedTuple):
     """Vectors as a row-major array of their wire bytes (bfloat16 as int16), with what the
-    transport reports about them."""
+    transport reports about them. (A tuple: a frozen dataclass's constructor costs
+    several times more, on every call.)"""
 
     vectors: np.ndarray
     shape: tuple[int, ...]
@@ -72,6 +74,23 @@ class Lookups:
         self.batcher = batcher
         self.staging = staging  # pinned blocks for results leaving a CUDA device
         self._dense_slots = threading.BoundedSemaphore(limits.dense_concurrency)
+
+    def plain(self, table_name: str, ids: np.ndarray, dtype: str) -> LookupOutput | None:
+        """The common call the short way: `lookup(table_name, ids, dtype)` of a whole table
+        in host memory in its own dtype, which numpy's take serves (`Table.take`), with the
+        same checks, answer and errors; None when it is not that call (another table, a
+        conversion, a batcher, more ids than the host take serves), for `lookup` to run."""
+        table = self.store.tables.get(table_name)
+        if table is None or not table.on_host or self.batcher is not None:
+            return None
+        dim = table.dim
+        if ids.size * dim > kernels.HOST_TAKE_ELEMENTS or dtype != table.dtype:
+            return None
+        self._check_count(ids.size, "ids")
+        self._check_response(ids.size * dim * _ITEMSIZE[dtype])
+        check_ids(ids, table.rows)
+        data, seconds, version = table.take(ids)
+        return LookupOutput(data, (*ids.shape, dim), dtype, table, version, seconds, "gather")
 
     def lookup(
         self,

@@ -123,24 +123,30 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         # Label by the resolved table only: a caller's made-up names must not become series.
         table = self.lookups.store.resolve_name(request.table) or ""
         code = grpc.StatusCode.OK
+        if dense is None:
+            dense = method in DENSE_METHODS
         try:
             ids = codec.decode_ids(request)
             dtype = codec.dtype_name(request.dtype)
-            bags = codec.decode_bags(request, ids)
-            out = self.lookups.lookup(
-                request.table,
-                ids,
-                dtype,
-                dense=method in DENSE_METHODS if dense is None else dense,
-                deadline=_deadline(context),
-                bags=bags,
-                padding_id=request.padding_id if request.HasField("padding_id") else None,
-                expect_shard=(
-                    (request.expect_shard.index, request.expect_shard.count)
-                    if request.HasField("expect_shard")
-                    else None
-                ),
-            )
+            deadline = _deadline(context)
+            out = None if dense or not _plain(request) else self.lookups.plain(table, ids, dtype)
+            bags = None
+            if out is None:
+                bags = codec.decode_bags(request, ids)
+                out = self.lookups.lookup(
+                    request.table,
+                    ids,
+                    dtype,
+                    dense=dense,
+                    deadline=deadline,
+                    bags=bags,
+                    padding_id=request.padding_id if request.HasField("padding_id") else None,
+                    expect_shard=(
+                        (request.expect_shard.index, request.expect_shard.count)
+                        if request.HasField("expect_shard")
+                        else None
+                    ),
+                )
             metrics.child(metrics.REQUEST_IDS, method, table).observe(ids.size)
             if bags is not None:
                 metrics.child(metrics.REQUEST_BAGS, method, table).observe(bags.count)
@@ -175,6 +181,19 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
         version=table.version,
         bytes=table.nbytes,
         is_default=table.name == store.default_name,
+    )
+
+
+def _plain(request: pb.LookupRequest) -> bool:
+    """Whether `request` asks for W[ids] and no more: no pooling, bags, padding id or
+    expected shard (what `Lookups.plain` serves)."""
+    return not (
+        request.pooling
+        or request.offsets
+        or request.lengths
+        or request.per_id_weights
+        or request.HasField("padding_id")
+        or request.HasField("expect_shard")
     )
 
 
