@@ -77,19 +77,25 @@ class Lookups:
 
     def plain(self, table_name: str, ids: np.ndarray, dtype: str) -> LookupOutput | None:
         """The common call the short way: `lookup(table_name, ids, dtype)` of a whole table
-        in host memory in its own dtype, which numpy's take serves (`Table.take`), with the
-        same checks, answer and errors; None when it is not that call (another table, a
-        conversion, a batcher, more ids than the host take serves), for `lookup` to run."""
+        in host memory, which numpy's take serves (`Table.take`; another output dtype
+        converted after it by torch, as `lookup` converts), with the same checks, answer
+        and errors; None when it is not that call (another table, a batcher, more ids
+        than the host take serves), for `lookup` to run."""
         table = self.store.tables.get(table_name)
         if table is None or not table.on_host or self.batcher is not None:
             return None
         dim = table.dim
-        if ids.size * dim > kernels.HOST_TAKE_ELEMENTS or dtype != table.dtype:
+        if ids.size * dim > kernels.HOST_TAKE_ELEMENTS:
             return None
         self._check_count(ids.size, "ids")
         self._check_response(ids.size * dim * _ITEMSIZE[dtype])
         check_ids(ids, table.rows)
         data, seconds, version = table.take(ids)
+        if dtype != table.dtype:
+            rows = torch.from_numpy(data)
+            stored = table.weights.dtype
+            data = devices.to_host(rows.view(stored) if stored in devices.WIRE_VIEW else rows,
+                                   OUTPUT_DTYPES[dtype])  # fmt: skip
         return LookupOutput(data, (*ids.shape, dim), dtype, table, version, seconds, "gather")
 
     def lookup(
