@@ -649,7 +649,11 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "service.md").write_text(text + "\n")
     plot(results, args.out / "service.png", "mean" if args.load == "h2load" else "p50")
-    print(f"\nwrote {args.out / 'service.md'} and {args.out / 'service.png'}")
+    written = [args.out / "service.md", args.out / "service.png"]
+    if any(is_ceiling(r["kind"]) for r in results):
+        plot_against_bare(results, args.out / "service-vs-bare.png")
+        written.append(args.out / "service-vs-bare.png")
+    print(f"\nwrote {', '.join(str(path) for path in written)}")
 
 
 def plot(results: list[dict[str, object]], path: Path, latency: str = "p50") -> None:
@@ -682,6 +686,47 @@ def plot(results: list[dict[str, object]], path: Path, latency: str = "p50") -> 
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_against_bare(results: list[dict[str, object]], path: Path) -> None:
+    """Each target's server CPU per call and rows/s against the strongest bare server of
+    each cell, by batch size, one line per calls in flight; the targets of issue 12 (at
+    most 1.15x the CPU, at least 90% of the rows/s) drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = strongest_bare(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    lines: dict[tuple[str, object], list[dict[str, object]]] = {}
+    for r in results:
+        if not is_ceiling(r["kind"]) and best.get((r["batch"], r["concurrency"])):
+            lines.setdefault((str(r["kind"]), r["concurrency"]), []).append(r)
+    colours: dict[str, str] = {}
+    for (kind, inflight), cells in lines.items():
+        cells.sort(key=lambda r: r["batch"])  # type: ignore[arg-type,return-value]
+        batches = [r["batch"] for r in cells]
+        cells_best = [best[(r["batch"], r["concurrency"])] for r in cells]
+        cpu = [r["cpu_us"] / b["cpu_us"] for r, b in zip(cells, cells_best, strict=True)]  # type: ignore[operator]
+        rows = [100 * r["rows_s"] / b["rows_s"] for r, b in zip(cells, cells_best, strict=True)]  # type: ignore[operator]
+        # One colour per target; the fewest calls in flight solid, more dashed.
+        look = {"color": colours.setdefault(kind, f"C{len(colours)}"), "marker": "o",
+                "linestyle": "-" if inflight == min(c for _, c in lines) else "--",
+                "label": f"{kind}, {inflight} in flight"}  # fmt: skip
+        left.plot(batches, cpu, **look)  # type: ignore[arg-type]
+        right.plot(batches, rows, **look)  # type: ignore[arg-type]
+    left.axhline(1.15, color="black", linewidth=1, linestyle=":", label="target: 1.15x")
+    right.axhline(90, color="black", linewidth=1, linestyle=":", label="target: 90%")
+    left.set(xscale="log", xlabel="ids per call (B)", ylabel="x the strongest bare server",
+             title="server CPU per call (lower is better)")  # fmt: skip
+    right.set(xscale="log", xlabel="ids per call (B)", ylabel="% of the strongest bare server",
+              title="rows/s (higher is better)")  # fmt: skip
+    for axis in (left, right):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
