@@ -147,9 +147,10 @@ def test_the_short_way_answers_what_lookup_answers(stored: str, dtype: str, ids:
 def test_the_short_way_leaves_every_other_call_to_lookup(whole: Lookups) -> None:
     ids = np.array([1, 2])
     assert whole.plain("", ids, "float32") is None  # no table of that (resolved) name
-    assert (
-        whole.plain("w", np.zeros(kernels.HOST_TAKE_ELEMENTS // 4 + 1, np.int64), "float32") is None
-    )
+    most = np.zeros(kernels.HOST_TAKE_ELEMENTS // 4, np.int64)  # the host take's most ids
+    with pytest.raises(OverLimit, match=f"^{most.size} ids in one request"):
+        whole.plain("w", most, "float32")  # taken the short way: its limits refuse it
+    assert whole.plain("w", np.append(most, 0), "float32") is None  # past it: torch's gather
     weights = torch.from_numpy(FULL.copy())
     rows = ShardRows.of(Shard(0, 2), len(FULL), chunk=64)
     sharded = Table(name="s", weights=weights[rows.owned], source="test", shard=rows)

@@ -91,11 +91,9 @@ class Lookups:
         self._check_response(ids.size * dim * _ITEMSIZE[dtype])
         check_ids(ids, table.rows)
         data, seconds, version = table.take(ids)
-        if dtype != table.dtype:
-            rows = torch.from_numpy(data)
-            stored = table.weights.dtype
-            data = devices.to_host(rows.view(stored) if stored in devices.WIRE_VIEW else rows,
-                                   OUTPUT_DTYPES[dtype])  # fmt: skip
+        if dtype != table.dtype:  # the stored rows (bfloat16 as its bits) converted
+            rows = torch.from_numpy(data).view(table.weights.dtype)
+            data = devices.to_host(rows, OUTPUT_DTYPES[dtype])
         return LookupOutput(data, (*ids.shape, dim), dtype, table, version, seconds, "gather")
 
     def lookup(
