@@ -55,6 +55,7 @@ def test_many_ids_and_strided_ids_are_checked_like_a_few() -> None:
     strided ones) by numpy: the same answers either way."""
     many = np.arange(100, dtype=np.int64) % 10
     check_ids(many, 10)
+    check_ids(many[:64].reshape(8, 8), 10)  # numpy's reduce over every axis, not one
     for bad, position in ((-3, 77), (10, 99), (np.iinfo(np.int64).min, 40)):
         ids = many.copy()
         ids[position] = bad
@@ -192,3 +193,33 @@ def test_host_arrays_are_views_of_the_weights_wire_bits() -> None:
     halves = table(weights.to(torch.bfloat16)).host_array()
     assert halves.dtype == np.int16  # bfloat16's bits
     assert floats.__getstate__()["_views"] == {}  # never pickled
+
+
+def test_take_reads_rows_by_numpy_with_the_seconds_and_version_it_saw() -> None:
+    """`Table.take`, the plain lookup's read: rows along axis 0 under the read lock, the
+    seconds the take ran, the version; across processes (shared state) through the
+    seqlock, reading again after an overlapping write."""
+    weights = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    expected = weights.numpy()[[[2], [0]]]
+    plain = table(weights.clone())
+    plain.version = 6
+    rows, seconds, version = plain.take(np.array([[2], [0]]))
+    np.testing.assert_array_equal(rows, expected)
+    assert 0 <= seconds < 1 and version == 6
+    state = torch.tensor([0, 3], dtype=torch.int64)
+    shared = table(weights.clone(), shared_state=state)
+    real = shared.host_array()
+    reads: list[int] = []
+
+    class Overlapped:  # the host array, with another process writing during the first take
+        def take(self, ids: np.ndarray, axis: int) -> np.ndarray:
+            reads.append(axis)
+            if len(reads) == 1:
+                state[0] += 2  # a whole write: odd while it ran, even again
+                state[1] = 4
+            return real.take(ids, axis)
+
+    shared._views["weights"] = Overlapped()  # type: ignore[assignment]
+    rows, seconds, version = shared.take(np.array([[2], [0]]))
+    np.testing.assert_array_equal(rows, expected)
+    assert reads == [0, 0] and version == 4 and 0 <= seconds < 1
