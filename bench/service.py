@@ -14,7 +14,9 @@ Every figure comes from one run on one machine, so the ratios compare like with 
 Load comes from separate client processes (asyncio, many calls in flight each), for a
 bounded time per cell, on loopback only. Besides throughput and latency each cell reports
 the server's CPU time per call (the process and its children, over the measured window).
-Prints a markdown table, writes it and a plot.
+Prints a markdown table, writes it and a plot (service.md, service.png under --out), and
+with bare servers measured, each target against the strongest of them
+(service-vs-bare.png, with issue 12's 1.15x and 90% lines).
 
     .venv/bin/python bench/service.py                       (make bench-service)
     .venv/bin/python bench/service.py --batch 1,1024 --concurrency 1,32 --seconds 2
