@@ -128,11 +128,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             ids = codec.decode_ids(request)
             dtype = codec.dtype_name(request.dtype)
+            bags = codec.decode_bags(request, ids)
             deadline = _deadline(context)
-            out = None if dense or not _plain(request) else self.lookups.plain(table, ids, dtype)
-            bags = None
+            plain = not (
+                dense
+                or bags is not None
+                or request.HasField("padding_id")
+                or request.HasField("expect_shard")
+            )  # W[ids] and no more: the core's short way, when the table allows it
+            out = self.lookups.plain(table, ids, dtype) if plain else None
             if out is None:
-                bags = codec.decode_bags(request, ids)
                 out = self.lookups.lookup(
                     request.table,
                     ids,
@@ -181,19 +186,6 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
         version=table.version,
         bytes=table.nbytes,
         is_default=table.name == store.default_name,
-    )
-
-
-def _plain(request: pb.LookupRequest) -> bool:
-    """Whether `request` asks for W[ids] and no more: no pooling, bags, padding id or
-    expected shard (what `Lookups.plain` serves)."""
-    return not (
-        request.pooling
-        or request.offsets
-        or request.lengths
-        or request.per_id_weights
-        or request.HasField("padding_id")
-        or request.HasField("expect_shard")
     )
 
 
