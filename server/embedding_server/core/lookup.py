@@ -29,7 +29,6 @@ from embedding_server.errors import DeadlineExceeded, OverLimit
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ITEMSIZE = {name: dtype.itemsize for name, dtype in OUTPUT_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -87,13 +86,12 @@ class Lookups:
         dim = table.dim
         if ids.size * dim > kernels.HOST_TAKE_ELEMENTS:
             return None
-        self._check_count(ids.size, "ids")
-        self._check_response(ids.size * dim * _ITEMSIZE[dtype])
-        check_ids(ids, table.rows)
+        out_dtype = OUTPUT_DTYPES[dtype]
+        self._check(table, ids, out_dtype, dense=False)
         data, seconds, version = table.take(ids)
         if dtype != table.dtype:  # the stored rows (bfloat16 as its bits) converted
             rows = torch.from_numpy(data).view(table.weights.dtype)
-            data = devices.to_host(rows, OUTPUT_DTYPES[dtype])
+            data = devices.to_host(rows, out_dtype)
         return LookupOutput(data, (*ids.shape, dim), dtype, table, version, seconds, "gather")
 
     def lookup(
