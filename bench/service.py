@@ -708,6 +708,7 @@ def plot_against_bare(results: list[dict[str, object]], path: Path) -> None:
         if not is_ceiling(r["kind"]) and best.get((r["batch"], r["concurrency"])):
             lines.setdefault((str(r["kind"]), r["concurrency"]), []).append(r)
     colours: dict[str, str] = {}
+    fewest = min((inflight for _, inflight in lines), default=0)
     for (kind, inflight), cells in lines.items():
         cells.sort(key=lambda r: r["batch"])  # type: ignore[arg-type,return-value]
         batches = [r["batch"] for r in cells]
@@ -716,7 +717,7 @@ def plot_against_bare(results: list[dict[str, object]], path: Path) -> None:
         rows = [100 * r["rows_s"] / b["rows_s"] for r, b in zip(cells, cells_best, strict=True)]  # type: ignore[operator]
         # One colour per target; the fewest calls in flight solid, more dashed.
         look = {"color": colours.setdefault(kind, f"C{len(colours)}"), "marker": "o",
-                "linestyle": "-" if inflight == min(c for _, c in lines) else "--",
+                "linestyle": "-" if inflight == fewest else "--",
                 "label": f"{kind}, {inflight} in flight"}  # fmt: skip
         left.plot(batches, cpu, **look)  # type: ignore[arg-type]
         right.plot(batches, rows, **look)  # type: ignore[arg-type]
