@@ -1,7 +1,10 @@
 """A probe, not a server: the embedding service's Lookup path served by `grpc.aio`.
 
 What moving the service onto grpc.aio would buy (issue 12), measured before the transport
-is rewritten. The probe runs the real per-call code of a Lookup: the servicer with its
+was rewritten, and where on it the call's Python should run: `--aio-probe
+inline,executor,migration` (on the loop; awaited in the handler pool; grpc.aio's own pool
+for sync handlers). Inline won by far (docs/performance.md), and the server now answers
+plain lookups that way. The probe runs the real per-call code of a Lookup: the servicer with its
 limits, id checks, gather, metrics and framing (`EmbeddingServicer.lookup_request`), the
 authenticator's check, and the interceptor's gRPC metrics, status mapping and malformed
 request answer, on one event loop, inline (a small plain gather blocks the loop for
@@ -24,12 +27,19 @@ from typing import Any
 SERVICE = "embedding.v1.EmbeddingService"
 
 
-def probe_server(port: int, rows: int, malloc_tune: bool = True) -> None:
+MODES = ("inline", "executor", "migration")
+
+
+def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool = True) -> None:
     """Serve Lookup on 127.0.0.1:`port` over the demo table (`rows` x 128 float32, the
-    server's seeded one) until SIGTERM. `malloc_tune`: glibc's thresholds raised, as
+    server's seeded one) until SIGTERM. `mode`: where the call's Python runs: "inline" on
+    the event loop; "executor" in the server's handler pool (`CallPool`, 4 threads),
+    awaited by a coroutine; "migration" as a sync handler that grpc.aio itself runs in
+    that pool (`migration_thread_pool`). `malloc_tune`: glibc's thresholds raised, as
     `embedding-server --malloc-tune true` (its default) does."""
     import grpc
     import torch
+    from service_logic import finished  # bench/, beside this script
 
     from embedding_client import codec
     from embedding_client.proto import embedding_pb2 as pb
@@ -37,6 +47,7 @@ def probe_server(port: int, rows: int, malloc_tune: bool = True) -> None:
     from embedding_server.core.lookup import Limits, Lookups
     from embedding_server.core.sources import demo_table
     from embedding_server.core.store import TableStore
+    from embedding_server.process.callpool import CallPool
     from embedding_server.transport.auth import Authenticator
     from embedding_server.transport.interceptor import (
         MAPPED_ERRORS,
@@ -57,21 +68,22 @@ def probe_server(port: int, rows: int, malloc_tune: bool = True) -> None:
     servicer = EmbeddingServicer(Lookups(store, limits))
     authenticator = Authenticator()
 
-    async def lookup(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        # The interceptor's `observed`, for this one method.
+    def lookup(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # The interceptor's `observed`, for this one method (its abort: the caller's).
         metrics.child(metrics.GRPC_STARTED, "unary", SERVICE, "Lookup").inc()
         inflight = metrics.child(metrics.INFLIGHT, "Lookup")
         inflight.inc()
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            authenticator.check(context, admin=False)  # type: ignore[arg-type]
+            authenticator.check(context, admin=False)
             if isinstance(request, Malformed):
                 raise codec.WireError(f"the request is not a valid {SERVICE}/Lookup message")
-            return servicer.lookup_request("Lookup", request, context)  # type: ignore[arg-type]
+            # never suspends: a plain lookup, or the general way run where it is
+            return finished(servicer.lookup_request("Lookup", request, context))
         except MAPPED_ERRORS as exc:
             code = status_code(exc)
-            await context.abort(code, str(exc))
+            raise
         finally:
             inflight.dec()
             seconds = time.perf_counter() - started
@@ -80,21 +92,37 @@ def probe_server(port: int, rows: int, malloc_tune: bool = True) -> None:
                 seconds
             )
 
+    pool = CallPool(4, 64)
+
+    async def on_loop(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if mode == "inline":
+                return lookup(request, context)
+            return await asyncio.get_running_loop().run_in_executor(pool, lookup, request, context)
+        except MAPPED_ERRORS as exc:
+            await context.abort(status_code(exc), str(exc))
+
+    def in_migration_pool(request: Any, context: Any) -> Any:
+        try:
+            return lookup(request, context)
+        except MAPPED_ERRORS as exc:
+            context.abort(status_code(exc), str(exc))
+
     handler = grpc.unary_unary_rpc_method_handler(
-        lookup,
+        in_migration_pool if mode == "migration" else on_loop,
         request_deserializer=_tolerant(pb.LookupRequest.FromString),
         response_serializer=lambda response: response.SerializeToString(),
     )
-    serve_aio(port, SERVICE, handler)
+    serve_aio(port, SERVICE, handler, pool if mode == "migration" else None)
 
 
-def serve_aio(port: int, service: str, lookup: Any) -> None:
+def serve_aio(port: int, service: str, lookup: Any, pool: Any = None) -> None:
     """Serve `lookup` (a grpc method handler) as `service`/Lookup on 127.0.0.1:`port`
-    with grpc.aio, on one event loop, until SIGTERM."""
+    with grpc.aio, on one event loop (sync handlers: in `pool`), until SIGTERM."""
     import grpc
 
     async def serve() -> None:
-        server = grpc.aio.server(options=[("grpc.max_send_message_length", 1 << 30),
+        server = grpc.aio.server(migration_thread_pool=pool, options=[("grpc.max_send_message_length", 1 << 30),
                                           ("grpc.max_receive_message_length", 1 << 30),
                                           ("grpc.so_reuseport", 0)])  # fmt: skip
         server.add_generic_rpc_handlers(

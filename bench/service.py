@@ -466,9 +466,12 @@ def main() -> int:
     parser.add_argument("--ceilings", default=",".join(CEILINGS),
                         help="bare server flavours measured as `ceiling` (comma-separated: "
                         f"{', '.join(CEILINGS)}); each cell is compared with the strongest")  # fmt: skip
-    parser.add_argument("--aio-probe", action="store_true",
-                        help="also measure `Lookup[aio-probe]`: the service's Lookup path "
-                        "served by grpc.aio (bench/aio_probe.py; a probe, not a server)")  # fmt: skip
+    parser.add_argument("--aio-probe", nargs="?", const="inline", default="",
+                        help="also measure `Lookup[aio-MODE]`: the service's Lookup path "
+                        "served by grpc.aio (bench/aio_probe.py; a probe, not a server), for "
+                        "each comma-separated MODE: inline (on the event loop, the default), "
+                        "executor (awaited in the handler pool), migration (grpc.aio's own "
+                        "pool for sync handlers)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -510,19 +513,22 @@ def main() -> int:
                 pids[name] = server.pid
                 served.append(name)
         kinds = served + [k for k in kinds if k not in SERVICE_KINDS]
-        if args.aio_probe:
-            from aio_probe import probe_server  # bench/, beside this script
+        for mode in filter(None, args.aio_probe.split(",")):
+            from aio_probe import MODES, probe_server  # bench/, beside this script
 
+            if mode not in MODES:
+                parser.error(f"--aio-probe: unknown mode {mode!r}; known: {', '.join(MODES)}")
+            name = "Lookup[aio-probe]" if mode == "inline" else f"Lookup[aio-{mode}]"
             port = free_port()
             probe = mp.get_context("spawn").Process(
-                target=probe_server, args=(port, args.rows), daemon=True
+                target=probe_server, args=(port, args.rows, mode), daemon=True
             )
             probe.start()
             processes.append(probe)
             wait_port(port, timeout=120)  # imports torch and builds the demo table first
-            kinds.insert(len(served), "Lookup[aio-probe]")
-            targets["Lookup[aio-probe]"] = f"127.0.0.1:{port}"
-            pids["Lookup[aio-probe]"] = probe.pid
+            kinds.insert(len(served), name)
+            targets[name] = f"127.0.0.1:{port}"
+            pids[name] = probe.pid
         if "ceiling" in kinds:
             # Every bare server flavour asked for; each cell compares against the strongest.
             flavours = [f for f in args.ceilings.split(",") if f]

@@ -247,7 +247,7 @@ def test_cli_health_exits_nonzero_unless_serving(start_server: ServerFactory) ->
     target = f"127.0.0.1:{server.port}"
     serving = _cli("--target", target, "health")
     assert (serving.returncode, serving.stdout.strip()) == (0, "SERVING")
-    server.health.enter_graceful_shutdown()  # what a SIGTERM does first
+    server.not_serving()  # what a SIGTERM does first
     draining = _cli("--target", target, "health")
     assert (draining.returncode, draining.stdout.strip()) == (1, "NOT_SERVING")
 

@@ -3,12 +3,12 @@ cancelled calls, oversized requests."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -120,7 +120,8 @@ def test_sigterm_under_load_loses_no_call(tmp_path: Path) -> None:
 
 def test_sigterm_finishes_every_received_call_queued_and_dense(tmp_path: Path) -> None:
     """64 callers, half LookupDense of 1,024 ids over 20,000 x 64 rows (running long), half
-    Lookup of 256 ids (queued behind the 4-call handler pool). Before, 20-36 calls sent
+    Lookup of 256 ids with a padding id (the general way: queued behind the 4-call handler
+    pool; a plain lookup is answered on the event loop at once). Before, 20-36 calls sent
     well before SIGTERM got UNAVAILABLE and some CANCELLED: calls waiting for a handler
     thread were refused as if new. Now health turns NOT_SERVING first and every call the
     server had received is answered in full."""
@@ -142,8 +143,12 @@ def test_sigterm_finishes_every_received_call_queued_and_dense(tmp_path: Path) -
                 ids = rng.integers(0, len(big), size=1024 if dense else 256)
                 sent = time.monotonic()
                 try:
-                    got = client.lookup_dense(ids) if dense else client.lookup(ids)
-                    code = "OK" if np.array_equal(got, big[ids]) else "WRONG"
+                    if dense:
+                        got, want = client.lookup_dense(ids), big[ids]
+                    else:  # row 0 the padding: zeros
+                        got = client.lookup(ids, padding_id=0)
+                        want = np.where((ids == 0)[:, None], np.float32(0), big[ids])
+                    code = "OK" if np.array_equal(got, want) else "WRONG"
                 except EmbeddingError as exc:
                     code = f"{exc.code.name}: {exc.details}"
                 with lock:
@@ -189,7 +194,7 @@ def test_sigterm_finishes_every_received_call_queued_and_dense(tmp_path: Path) -
     refusal = "UNAVAILABLE: the server is shutting down"
     other = [c for c in calls if c[2] != "OK" and not c[2].startswith(refusal)]
     assert not other, other[:5]  # refused at arrival, never cut off or cancelled
-    # The signal found calls running (dense) and waiting for a thread (plain lookups);
+    # The signal found calls running (dense) and waiting for a thread (padded lookups);
     # all of them were answered.
     assert sum(c[3] for c in in_flight) >= 4 and sum(not c[3] for c in in_flight) >= 8, in_flight
     # Health said NOT_SERVING while the server still answered, before it exited.
@@ -201,7 +206,8 @@ def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
     start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:
     """The one running place is taken by a call that waits; six calls queue behind it.
-    A stop then answers all seven, and refuses the call that arrives after it began."""
+    A stop then answers all seven, and refuses the call that arrives after it began at
+    once (on the event loop: it does not wait for a handler thread to be refused)."""
     release = slow_lookups.release
     table = random_table(50, 4, seed=3)
     server = start_server({"t": table, "slow": table}, workers=1)
@@ -216,8 +222,9 @@ def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
             except EmbeddingError as exc:
                 results[name] = f"{exc.code.name}: {exc.details}"
 
-    threads = [threading.Thread(target=call, args=("slow", "slow"))]
-    threads += [threading.Thread(target=call, args=(f"queued-{k}", "t")) for k in range(6)]
+    # "slow" lookups go the general way (the handler pool) and hold their thread.
+    threads = [threading.Thread(target=call, args=(f"queued-{k}", "slow")) for k in range(6)]
+    threads.insert(0, threading.Thread(target=call, args=("slow", "slow")))
     stopping = threading.Thread(target=server.stop, kwargs={"grace": 20})
     try:
         threads[0].start()
@@ -229,8 +236,8 @@ def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
         until(lambda: server.draining)  # (a health probe would queue behind them too)
         late = threading.Thread(target=call, args=("late", "t"))
         late.start()
-        threads.append(late)
-        until(lambda: server.pool.queued == 7)  # the late call waits too, to be refused
+        late.join(timeout=10)
+        assert not late.is_alive() and server.pool.queued == 6  # refused, the rest held
         release.set()
         for thread in threads:
             thread.join(timeout=30)
@@ -294,33 +301,35 @@ def test_calls_that_arrive_while_draining_are_refused_and_counted(
 
 
 def test_a_handler_that_aborts_keeps_its_code(caplog: pytest.LogCaptureFixture) -> None:
-    """The interceptor's contract with handlers that set their own status (none of ours
-    does today; grpc's own services may): the caller gets the handler's code and message,
-    the call is counted under that code, and it is not logged as a server bug."""
+    """The interceptor's contract with handlers that set their own status (grpc's health
+    service does, for a service it does not know): the caller gets the handler's code and
+    message, the call is counted under that code, and it is not logged as a server bug."""
 
-    def aborting(request: bytes, context: grpc.ServicerContext) -> bytes:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the handler's own words")
+    async def aborting(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the handler's own words")
         return b""  # never reached
 
+    async def serve_and_call() -> grpc.aio.AioRpcError:
+        server = grpc.aio.server(interceptors=[StatusInterceptor()])
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(
+                "test.Aborting", {"Call": grpc.unary_unary_rpc_method_handler(aborting)}
+            ),)
+        )  # fmt: skip
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await channel.unary_unary("/test.Aborting/Call")(b"", timeout=10)
+            return raised.value
+        finally:
+            await server.stop(0)
+
     caplog.set_level(logging.ERROR, logger="embedding_server.transport.interceptor")
-    server = grpc.server(ThreadPoolExecutor(max_workers=2), interceptors=[StatusInterceptor()])
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(
-            "test.Aborting", {"Call": grpc.unary_unary_rpc_method_handler(aborting)}
-        ),)
-    )  # fmt: skip
-    port = server.add_insecure_port("127.0.0.1:0")
     before = grpc_count("unary", "Call", "FAILED_PRECONDITION", service="test.Aborting")
-    server.start()
-    try:
-        with (
-            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
-            pytest.raises(grpc.RpcError) as raised,
-        ):
-            channel.unary_unary("/test.Aborting/Call")(b"", timeout=10)
-    finally:
-        server.stop(0).wait()
-    assert (raised.value.code(), raised.value.details()) == (
+    error = asyncio.run(serve_and_call())
+    assert (error.code(), error.details()) == (
         grpc.StatusCode.FAILED_PRECONDITION, "the handler's own words"
     )  # fmt: skip
     assert grpc_count("unary", "Call", "FAILED_PRECONDITION", service="test.Aborting") == (

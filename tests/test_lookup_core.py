@@ -10,6 +10,7 @@ each decision is pinned in process. Written against mutation testing's survivors
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from types import SimpleNamespace
@@ -227,7 +228,8 @@ def test_the_servicer_takes_the_short_way_for_plain_requests_only(
 
     monkeypatch.setattr(whole, "plain", plain)
     context = SimpleNamespace(time_remaining=lambda: None)
-    answer = servicer.Lookup(codec.encode_lookup_request([[1, 2]], "", "float32"), context)  # type: ignore[arg-type]
+    lookup = servicer.Lookup
+    answer = asyncio.run(lookup(codec.encode_lookup_request([[1, 2]], "", "float32"), context))  # type: ignore[arg-type]
     assert shortcuts == ["w"]  # the name resolved: the default table
     assert (answer.shape, answer.table) == ((1, 2, 4), "w")
     others = [
@@ -237,15 +239,15 @@ def test_the_servicer_takes_the_short_way_for_plain_requests_only(
         pb.LookupRequest(table="w", ids_list=[1, 2], expect_shard=pb.ShardOf(index=0, count=1)),
     ]
     for request in others:
-        servicer.Lookup(request, context)  # type: ignore[arg-type]
-    servicer.LookupDense(codec.encode_lookup_request([1], "w", "float32"), context)  # type: ignore[arg-type]
+        asyncio.run(lookup(request, context))  # type: ignore[arg-type]
+    asyncio.run(servicer.LookupDense(codec.encode_lookup_request([1], "w", "float32"), context))  # type: ignore[arg-type]
     assert shortcuts == ["w"]
     bag_fields = [pb.LookupRequest(table="w", ids_list=[1, 2], lengths=[2]),
                   pb.LookupRequest(table="w", ids_list=[1, 2], offsets=[0]),
                   pb.LookupRequest(table="w", ids_list=[1], per_id_weights=bytes(4))]  # fmt: skip
     for request in bag_fields:  # without pooling: refused, not looked up the short way
         with pytest.raises(codec.WireError, match=r"^offsets, lengths and per_id_weights need"):
-            servicer.Lookup(request, context)  # type: ignore[arg-type]
+            asyncio.run(lookup(request, context))  # type: ignore[arg-type]
 
 
 def test_a_batcher_given_serves_the_plain_gathers() -> None:

@@ -1,18 +1,25 @@
 """The server: tables on a device, the gRPC server with health and reflection, the
-Prometheus endpoint, and graceful shutdown (the process around it: `__main__`)."""
+Prometheus endpoint, and graceful shutdown (the process around it: `__main__`).
+
+The gRPC server is `grpc.aio`'s, on an event loop in a thread of its own ("grpc-loop"):
+a plain lookup is answered on the loop, everything longer runs in the handler pool
+(`CallPool`). `EmbeddingServer.start()` and `stop()` are plain calls, made from any
+other thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from concurrent import futures
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -48,6 +55,8 @@ from embedding_server.transport.interceptor import (
 from embedding_server.transport.servicer import EmbeddingServicer
 
 log = logging.getLogger("embedding_server")
+
+_T = TypeVar("_T")
 
 
 # Time for the last responses' bytes to leave before connections close.
@@ -245,10 +254,7 @@ class EmbeddingServer:
             dense_concurrency=config.dense_concurrency,
             max_response_bytes=config.max_message_bytes,
         )
-        self.health = health.HealthServicer(
-            experimental_non_blocking=True,
-            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
-        )
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no stubs for it
         self.authenticator = authenticator(config)
         # Few calls run at once (the GIL), more threads only for calls that wait.
         self.pool = CallPool(config.workers, config.max_threads)
@@ -256,21 +262,7 @@ class EmbeddingServer:
             self.authenticator, config.max_streams, self.pool, config.stream_idle_s
         )
         self.connection_cap = connections.connection_cap(config.max_connections)
-        self._grpc = grpc.server(
-            self.pool,  # type: ignore[arg-type]  # grpc only calls submit(); stubs say ThreadPoolExecutor
-            interceptors=[self._interceptor],
-            # Backpressure: past this many RPCs running or queued, grpc answers
-            # RESOURCE_EXHAUSTED at once instead of queueing without bound.
-            maximum_concurrent_rpcs=config.max_inflight,
-            options=[
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                # A second server on the same port must fail, not share it by accident;
-                # the processes of one server share it on purpose.
-                ("grpc.so_reuseport", int(reuse_port)),
-                *connections.server_options(config, self.connection_cap),
-            ],
-        )
+        self._reuse_port = reuse_port
         # Results leaving a CUDA device go through a bounded set of pinned blocks.
         staging = PinnedBlocks.with_budget(config.pinned_staging_bytes)
         self.batcher = (
@@ -278,29 +270,17 @@ class EmbeddingServer:
             if config.batching
             else None
         )
-        lookups = EmbeddingServicer(Lookups(store, limits, self.batcher, staging))
-        pb_grpc.add_EmbeddingServiceServicer_to_server(lookups, self._grpc)
+        self.lookups = EmbeddingServicer(
+            Lookups(store, limits, self.batcher, staging), self._interceptor.offload
+        )
         # The Open Inference Protocol on the same port, over the same lookups.
-        inference.add_to_server(
-            inference.InferenceServicer(lookups, lambda: not self.draining), self._grpc
-        )
-        pb_grpc.add_EmbeddingAdminServicer_to_server(
-            EmbeddingAdminServicer(store, reload, update), self._grpc
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        if config.reflection:
-            reflection.enable_server_reflection(
-                (
-                    SERVICE_NAME,
-                    ADMIN_SERVICE,
-                    inference.SERVICE_NAME,
-                    HEALTH_SERVICE,
-                    reflection.SERVICE_NAME,
-                ),
-                self._grpc,
-            )
+        self.inference = inference.InferenceServicer(self.lookups, lambda: not self.draining)
+        self.admin = EmbeddingAdminServicer(store, reload, update)
         self.port = 0
         self.metrics_port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._grpc: grpc.aio.Server | None = None
         self._metrics_httpd: WSGIServer | None = None
         self._connections: connections.ConnectionWatch | None = None
         self._memory_sampler: metrics.DeviceMemorySampler | None = None
@@ -310,28 +290,89 @@ class EmbeddingServer:
         """Whether a stop has begun: calls that arrive now are refused."""
         return self._interceptor.draining
 
+    def _on_loop(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run `work` on the server's event loop and wait for its result."""
+        assert self._loop is not None, "the server has not started"
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+
+    async def _bind(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """Build the gRPC server with every service (on the loop, which it belongs to) and
+        bind its port."""
+        config = self.config
+        self._grpc = server = grpc.aio.server(
+            migration_thread_pool=self.pool,
+            interceptors=[self._interceptor],
+            # Backpressure: past this many RPCs running, grpc answers RESOURCE_EXHAUSTED
+            # at once instead of queueing without bound.
+            maximum_concurrent_rpcs=config.max_inflight,
+            options=[
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                # A second server on the same port must fail, not share it by accident;
+                # the processes of one server share it on purpose.
+                ("grpc.so_reuseport", int(self._reuse_port)),
+                *connections.server_options(config, self.connection_cap),
+            ],
+        )
+        pb_grpc.add_EmbeddingServiceServicer_to_server(self.lookups, server)
+        inference.add_to_server(self.inference, server)
+        pb_grpc.add_EmbeddingAdminServicer_to_server(self.admin, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    ADMIN_SERVICE,
+                    inference.SERVICE_NAME,
+                    HEALTH_SERVICE,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+
     def start(self) -> None:
         """Bind both ports, publish table gauges, and mark the service SERVING."""
         config = self.config
         address = f"{config.host}:{config.port}"
         try:
             credentials = server_credentials(config)
-            if credentials is None:
-                self.port = self._grpc.add_insecure_port(address)
-            else:
-                self.port = self._grpc.add_secure_port(address, credentials)
         except OSError as exc:
             raise StartupError(f"cannot read TLS files: {exc}") from None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="grpc-loop", daemon=True
+        )
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._bind(address, credentials))
+            if self.metrics_endpoint:
+                self._metrics_httpd, self.metrics_port = start_metrics(config)
         except RuntimeError as exc:
+            self._close_loop()
             raise StartupError(f"cannot bind gRPC to {config.host}:{config.port} ({exc})") from None
-        if self.metrics_endpoint:
-            self._metrics_httpd, self.metrics_port = start_metrics(config)
+        except StartupError:
+            self._close_loop()
+            raise
         self._publish_tables()
-        self._grpc.start()
+        self._on_loop(self._serve())
         self._connections = connections.ConnectionWatch(self.port, self.connection_cap)
         self._connections.start()
+
+    async def _serve(self) -> None:
+        assert self._grpc is not None
+        await self._grpc.start()
         for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _close_loop(self) -> None:
+        if self._loop is None or self._loop_thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join()
+        self._loop.close()
 
     def _publish_tables(self) -> None:
         # A worker of several processes reads the supervisor's host tables: not its to
@@ -376,21 +417,29 @@ class EmbeddingServer:
                 log.error("reload of table %r failed, still serving version %d: %s",
                           table.name, table.version, exc)  # fmt: skip
 
+    def not_serving(self) -> None:
+        """Health NOT_SERVING for every service, for good: a stop's first step."""
+        self._on_loop(self.health.enter_graceful_shutdown())
+
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING first, refuse new calls, let in-flight ones
         finish within `grace` seconds, then close the metrics endpoint."""
+        if self._grpc is None or self._loop is None or self._loop.is_closed():
+            return  # never started, or stopped already
         grace = self.config.grace_s if grace is None else grace
         deadline = time.monotonic() + grace
-        self.health.enter_graceful_shutdown()
+        self.not_serving()
         # grpc's own stop() destroys the server, and with it every connection, as soon as
         # the last handler has returned, while a large response may still be in the
         # transport (seen: 2 of 6 in-flight 3 MB responses reset). So drain first: refuse
-        # calls that arrive, let every call received (running, or queued for a handler
+        # calls that arrive, let every call received (running, or waiting for a handler
         # thread) finish and its bytes leave, then stop.
         if not self._interceptor.drain(timeout=grace):
             log.warning("calls still running after the %.1f s grace period: cancelling", grace)
         time.sleep(max(0.0, min(LINGER_S, deadline - time.monotonic())))
-        self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
+        self._on_loop(self._grpc.stop(max(0.0, deadline - time.monotonic())))
+        self._on_loop(self._interceptor.close())
+        self._close_loop()
         if self.batcher is not None:
             self.batcher.close()
         if self._connections is not None:

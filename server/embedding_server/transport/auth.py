@@ -15,11 +15,20 @@ import hmac
 import ipaddress
 import urllib.parse
 from collections.abc import Sequence
-from typing import Any
-
-import grpc
+from typing import Any, Protocol
 
 from embedding_server.errors import PermissionDenied, Unauthenticated
+
+
+class CallContext(Protocol):
+    """What the checks read of a call's context (grpc's sync and asyncio contexts alike)."""
+
+    def peer(self) -> str: ...
+
+    def invocation_metadata(self) -> Any: ...
+
+    def auth_context(self) -> Any: ...
+
 
 # What a caller presented, for the admin audit log.
 ANONYMOUS = "anonymous"
@@ -87,7 +96,7 @@ class Authenticator:
         """Whether any caller can reach admin RPCs at all."""
         return bool(self._admin or self.admin_names) or self.loopback_admin
 
-    def check(self, context: grpc.ServicerContext, *, admin: bool) -> str:
+    def check(self, context: CallContext, *, admin: bool) -> str:
         """Raise Unauthenticated or PermissionDenied unless this call may proceed; else
         say who the caller is (never a secret), for the audit log."""
         if not admin and not (self._data or self._admin):
@@ -112,7 +121,7 @@ class Authenticator:
             who,
         )
 
-    def _identify(self, context: grpc.ServicerContext) -> tuple[str, bool]:
+    def _identify(self, context: CallContext) -> tuple[str, bool]:
         """(who, whether the role is admin), or Unauthenticated."""
         certificate = self._certificate_name(context) if self.mutual_tls else None
         if certificate is not None and certificate in self.admin_names:
@@ -132,7 +141,7 @@ class Authenticator:
             return f"client certificate {certificate.decode(errors='replace')!r}", False
         return ANONYMOUS, False
 
-    def _certificate_name(self, context: grpc.ServicerContext) -> bytes | None:
+    def _certificate_name(self, context: CallContext) -> bytes | None:
         """The verified client certificate's name on the admin list, else its first name."""
         auth: dict[str, Any] = dict(context.auth_context() or {})
         names = [n for key in _CERTIFICATE_NAME_KEYS for n in auth.get(key, ())]

@@ -47,6 +47,8 @@ IGNORED_PARAMETERS = frozenset(
 )  # fmt: skip
 KNOWN_PARAMETERS = frozenset({"datatype", "dense", "pooling", "padding_id"})
 PLATFORM = "embedding_lookup"
+# Typed answers (`fp32_contents`) up to this size are built on the event loop.
+TYPED_ON_LOOP_BYTES = 64 << 10
 
 
 def _value(parameter: oip.InferParameter) -> Any:
@@ -106,7 +108,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, table.dim])],
         )
 
-    def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> oip.ModelInferResponse:
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: Any
+    ) -> oip.ModelInferResponse:
         self._model(request.model_name, request.model_version)
         ids, typed_input = self._ids(request)
         options = self._options(request)
@@ -114,7 +118,9 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             ids, request.model_name, OUTPUT_DTYPES[options["datatype"]],
             pooling=options["pooling"], padding_id=options["padding_id"],
         )  # fmt: skip
-        result = self.lookups.lookup_request("ModelInfer", lookup, context, dense=options["dense"])
+        result = await self.lookups.lookup_request(
+            "ModelInfer", lookup, context, dense=options["dense"]
+        )
         output = oip.ModelInferResponse.InferOutputTensor(
             name=OUTPUT, datatype=options["datatype"], shape=result.shape
         )
@@ -122,7 +128,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             model_name=result.table, model_version=str(result.version), id=request.id
         )
         if typed_input and options["datatype"] == "FP32":
-            output.contents.fp32_contents.extend(np.frombuffer(result.vectors, dtype="<f4"))
+            values = np.frombuffer(result.vectors, dtype="<f4")
+            if values.nbytes <= TYPED_ON_LOOP_BYTES:
+                output.contents.fp32_contents.extend(values)
+            else:  # ~10 ns a value: off the event loop
+                await self.lookups.offload(output.contents.fp32_contents.extend, values)
         else:
             response.raw_output_contents.append(bytes(result.vectors))
         response.outputs.append(output)
@@ -218,5 +228,5 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         }
 
 
-def add_to_server(servicer: InferenceServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

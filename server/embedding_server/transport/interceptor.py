@@ -4,15 +4,24 @@ The interceptor turns the core's errors into gRPC status codes in one place, tur
 anything unexpected into a logged INTERNAL instead of a dead call, answers unparseable
 requests with INVALID_ARGUMENT, and counts every RPC under the gRPC ecosystem's
 standard metric names.
+
+The server is a `grpc.aio` server: every call's Python starts on its one event loop.
+Handlers written as coroutines (the lookups, health, reflection) run there; a plain
+lookup is answered on the loop in microseconds, and hands anything longer to the
+handler pool itself (`offload`). Handlers written as plain functions (admin, the Open
+Inference Protocol's metadata calls) run in the handler pool, so none of them blocks
+the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +90,10 @@ class _Draining(Exception):
     """A stream's next request arrived while the server drains."""
 
 
+class _Ended(Exception):
+    """The server ended a stream that waited for its next message (idle, or draining)."""
+
+
 class Malformed:
     """Stands in for a request whose bytes did not parse, so the call gets INVALID_ARGUMENT
     instead of grpc's own INTERNAL ("Exception deserializing request!")."""
@@ -114,31 +127,33 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 @dataclass
 class _OpenStream:
-    """A stream the interceptor admitted: its context, and since when it has waited for
-    its next message (None: it is handling one)."""
+    """A stream the interceptor admitted: its context and task, since when it has waited
+    for its next message (None: it is handling one), and why the server ended it."""
 
-    context: grpc.ServicerContext
+    context: grpc.aio.ServicerContext
     method: str
+    task: asyncio.Task[Any] | None
+    loop: asyncio.AbstractEventLoop
     waiting_since: float | None = None
-    expired: bool = False
+    ended: str = ""  # why the server ended it while it waited ("" while it has not)
 
 
-class StatusInterceptor(grpc.ServerInterceptor):
+class StatusInterceptor(grpc.aio.ServerInterceptor):
     """The one place every RPC passes: authentication, status codes, metrics, draining.
 
     Maps core errors to status codes, turns anything unexpected into a logged INTERNAL,
     answers unparseable requests with INVALID_ARGUMENT, records the gRPC metrics, checks
     credentials (all RPCs but health) and writes the audit line of admin calls, bounds
-    open streams (count and idle time), and drains: once `drain()` is called, calls that
-    arrive (health checks excepted) get UNAVAILABLE while every call received before
-    finishes.
+    open streams (count and idle time), runs handlers that are plain functions in the
+    handler pool, and drains: once `drain()` is called, calls that arrive (health checks
+    excepted) get UNAVAILABLE while every call received before finishes.
 
     Parameters
     ----------
     authenticator : who may call what (default: anyone, admin off).
     max_streams : most streams open at once.
-    pool : the handler pool (its `blocking()` around calls that wait long, its marks for
-        draining); None outside a server.
+    pool : the handler pool, where calls that are not coroutines run (its `blocking()`
+        around calls that wait long); None: asyncio's default executor.
     stream_idle_s : a stream waiting longer than this for its next message is cancelled.
     """
 
@@ -150,52 +165,65 @@ class StatusInterceptor(grpc.ServerInterceptor):
         stream_idle_s: float = 30.0,
     ) -> None:
         self.authenticator = authenticator or Authenticator()
-        # A sync gRPC server runs each open stream on one handler thread for its lifetime:
-        # past the thread count, further streams (and unary calls) would wait forever.
+        # Each open stream holds its messages' buffers and a task: bounded.
         self.max_streams = max_streams
         self.pool = pool
-        # Entered around calls that wait long (dense, admin, streams) so that the handler
+        # Entered around calls that wait long (dense, admin, reloads) so that the handler
         # pool lets another call run meanwhile.
         self.waiting: Callable[[], contextlib.AbstractContextManager[None]] = (
             contextlib.nullcontext if pool is None else pool.blocking
         )
         self.stream_idle_s = stream_idle_s
-        self._running = 0  # stream messages being answered
+        self._running = 0  # calls and stream messages being answered
         self._draining = False
         self._idle = threading.Condition()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         self._refusals: dict[str, grpc.RpcMethodHandler] = {}
         self._streams: dict[int, _OpenStream] = {}
-        self._reaper: threading.Thread | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def draining(self) -> bool:
         """Whether calls that arrive now are refused (`drain()` was called)."""
         return self._draining
 
+    async def offload(self, call: Callable[..., Any], *args: Any, waits: bool = False) -> Any:
+        """`call(*args)` in the handler pool, the event loop free meanwhile; `waits`: it
+        may wait long (a one-hot matmul, a reload), so it does not hold a running place."""
+        loop = asyncio.get_running_loop()
+        if waits:
+            return await loop.run_in_executor(self.pool, self._waiting_call, call, args)
+        return await loop.run_in_executor(self.pool, call, *args)
+
+    async def close(self) -> None:
+        """Stop the idle reaper (on the event loop, as the server stops)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+
+    def _waiting_call(self, call: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        with self.waiting():
+            return call(*args)
+
     def drain(self, timeout: float) -> bool:
         """Refuse calls that arrive from now on; wait up to `timeout` s for every call
-        received before (running, or queued for a handler thread) and for answers in
-        progress on streams; then cancel streams left idle so they do not hold the
-        shutdown for the whole grace period. True when all of them finished in time."""
-        deadline = time.monotonic() + timeout
+        received before and for answers in progress on streams; then end streams left
+        idle so they do not hold the shutdown for the whole grace period. True when all
+        of them finished in time. Called off the event loop (it blocks)."""
         with self._idle:
             self._draining = True
-        drained = True
-        if self.pool is not None:
-            drained = self.pool.wait_before(self.pool.mark(), timeout)
-        with self._idle:
-            drained &= self._idle.wait_for(
-                lambda: self._running == 0, timeout=max(0.0, deadline - time.monotonic())
+            drained = self._idle.wait_for(lambda: self._running == 0, timeout=timeout)
+            idle_streams = list(self._streams.values())
+        for stream in idle_streams:
+            stream.loop.call_soon_threadsafe(
+                self._end, stream, "the server is shutting down: reopen the stream elsewhere"
             )
-            idle_streams = [s.context for s in self._streams.values()]
-        for context in idle_streams:
-            context.cancel()
         return drained
 
-    def _enter(self) -> bool:
+    def _enter(self, admit_while_draining: bool = False) -> bool:
         with self._idle:
-            if self._draining:
+            if self._draining and not admit_while_draining:
                 return False
             self._running += 1
             return True
@@ -206,20 +234,20 @@ class StatusInterceptor(grpc.ServerInterceptor):
             if self._running == 0:
                 self._idle.notify_all()
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        # grpc calls this as it receives a call, before the call waits for a handler
-        # thread: the moment that decides whether the call was received before draining.
+    ) -> grpc.RpcMethodHandler:
+        # grpc calls this as it receives a call: the moment that decides whether the call
+        # was received before draining.
         method = handler_call_details.method
         # Handlers are fixed per method, so each is wrapped once, not on every call.
         wrapped = self._wrapped.get(method)
         if wrapped is None:
-            handler = continuation(handler_call_details)
-            if handler is None:
-                return None
+            handler = await continuation(handler_call_details)
+            if handler is None:  # not a method of this server: grpc answers UNIMPLEMENTED
+                return handler
             wrapped = self._wrap(handler, method)
             self._wrapped[method] = wrapped
         if self._draining and not method.startswith(_HEALTH_PREFIX):
@@ -235,18 +263,20 @@ class StatusInterceptor(grpc.ServerInterceptor):
         kind = "unary" if handler.unary_unary is not None else "bidi_stream"
         message = "the server is shutting down: retry on another server"
 
-        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metrics.child(metrics.GRPC_STARTED, kind, service, method).inc()
             metrics.child(metrics.GRPC_HANDLED, kind, service, method, "UNAVAILABLE").inc()
-            context.abort(grpc.StatusCode.UNAVAILABLE, message)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
         if kind == "unary":
             refusal = grpc.unary_unary_rpc_method_handler(refuse)
         else:
 
-            def refuse_stream(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                refuse(requests, context)
-                yield  # never reached: makes this a generator, as grpc expects
+            async def refuse_stream(
+                requests: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                await refuse(requests, context)
+                yield  # never reached: makes this an async generator, as grpc expects
 
             refusal = grpc.stream_stream_rpc_method_handler(refuse_stream)
         self._refusals[full_method] = refusal
@@ -256,13 +286,14 @@ class StatusInterceptor(grpc.ServerInterceptor):
         service, _, method = full_method.lstrip("/").rpartition("/")
         if handler.unary_unary is None:
             return self._streaming(handler, service, method)
-        behavior = handler.unary_unary
+        behavior: Any = handler.unary_unary  # a coroutine function, or one for the pool
+        on_loop = inspect.iscoroutinefunction(behavior)
         admin = service == ADMIN_SERVICE
         slow = admin or method in DENSE_METHODS
         checks_callers = service != HEALTH_SERVICE
         authenticator = self.authenticator
 
-        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metrics.child(metrics.GRPC_STARTED, "unary", service, method).inc()
             inflight = metrics.child(metrics.INFLIGHT, method)
             inflight.inc()
@@ -270,6 +301,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
             code = grpc.StatusCode.OK
             details = ""
             who = "a caller without a valid credential"
+            self._enter(admit_while_draining=True)  # received before draining: answered
             try:
                 if checks_callers:
                     who = authenticator.check(context, admin=admin)
@@ -277,29 +309,24 @@ class StatusInterceptor(grpc.ServerInterceptor):
                     raise codec.WireError(
                         f"the request is not a valid {service}/{method} message: {request.error}"
                     )
-                if slow:
-                    with self.waiting():
-                        return behavior(request, context)
-                return behavior(request, context)
+                if on_loop:
+                    return await behavior(request, context)
+                return await self.offload(behavior, request, context, waits=slow)
             except MAPPED_ERRORS as exc:
                 code, details = status_code(exc), str(exc)
                 who = getattr(exc, "caller", "") or who  # a refused credential says whose
-                context.abort(code, details)
+                await context.abort(code, details)
             except Exception as exc:
-                # grpc-stubs lags grpcio: ServicerContext.code() exists since 1.38.
-                aborted = context.code()  # type: ignore[attr-defined]
+                aborted = context.code()
                 if aborted not in (None, grpc.StatusCode.OK):
                     code = aborted  # the handler aborted the call itself
                     raise
                 log.exception("%s failed on an unexpected error", full_method)
                 code = grpc.StatusCode.INTERNAL
                 details = f"internal error ({type(exc).__name__}); see the server log"
-                context.abort(code, details)
+                await context.abort(code, details)
             finally:
-                if not checks_callers and code is grpc.StatusCode.OK:
-                    # health answers a service it does not know by setting NOT_FOUND
-                    # without raising: count the code the caller gets
-                    code = context.code() or code  # type: ignore[attr-defined]
+                self._leave()
                 inflight.dec()
                 seconds = time.perf_counter() - started
                 metrics.child(metrics.GRPC_HANDLED, "unary", service, method, code.name).inc()
@@ -320,34 +347,40 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _streaming(
         self, handler: grpc.RpcMethodHandler, service: str, method: str
     ) -> grpc.RpcMethodHandler:
-        """Streaming RPCs: credentials checked, at most `max_streams` open, each cancelled
+        """Streaming RPCs: credentials checked, at most `max_streams` open, each ended
         when idle past `stream_idle_s`; a bidirectional stream counts as running only while
         it handles a message, so drain waits for answers in progress, not idle streams."""
         if service == HEALTH_SERVICE or handler.stream_stream is None:
             return handler  # health Watch: open to probes, like Check
-        behavior = handler.stream_stream
+        behavior: Any = handler.stream_stream  # an async generator function, on grpc.aio
 
-        def checked(requests: Any, context: grpc.ServicerContext) -> Any:
+        async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             metrics.child(metrics.GRPC_STARTED, "bidi_stream", service, method).inc()
-            if self.pool is not None:
-                self.pool.release()  # lives as long as its client wants: drain waits less
-            busy = [False]
+            busy = False
             code = grpc.StatusCode.OK
-            stream = _OpenStream(context, method)
+            loop = asyncio.get_running_loop()
+            stream = _OpenStream(context, method, asyncio.current_task(), loop)
 
-            def counted() -> Any:
+            async def counted() -> AsyncIterator[Any]:
+                nonlocal busy
                 while True:
                     stream.waiting_since = time.monotonic()
-                    with self.waiting():  # for the next message: let other calls run
-                        request = next(requests, _END)
+                    try:
+                        request = await anext(requests, _END)
+                    except asyncio.CancelledError:
+                        if not stream.ended:
+                            raise  # by the caller
+                        if stream.task is not None:
+                            stream.task.uncancel()  # handled here: the task goes on
+                        raise _Ended(stream.ended) from None
                     stream.waiting_since = None
                     if request is _END:
                         return
                     if not self._enter():
                         raise _Draining
-                    busy[0] = True
+                    busy = True
                     yield request  # resumes once the answer to it has been handed on
-                    busy[0] = False
+                    busy = False
                     self._leave()
 
             admitted = False
@@ -359,25 +392,25 @@ class StatusInterceptor(grpc.ServerInterceptor):
                         f"{self.max_streams} streams are open, the most this server takes "
                         "(--max-streams): use unary Lookup, or retry later"
                     )
-                yield from behavior(counted(), context)
+                async for response in behavior(counted(), context):
+                    yield response
             except _Draining:
                 code = grpc.StatusCode.UNAVAILABLE
-                context.abort(code, "the server is shutting down: resend the rest elsewhere")
+                await context.abort(code, "the server is shutting down: resend the rest elsewhere")
+            except _Ended as ended:
+                code = grpc.StatusCode.CANCELLED
+                await context.abort(code, str(ended))
             except MAPPED_ERRORS as exc:
                 code = status_code(exc)
-                context.abort(code, str(exc))
-            except grpc.RpcError:
-                code = grpc.StatusCode.CANCELLED  # by the client, or idle: see _reap
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # by the caller
                 raise
             finally:
-                if code is grpc.StatusCode.OK and (stream.expired or not context.is_active()):
-                    # cancelled (idle: see _reap; or by the caller) while grpc's request
-                    # iterator ended the stream as if the caller had closed it
-                    code = grpc.StatusCode.CANCELLED
                 if admitted:
                     with self._idle:
                         self._streams.pop(id(stream), None)
-                if busy[0]:
+                if busy:
                     self._leave()
                 metrics.child(metrics.GRPC_HANDLED, "bidi_stream", service, method, code.name).inc()
 
@@ -393,34 +426,42 @@ class StatusInterceptor(grpc.ServerInterceptor):
             if len(self._streams) >= self.max_streams:
                 return False
             self._streams[id(stream)] = stream
-            if self._reaper is None:
-                self._reaper = threading.Thread(
-                    target=self._reap, name="stream-reaper", daemon=True
-                )
-                self._reaper.start()
-            return True
+        if self._reaper is None:
+            self._reaper = stream.loop.create_task(self._reap(), name="stream-reaper")
+        return True
 
-    def _reap(self) -> None:
-        """Cancel streams that waited longer than `stream_idle_s` for their next message,
-        while any stream is open (a stream's handler thread is blocked in grpc meanwhile,
-        and only cancelling the call wakes it)."""
+    def _end(self, stream: _OpenStream, why: str) -> None:
+        """End `stream` if it waits for its next message (on the event loop, where its
+        task runs: the task is then suspended in that wait). A stream answering a message
+        is left to finish it."""
+        if stream.waiting_since is not None and not stream.ended and stream.task is not None:
+            stream.ended = why
+            stream.task.cancel()
+
+    async def _reap(self) -> None:
+        """End streams that waited longer than `stream_idle_s` for their next message,
+        while any stream is open."""
         period = min(1.0, self.stream_idle_s / 4)
-        while True:
-            time.sleep(period)
-            now = time.monotonic()
-            with self._idle:
-                if not self._streams:
-                    self._reaper = None
-                    return
-                idle = [
-                    s for s in self._streams.values()
-                    if not s.expired and s.waiting_since is not None
-                    and now - s.waiting_since > self.stream_idle_s
-                ]  # fmt: skip
+        try:
+            while True:
+                await asyncio.sleep(period)
+                now = time.monotonic()
+                with self._idle:
+                    if not self._streams:
+                        return
+                    idle = [
+                        s for s in self._streams.values()
+                        if not s.ended and s.waiting_since is not None
+                        and now - s.waiting_since > self.stream_idle_s
+                    ]  # fmt: skip
                 for stream in idle:
-                    stream.expired = True
-            for stream in idle:
-                log.info("%s stream from %s idle for over %.0f s: cancelled",
-                         stream.method, stream.context.peer(), self.stream_idle_s)  # fmt: skip
-                metrics.child(metrics.STREAM_IDLE_TIMEOUTS, stream.method).inc()
-                stream.context.cancel()
+                    log.info("%s stream from %s idle for over %.0f s: cancelled",
+                             stream.method, stream.context.peer(), self.stream_idle_s)  # fmt: skip
+                    metrics.child(metrics.STREAM_IDLE_TIMEOUTS, stream.method).inc()
+                    self._end(
+                        stream,
+                        f"the stream waited over {self.stream_idle_s:g} s for its next message "
+                        "(--stream-idle-timeout): cancelled",
+                    )
+        finally:
+            self._reaper = None

@@ -3,13 +3,20 @@
 It decodes and validates with the codec, calls the core, encodes the answer and
 records the service's metrics; it holds no numerics. Status codes, credentials and
 draining are the interceptor's (`interceptor.py`).
+
+Its handlers are coroutines on the server's event loop. A plain lookup (`Lookups.plain`:
+W[ids] from a host table, microseconds) is answered there; every other lookup (dense,
+pooled, padded, on a device, batched, large) is handed to the handler pool (`offload`),
+so the loop never waits for one.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import grpc
 
@@ -29,48 +36,65 @@ from embedding_server.transport.interceptor import (
 )
 
 
+class Offload(Protocol):
+    """Runs `call(*args)` off the event loop and awaits it; `waits`: it may wait long."""
+
+    def __call__(
+        self, call: Callable[..., Any], *args: Any, waits: bool = False
+    ) -> Awaitable[Any]: ...
+
+
+async def run_here(call: Callable[..., Any], *args: Any, waits: bool = False) -> Any:
+    """An `Offload` that runs the call where it is (outside a server: tests, benchmarks)."""
+    return call(*args)
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    """embedding.v1.EmbeddingService over a `Lookups` core."""
+    """embedding.v1.EmbeddingService over a `Lookups` core; `offload` runs what is not a
+    plain lookup (the server's: its handler pool)."""
 
-    def __init__(self, lookups: Lookups) -> None:
+    def __init__(self, lookups: Lookups, offload: Offload = run_here) -> None:
         self.lookups = lookups
+        self.offload = offload
 
-    def Lookup(
-        self, request: pb.LookupRequest, context: grpc.ServicerContext
+    async def Lookup(
+        self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedLookupResponse:
-        return self.lookup_request("Lookup", request, context)
+        return await self.lookup_request("Lookup", request, context)
 
-    def LookupDense(
-        self, request: pb.LookupRequest, context: grpc.ServicerContext
+    async def LookupDense(
+        self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedLookupResponse:
-        return self.lookup_request("LookupDense", request, context)
+        return await self.lookup_request("LookupDense", request, context)
 
-    def LookupStream(
-        self, requests: Iterator[pb.LookupRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.LookupStreamResponse | codec.EncodedStreamResult]:
-        for sequence, request in enumerate(requests):
+    async def LookupStream(
+        self, requests: AsyncIterator[pb.LookupRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LookupStreamResponse | codec.EncodedStreamResult]:
+        sequence = 0
+        async for request in requests:
             try:
                 if isinstance(request, Malformed):
                     raise codec.WireError(f"not a valid LookupRequest: {request.error}")
-                result = self.lookup_request("LookupStream", request, context)
+                result = await self.lookup_request("LookupStream", request, context)
             except MAPPED_ERRORS as exc:
                 error = pb.StreamError(code=status_code(exc).value[0], message=str(exc))
                 yield pb.LookupStreamResponse(sequence=sequence, error=error)
             else:
                 yield codec.EncodedStreamResult(sequence, result)
+            sequence += 1
 
-    def LookupMany(
-        self, request: pb.LookupManyRequest, context: grpc.ServicerContext
+    async def LookupMany(
+        self, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedManyResponse:
-        return self._lookup_many("LookupMany", request, context)
+        return await self._lookup_many("LookupMany", request, context)
 
-    def LookupManyDense(
-        self, request: pb.LookupManyRequest, context: grpc.ServicerContext
+    async def LookupManyDense(
+        self, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedManyResponse:
-        return self._lookup_many("LookupManyDense", request, context)
+        return await self._lookup_many("LookupManyDense", request, context)
 
-    def _lookup_many(
-        self, method: str, request: pb.LookupManyRequest, context: grpc.ServicerContext
+    async def _lookup_many(
+        self, method: str, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedManyResponse:
         """Every feature's lookup in order; the first refusal fails the call, naming it."""
         names = [f.feature for f in request.features]
@@ -91,7 +115,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         total_bytes = 0
         for feature in request.features:
             try:
-                result = self.lookup_request(method, feature.lookup, context)
+                result = await self.lookup_request(method, feature.lookup, context)
             except MAPPED_ERRORS as exc:
                 raise type(exc)(f"feature {quoted(feature.feature)}: {exc}") from None
             total_bytes += result.nbytes
@@ -104,21 +128,22 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             results.append((feature.feature, result))
         return codec.EncodedManyResponse(results)
 
-    def ListTables(
-        self, request: pb.ListTablesRequest, context: grpc.ServicerContext
+    async def ListTables(
+        self, request: pb.ListTablesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTablesResponse:
         store = self.lookups.store
         return pb.ListTablesResponse(tables=[table_info(t, store) for t in store])
 
-    def lookup_request(
+    async def lookup_request(
         self,
         method: str,
         request: pb.LookupRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         dense: bool | None = None,
     ) -> codec.EncodedLookupResponse:
         """One lookup as `method` (the metrics label; dense for LookupDense and
-        LookupManyDense unless `dense` says), with its metrics; errors raised as the core's."""
+        LookupManyDense unless `dense` says), with its metrics; errors raised as the core's.
+        A plain one is answered here, any other in `offload`."""
         started = time.perf_counter()
         # Label by the resolved table only: a caller's made-up names must not become series.
         table = self.lookups.store.resolve_name(request.table) or ""
@@ -138,7 +163,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             )  # W[ids] and no more: the core's short way, when the table allows it
             out = self.lookups.plain(table, ids, dtype) if plain else None
             if out is None:
-                out = self.lookups.lookup(
+                general = functools.partial(
+                    self.lookups.lookup,
                     request.table,
                     ids,
                     dtype,
@@ -152,6 +178,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         else None
                     ),
                 )
+                out = await self.offload(general, waits=dense)
             metrics.child(metrics.REQUEST_IDS, method, table).observe(ids.size)
             if bags is not None:
                 metrics.child(metrics.REQUEST_BAGS, method, table).observe(bags.count)
@@ -189,7 +216,7 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
     )
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     if remaining is None:
         return None
