@@ -15,7 +15,14 @@ from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server.core.tables import Table
 from embedding_server.process.server import EmbeddingServer
 
-from .conftest import TEST_CONFIG, ServerFactory, admin_settings, make_store, random_table
+from .conftest import (
+    TEST_CONFIG,
+    ServerFactory,
+    admin_settings,
+    make_store,
+    random_table,
+    until,
+)
 
 
 def test_open_streams_do_not_take_the_only_running_place(start_server: ServerFactory) -> None:
@@ -101,3 +108,35 @@ def test_more_calls_than_workers_all_answer(start_server: ServerFactory, workers
             caller.join(timeout=30)
     for ids, result in zip(requests, results, strict=True):
         np.testing.assert_array_equal(result, table[ids])
+
+
+def test_a_writer_holding_a_table_does_not_hold_other_calls(start_server: ServerFactory) -> None:
+    """Plain lookups are answered on the server's event loop. While an update holds
+    table "t" (its write lock), a lookup of "t" waits off the loop for it, and health,
+    another table's lookups and ListTables are answered meanwhile; the waiting lookup
+    then reads the updated rows."""
+    weights, other = random_table(10, 4, seed=1), random_table(10, 4, seed=2)
+    server = start_server({"t": weights, "u": other})
+    table = server.store.get("t")
+    target = f"127.0.0.1:{server.port}"
+    answers: list[np.ndarray] = []
+    holding = table.lock.writing()
+    holding.__enter__()
+    try:
+        with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+            waiting = threading.Thread(target=lambda: answers.append(client.lookup([3], "t")))
+            waiting.start()
+            until(lambda: server.pool.running == 1)  # in the pool, waiting for the writer
+            assert client.health() == "SERVING"
+            np.testing.assert_array_equal(client.lookup([1, 2], "u"), other[[1, 2]])
+            assert {t.name for t in client.tables()} == {"t", "u"}
+            assert not answers  # still waiting for the writer
+            table.weights[3] = 7.0
+            table.version += 1
+            holding.__exit__(None, None, None)
+            holding = None
+            waiting.join(timeout=10)
+    finally:
+        if holding is not None:
+            holding.__exit__(None, None, None)
+    assert len(answers) == 1 and (answers[0] == 7.0).all()

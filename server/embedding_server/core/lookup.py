@@ -79,7 +79,8 @@ class Lookups:
         in host memory, which numpy's take serves (`Table.take`; another output dtype
         converted after it by torch, as `lookup` converts), with the same checks, answer
         and errors; None when it is not that call (another table, a batcher, more ids
-        than the host take serves), for `lookup` to run."""
+        than the host take serves) or a writer holds the table (it runs on the event
+        loop, which must not wait), for `lookup` to run."""
         table = self.store.tables.get(table_name)
         if table is None or not table.on_host or self.batcher is not None:
             return None
@@ -88,7 +89,10 @@ class Lookups:
             return None
         out_dtype = OUTPUT_DTYPES[dtype]
         self._check(table, ids, out_dtype, dense=False)
-        data, seconds, version = table.take(ids)
+        taken = table.take(ids)
+        if taken is None:
+            return None
+        data, seconds, version = taken
         if dtype != table.dtype:  # the stored rows (bfloat16 as its bits) converted
             rows = torch.from_numpy(data).view(table.weights.dtype)
             data = devices.to_host(rows, out_dtype)

@@ -53,6 +53,14 @@ class ReadWriteLock:
                 self._cond.wait()
             self._readers += 1
 
+    def try_acquire_read(self) -> bool:
+        """`acquire_read` unless a writer writes or waits: then False, nothing taken."""
+        with self._cond:
+            if self._writing or self._writers_waiting:
+                return False
+            self._readers += 1
+            return True
+
     def release_read(self) -> None:
         with self._cond:
             self._readers -= 1
@@ -134,33 +142,39 @@ class Table:
         returns) run so that no row it reads is half-updated; with the version it saw."""
         self.lock.acquire_read()
         try:
-            if self.shared_state is None:
-                return kernel(), self._version
-            state = self._view("state", self.shared_state)
-            while True:  # seqlock: read again if a write overlapped
-                before = int(state[0])
-                if before % 2:
-                    os.sched_yield()  # a write is under way: it takes microseconds
-                    continue
-                result = kernel()
-                version = int(state[1])
-                if int(state[0]) == before:
-                    return result, version
+            return self._read_locked(kernel)
         finally:
             self.lock.release_read()
 
-    def take(self, ids: np.ndarray) -> tuple[np.ndarray, float, int]:
+    def _read_locked(self, kernel: Callable[[], T]) -> tuple[T, int]:
+        if self.shared_state is None:
+            return kernel(), self._version
+        state = self._view("state", self.shared_state)
+        while True:  # seqlock: read again if a write overlapped
+            before = int(state[0])
+            if before % 2:
+                os.sched_yield()  # a write is under way: it takes microseconds
+                continue
+            result = kernel()
+            version = int(state[1])
+            if int(state[0]) == before:
+                return result, version
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, float, int] | None:
         """numpy's take of rows `ids` of the host array (`host_array`), read as `read`
         reads; with the seconds the take ran and the version it saw. The plain lookup's
-        short way (`Lookups.plain`): the same steps as `read` of a timed kernel, without
-        the closures."""
-        if self.shared_state is not None:
-            take = functools.partial(self.host_array().take, ids, 0)
-            (rows, seconds), version = self.read(functools.partial(devices.timed, _CPU, take))
-            return rows, seconds, version
+        short way (`Lookups.plain`), on the server's event loop, so it never waits for a
+        writer: None, at once, while one writes or waits to (the caller then reads by
+        `read`, off the loop)."""
         lock = self.lock
-        lock.acquire_read()
+        if not lock.try_acquire_read():
+            return None
         try:
+            if self.shared_state is not None:
+                take = functools.partial(self.host_array().take, ids, 0)
+                timed = functools.partial(devices.timed, _CPU, take)
+                (rows, seconds), version = self._read_locked(timed)
+                return rows, seconds, version
             began = time.perf_counter()
             rows = self.host_array().take(ids, 0)
             return rows, time.perf_counter() - began, self._version
