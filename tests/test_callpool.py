@@ -155,31 +155,3 @@ def test_blocking_off_the_pool_does_nothing() -> None:
 def test_threads_must_fit_in_max_threads() -> None:
     with pytest.raises(ValueError, match="max_threads"):
         CallPool(4, max_threads=2)
-
-
-def test_wait_before_covers_queued_and_running_work_not_later_or_released() -> None:
-    """A stop waits for every call submitted before its mark, queued ones included; a
-    stream that released itself, and work submitted after the mark, do not hold it."""
-    pool = CallPool(1, max_threads=4)
-    gate, stream_gate = threading.Event(), threading.Event()
-
-    def stream() -> None:
-        pool.release()
-        with pool.blocking():  # waits for its client's next message, for long
-            stream_gate.wait(30)
-
-    try:
-        streaming = pool.submit(stream)
-        running = pool.submit(gate.wait, 30)
-        queued = [pool.submit(time.sleep, 0.01) for _ in range(3)]
-        mark = pool.mark()
-        later = pool.submit(stream_gate.wait, 30)
-        assert not pool.wait_before(mark, timeout=0.2)  # the running call holds it
-        gate.set()
-        assert pool.wait_before(mark, timeout=10)
-        assert running.done() and all(f.done() for f in queued)
-        assert not streaming.done() and not later.done()  # released / after the mark
-    finally:
-        gate.set()
-        stream_gate.set()
-        pool.shutdown(wait=True)

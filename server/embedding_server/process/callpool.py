@@ -1,22 +1,18 @@
-"""The thread pool grpc's sync server runs calls on: few threads at once, more only for waits.
+"""The handler pool: few threads at once, more only for waits.
 
-grpc's sync server runs each call's Python (its own per-call code, ours, torch's) on a
-pool thread. Every C call on the way (grpc's core, each torch op) releases and retakes
-the GIL, so with many threads busy at once they queue for it at every step: on the
-2-core machine a bare server doing torch lookups answered B = 1 at ~2,100 req/s with 16
-threads and ~4,000 with 2 (docs/performance.md, "Handler threads"). So `CallPool` keeps
-`threads` calls running at once and queues the rest, like a fixed pool of that size.
+The server answers plain lookups on its event loop and runs every other call (dense,
+pooled, padded, device and batched lookups, admin RPCs) here, on a pool thread. Every C
+call on the way (grpc's core, each torch op) releases and retakes the GIL, so with many
+threads busy at once they queue for it at every step: on the 2-core machine a bare
+server doing torch lookups answered B = 1 at ~2,100 req/s with 16 threads and ~4,000
+with 2 (docs/performance.md, "Handler threads"). So `CallPool` keeps `threads` calls
+running at once and queues the rest, like a fixed pool of that size.
 
-A call that will wait a long time (a one-hot matmul, a reload, a stream between
-messages, a batched lookup waiting for its batch) says so with `blocking()`: while it is
-inside, it does not count, and another thread may take queued calls, up to
-`max_threads` threads in all. A thread that finds more than `threads` running when its
-call ends leaves the pool, so the count comes back down after the wait.
-
-For a graceful stop, `mark()` and `wait_before(mark)` wait for every call submitted
-before the mark, queued or running: grpc hands a call to the pool once it has received
-it, so these are the calls the server accepted. A call that lasts as long as its client
-wants (a stream) takes itself out of that wait with `release()`.
+A call that will wait a long time (a one-hot matmul, a reload, a batched lookup waiting
+for its batch) says so with `blocking()`: while it is inside, it does not count, and
+another thread may take queued calls, up to `max_threads` threads in all. A thread that
+finds more than `threads` running when its call ends leaves the pool, so the count comes
+back down after the wait.
 """
 
 from __future__ import annotations
@@ -31,8 +27,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# (sequence number, future, function, args, kwargs)
-_Work = tuple[int, "futures.Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+# (future, function, args, kwargs)
+_Work = tuple["futures.Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 class CallPool(futures.Executor):
@@ -47,16 +43,12 @@ class CallPool(futures.Executor):
         self._name = name
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._finished = threading.Condition(self._lock)  # notified while someone waits
-        self._waiting_for_finish = 0
-        self._submitted = 0  # sequence number of the next work
-        self._unfinished: set[int] = set()  # submitted, neither finished nor released
         self._alive: set[threading.Thread] = set()
         self._idle = 0  # threads waiting for work
         self._blocked = 0  # threads inside blocking()
         self._queued = 0  # work not yet taken by a thread
         self._shutdown = False
-        self._mine = threading.local()  # .inside: one of ours; .sequence: its current work
+        self._mine = threading.local()  # .inside: one of ours
         self._serial = 0
 
     @property
@@ -75,10 +67,7 @@ class CallPool(futures.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new calls after shutdown")
             self._queued += 1
-            sequence = self._submitted
-            self._submitted += 1
-            self._unfinished.add(sequence)
-            self._work.put((sequence, future, fn, args, kwargs))
+            self._work.put((future, fn, args, kwargs))
             self._grow()
         return future
 
@@ -126,8 +115,7 @@ class CallPool(futures.Executor):
                     self._alive.discard(me)
                     return
                 self._queued -= 1
-            sequence, future, fn, args, kwargs = work
-            self._mine.sequence = sequence
+            future, fn, args, kwargs = work
             if future.set_running_or_notify_cancel():
                 try:
                     result = fn(*args, **kwargs)
@@ -137,41 +125,9 @@ class CallPool(futures.Executor):
                     future.set_result(result)
             del work, future, fn, args, kwargs  # no reference kept while idle
             with self._lock:
-                self._finish(sequence)
                 if self.running > self.threads:
                     self._alive.discard(me)  # a waiting call came back: one too many now
                     return
-
-    def _finish(self, sequence: int) -> None:
-        """Work `sequence` no longer holds back `wait_before`. Called with the lock held."""
-        self._unfinished.discard(sequence)
-        if self._waiting_for_finish:
-            self._finished.notify_all()
-
-    def release(self) -> None:
-        """Take the current call out of `wait_before` (it may run for long: a stream).
-        Does nothing off the pool."""
-        sequence = getattr(self._mine, "sequence", None)
-        if sequence is not None:
-            with self._lock:
-                self._finish(sequence)
-
-    def mark(self) -> int:
-        """A point in the order of submissions, for `wait_before`."""
-        with self._lock:
-            return self._submitted
-
-    def wait_before(self, mark: int, timeout: float) -> bool:
-        """Wait up to `timeout` s until every call submitted before `mark` has finished (or
-        released itself); True when they all have."""
-        with self._lock:
-            self._waiting_for_finish += 1
-            try:
-                return self._finished.wait_for(
-                    lambda: not any(s < mark for s in self._unfinished), timeout=timeout
-                )
-            finally:
-                self._waiting_for_finish -= 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new work; the threads finish what is queued (unless `cancel_futures`), then end."""
@@ -186,8 +142,7 @@ class CallPool(futures.Executor):
                         break
                     if work is not None:
                         self._queued -= 1
-                        self._finish(work[0])
-                        work[1].cancel()
+                        work[0].cancel()
             for _ in threads:
                 self._work.put(None)
         if wait:
