@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import grpc
@@ -26,8 +27,10 @@ from .conftest import (
 
 
 def test_open_streams_do_not_take_the_only_running_place(start_server: ServerFactory) -> None:
+    """Three streams open at once on a server of one running place and two threads: an
+    open stream holds no thread (its messages are answered like calls)."""
     table = random_table(10, 4)
-    server = start_server({"t": table}, workers=1, max_streams=3)
+    server = start_server({"t": table}, workers=1, max_threads=2, max_streams=3)
     release = threading.Event()
     target = f"127.0.0.1:{server.port}"
 
@@ -140,3 +143,40 @@ def test_a_writer_holding_a_table_does_not_hold_other_calls(start_server: Server
         if holding is not None:
             holding.__exit__(None, None, None)
     assert len(answers) == 1 and (answers[0] == 7.0).all()
+
+
+def test_calls_whose_request_has_not_come_hold_no_thread(start_server: ServerFactory) -> None:
+    """Five Lookup calls open with their request message not sent yet, on a server of one
+    handler thread: they wait on the event loop, holding no thread, so a plain and a
+    general-way lookup are answered meanwhile; once their requests come, they are too."""
+    table = random_table(10, 4, seed=4)
+    server = start_server({"t": table}, workers=1, max_threads=1)
+    target = f"127.0.0.1:{server.port}"
+    send = threading.Event()
+    request = pb.LookupRequest(table="t", ids_list=[6]).SerializeToString()
+
+    def late_request():  # type: ignore[no-untyped-def]
+        send.wait(30)
+        yield request
+
+    with grpc.insecure_channel(target) as channel:
+        lookup = channel.stream_unary(  # a unary method, its one message sent when ready
+            "/embedding.v1.EmbeddingService/Lookup",
+            response_deserializer=pb.LookupResponse.FromString,
+        )
+        try:
+            waiting = [lookup.future(late_request(), timeout=20) for _ in range(5)]
+            time.sleep(0.5)  # for the calls to open on the server (nothing to time)
+            with EmbeddingClient(target, max_attempts=1, timeout=5) as client:
+                np.testing.assert_array_equal(client.lookup([1, 2], "t"), table[[1, 2]])
+                padded = client.lookup([1, 2], "t", padding_id=2)  # the general way: the pool
+                np.testing.assert_array_equal(padded, np.stack([table[1], np.zeros(4)]))
+            assert not any(call.done() for call in waiting)
+            send.set()
+            for call in waiting:
+                answer = call.result(timeout=10)
+                np.testing.assert_array_equal(
+                    np.frombuffer(answer.vectors, "<f4").reshape(1, 4), table[[6]]
+                )
+        finally:
+            send.set()

@@ -348,11 +348,12 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--max-message-bytes", "max_message_bytes", _positive_int,
      "largest request or response message, in bytes"),
     ("--workers", "workers", _positive_int,
-     "calls running at once per process; more queue (calls waiting in a dense lookup, a "
-     "reload or an open stream do not count)"),
+     "calls running at once in the handler pool per process (all but plain lookups, which "
+     "the event loop answers); more queue (calls waiting in a dense lookup or a reload do "
+     "not count)"),
     ("--max-threads", "max_threads", _positive_int,
-     "most handler threads per process, counting those waiting in a dense lookup, a reload "
-     "or an open stream"),
+     "most handler threads per process, counting those waiting in a dense lookup or a "
+     "reload"),
     ("--processes", "processes", _positive_int,
      "server processes sharing the gRPC port (SO_REUSEPORT) and one copy of each table; "
      "1 serves from this process"),
@@ -372,8 +373,8 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--max-inflight", "max_inflight", _positive_int,
      "most RPCs in flight (running or queued); past it calls get RESOURCE_EXHAUSTED at once"),
     ("--max-streams", "max_streams", _positive_int,
-     "most LookupStream streams open at once; each holds a handler thread, so it must be "
-     "below --max-threads minus --workers"),
+     "most LookupStream streams open at once (an open stream holds no thread; its "
+     "messages are answered like Lookup calls)"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (chain): turns TLS on"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", str,
@@ -510,11 +511,10 @@ def load_config(
             parser.error(f"{flag} {folder}: not a directory")
     if values["admin_client_names"] and not values["tls_client_ca"]:
         parser.error("--admin-client-names needs mutual TLS (--tls-client-ca)")
-    if values["max_streams"] > values["max_threads"] - values["workers"] - 1:
+    if values["workers"] > values["max_threads"]:
         parser.error(
-            f"--max-streams ({values['max_streams']}) must be below --max-threads minus "
-            f"--workers ({values['max_threads']} - {values['workers']}): each open stream "
-            "holds a handler thread, and the rest must not wait for them"
+            f"--workers ({values['workers']}) must not exceed --max-threads "
+            f"({values['max_threads']}): the handler pool runs that many calls at once"
         )
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")
