@@ -35,6 +35,7 @@ from embedding_server.errors import (
     InvalidRequest,
     OverLimit,
 )
+from embedding_server.transport import servicer as servicer_module
 from embedding_server.transport.servicer import EmbeddingServicer
 
 from .conftest import exactly
@@ -190,24 +191,39 @@ def test_the_short_way_refuses_what_lookup_refuses() -> None:
 
 
 def test_the_short_way_reads_rows_whole_and_says_which_version() -> None:
+    """It never waits for a writer (it runs on the server's event loop): while one writes,
+    or waits for a reader to finish, it leaves the call to `lookup` at once; after the
+    write it reads the new rows with their version."""
     table = Table(name="w", weights=torch.from_numpy(FULL.copy()), source="test")
     lookups = lookups_of(table)
-    answers: list[object] = []
-    reader = threading.Thread(
-        target=lambda: answers.append(lookups.plain("w", np.array([4]), "float32")), daemon=True
-    )
-    with table.lock.writing():  # an update under way: the read waits for it
-        reader.start()
-        time.sleep(0.2)
-        waited = not answers
+    with table.lock.writing():  # an update under way
+        started = time.monotonic()
+        assert lookups.plain("w", np.array([4]), "float32") is None
+        assert time.monotonic() - started < 1
         table.weights[4] = 9.0
         table.version = 2
-    reader.join(timeout=5)
-    assert waited
-    assert len(answers) == 1
-    out = answers[0]
-    assert out is not None and out.version == 2  # type: ignore[attr-defined]
-    assert (out.vectors == 9.0).all()  # type: ignore[attr-defined]
+    wrote = threading.Event()
+
+    def update() -> None:
+        with table.lock.writing():
+            wrote.set()
+
+    table.lock.acquire_read()  # a lookup reading ...
+    writer = threading.Thread(target=update, daemon=True)
+    try:
+        writer.start()  # ... and an update waiting for it
+        deadline = time.monotonic() + 10
+        while not table.lock._writers_waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert lookups.plain("w", np.array([4]), "float32") is None
+    finally:
+        table.lock.release_read()
+        writer.join(timeout=10)
+    assert wrote.is_set()
+    out = lookups.plain("w", np.array([4]), "float32")
+    assert out is not None and out.version == 2
+    assert (out.vectors == 9.0).all()
     shared = Table(name="s", weights=torch.from_numpy(FULL.copy()), source="test",
                    shared_state=torch.tensor([0, 5], dtype=torch.int64))  # fmt: skip
     out = lookups_of(shared).plain("s", np.array([2, 0]), "float32")
@@ -222,9 +238,9 @@ def test_the_servicer_takes_the_short_way_for_plain_requests_only(
     shortcuts: list[str] = []
     real = whole.plain
 
-    def plain(table: str, ids: np.ndarray, dtype: str) -> object:
+    def plain(table: str, ids: np.ndarray, dtype: str, max_elements: int) -> object:
         shortcuts.append(table)
-        return real(table, ids, dtype)
+        return real(table, ids, dtype, max_elements)
 
     monkeypatch.setattr(whole, "plain", plain)
     context = SimpleNamespace(time_remaining=lambda: None)
@@ -248,6 +264,34 @@ def test_the_servicer_takes_the_short_way_for_plain_requests_only(
     for request in bag_fields:  # without pooling: refused, not looked up the short way
         with pytest.raises(codec.WireError, match=r"^offsets, lengths and per_id_weights need"):
             asyncio.run(lookup(request, context))  # type: ignore[arg-type]
+
+
+def test_the_servicer_hands_all_but_small_plain_lookups_to_the_pool(
+    whole: Lookups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the event loop: plain lookups of up to LOOP_TAKE_ELEMENTS values. A larger one,
+    and any other (here dense), is handed to `offload` (the handler pool), dense as a
+    call that waits; the answers are the same."""
+    handed: list[tuple[str, bool]] = []
+
+    async def offload(call, *args, waits=False):  # type: ignore[no-untyped-def]
+        handed.append((call.args[0], waits))
+        return call(*args)
+
+    monkeypatch.setattr(servicer_module, "LOOP_TAKE_ELEMENTS", 8)  # two rows of dim 4
+    servicer = EmbeddingServicer(whole, offload)
+    context = SimpleNamespace(time_remaining=lambda: None)
+    for ids, pool in (([1, 2], []), ([1, 2, 3], [("w", False)])):
+        request = codec.encode_lookup_request(ids, "w", "float32")
+        answer = asyncio.run(servicer.Lookup(request, context))  # type: ignore[arg-type]
+        assert handed == pool
+        np.testing.assert_array_equal(
+            np.frombuffer(answer.vectors, "<f4").reshape(-1, 4), FULL[ids]
+        )
+        handed.clear()
+    request = codec.encode_lookup_request([1], "w", "float32")
+    asyncio.run(servicer.LookupDense(request, context))  # type: ignore[arg-type]
+    assert handed == [("w", True)]
 
 
 def test_a_batcher_given_serves_the_plain_gathers() -> None:

@@ -74,18 +74,24 @@ class Lookups:
         self.staging = staging  # pinned blocks for results leaving a CUDA device
         self._dense_slots = threading.BoundedSemaphore(limits.dense_concurrency)
 
-    def plain(self, table_name: str, ids: np.ndarray, dtype: str) -> LookupOutput | None:
+    def plain(
+        self,
+        table_name: str,
+        ids: np.ndarray,
+        dtype: str,
+        max_elements: int = kernels.HOST_TAKE_ELEMENTS,
+    ) -> LookupOutput | None:
         """The common call the short way: `lookup(table_name, ids, dtype)` of a whole table
         in host memory, which numpy's take serves (`Table.take`; another output dtype
         converted after it by torch, as `lookup` converts), with the same checks, answer
-        and errors; None when it is not that call (another table, a batcher, more ids
-        than the host take serves) or a writer holds the table (it runs on the event
+        and errors; None when it is not that call (another table, a batcher, more than
+        `max_elements` values to take) or a writer holds the table (it runs on the event
         loop, which must not wait), for `lookup` to run."""
         table = self.store.tables.get(table_name)
         if table is None or not table.on_host or self.batcher is not None:
             return None
         dim = table.dim
-        if ids.size * dim > kernels.HOST_TAKE_ELEMENTS:
+        if ids.size * dim > max_elements:
             return None
         out_dtype = OUTPUT_DTYPES[dtype]
         self._check(table, ids, out_dtype, dense=False)

@@ -36,6 +36,12 @@ from embedding_server.transport.interceptor import (
 )
 
 
+# The most values a plain lookup takes on the event loop (1 MiB of float32: B = 2,048 at
+# dim 128); a larger one goes to the handler pool, where several run at once (numpy's
+# take lets go of the GIL) instead of one after another on the loop.
+LOOP_TAKE_ELEMENTS = 1 << 18
+
+
 class Offload(Protocol):
     """Runs `call(*args)` off the event loop and awaits it; `waits`: it may wait long."""
 
@@ -161,7 +167,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 or request.HasField("padding_id")
                 or request.HasField("expect_shard")
             )  # W[ids] and no more: the core's short way, when the table allows it
-            out = self.lookups.plain(table, ids, dtype) if plain else None
+            out = self.lookups.plain(table, ids, dtype, LOOP_TAKE_ELEMENTS) if plain else None
             if out is None:
                 general = functools.partial(
                     self.lookups.lookup,
