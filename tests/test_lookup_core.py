@@ -294,6 +294,38 @@ def test_the_servicer_hands_all_but_small_plain_lookups_to_the_pool(
     assert handed == [("w", True)]
 
 
+def test_large_answers_are_serialized_in_the_pool(
+    whole: Lookups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers over LOOP_ANSWER_BYTES (Lookup, LookupDense, LookupMany) are serialized by
+    `offload` (the handler pool), to the same bytes; smaller ones are left to grpc."""
+    handed: list[str] = []
+
+    async def offload(call, *args, waits=False):  # type: ignore[no-untyped-def]
+        handed.append(getattr(call, "__name__", ""))
+        return call(*args)
+
+    monkeypatch.setattr(servicer_module, "LOOP_ANSWER_BYTES", 32)  # two rows of dim 4
+    servicer = EmbeddingServicer(whole, offload)
+    context = SimpleNamespace(time_remaining=lambda: None)
+    for ids, serialized in (([1, 2], False), ([1, 2, 3], True)):
+        request = codec.encode_lookup_request(ids, "w", "float32")
+        for method in (servicer.Lookup, servicer.LookupDense):
+            handed.clear()
+            answer = asyncio.run(method(request, context))  # type: ignore[operator]
+            assert isinstance(answer, servicer_module.Serialized) is serialized
+            assert ("SerializeToString" in handed) is serialized
+            parsed = pb.LookupResponse.FromString(answer.SerializeToString())
+            np.testing.assert_array_equal(
+                np.frombuffer(parsed.vectors, "<f4").reshape(-1, 4), FULL[ids]
+            )
+        many = pb.LookupManyRequest(features=[pb.FeatureLookup(feature="f", lookup=request)])
+        answer = asyncio.run(servicer.LookupMany(many, context))  # type: ignore[arg-type]
+        assert isinstance(answer, servicer_module.Serialized) is serialized
+        parsed_many = pb.LookupManyResponse.FromString(answer.SerializeToString())
+        assert parsed_many.results[0].result.vectors == FULL[ids].tobytes()
+
+
 def test_a_batcher_given_serves_the_plain_gathers() -> None:
     batcher = Batcher(max_delay_s=0.001, max_ids=4096)
     try:

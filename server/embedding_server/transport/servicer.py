@@ -16,7 +16,7 @@ import functools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -35,11 +35,28 @@ from embedding_server.transport.interceptor import (
     status_code,
 )
 
-
 # The most values a plain lookup takes on the event loop (1 MiB of float32: B = 2,048 at
 # dim 128); a larger one goes to the handler pool, where several run at once (numpy's
 # take lets go of the GIL) instead of one after another on the loop.
 LOOP_TAKE_ELEMENTS = 1 << 18
+
+
+# Answers larger than this are serialized in the handler pool: a copy of every byte, which
+# bytes.join makes with the GIL let go, so several run at once there instead of one after
+# another on the loop.
+LOOP_ANSWER_BYTES = 1 << 20
+
+
+class Serialized:
+    """An answer serialized already (in the handler pool): grpc's serializer takes it as is."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:
+        return self.data
 
 
 class Offload(Protocol):
@@ -55,6 +72,9 @@ async def run_here(call: Callable[..., Any], *args: Any, waits: bool = False) ->
     return call(*args)
 
 
+_Answer = TypeVar("_Answer", codec.EncodedLookupResponse, codec.EncodedManyResponse)
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     """embedding.v1.EmbeddingService over a `Lookups` core; `offload` runs what is not a
     plain lookup (the server's: its handler pool)."""
@@ -65,13 +85,21 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     async def Lookup(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
-    ) -> codec.EncodedLookupResponse:
-        return await self.lookup_request("Lookup", request, context)
+    ) -> codec.EncodedLookupResponse | Serialized:
+        answer = await self.lookup_request("Lookup", request, context)
+        return await self._serialized(answer, answer.nbytes)
 
     async def LookupDense(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
-    ) -> codec.EncodedLookupResponse:
-        return await self.lookup_request("LookupDense", request, context)
+    ) -> codec.EncodedLookupResponse | Serialized:
+        answer = await self.lookup_request("LookupDense", request, context)
+        return await self._serialized(answer, answer.nbytes)
+
+    async def _serialized(self, answer: _Answer, nbytes: int) -> _Answer | Serialized:
+        """`answer` as it is, or serialized in the pool when it is large."""
+        if nbytes <= LOOP_ANSWER_BYTES:
+            return answer
+        return Serialized(await self.offload(answer.SerializeToString))
 
     async def LookupStream(
         self, requests: AsyncIterator[pb.LookupRequest], context: grpc.aio.ServicerContext
@@ -91,13 +119,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     async def LookupMany(
         self, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
-    ) -> codec.EncodedManyResponse:
-        return await self._lookup_many("LookupMany", request, context)
+    ) -> codec.EncodedManyResponse | Serialized:
+        answer = await self._lookup_many("LookupMany", request, context)
+        return await self._serialized(answer, answer.nbytes)
 
     async def LookupManyDense(
         self, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
-    ) -> codec.EncodedManyResponse:
-        return await self._lookup_many("LookupManyDense", request, context)
+    ) -> codec.EncodedManyResponse | Serialized:
+        answer = await self._lookup_many("LookupManyDense", request, context)
+        return await self._serialized(answer, answer.nbytes)
 
     async def _lookup_many(
         self, method: str, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
