@@ -86,18 +86,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Lookup(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedLookupResponse | Serialized:
-        answer = await self.lookup_request("Lookup", request, context)
-        return await self._serialized(answer, answer.nbytes)
+        return await self._serialized(await self.lookup_request("Lookup", request, context))
 
     async def LookupDense(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedLookupResponse | Serialized:
-        answer = await self.lookup_request("LookupDense", request, context)
-        return await self._serialized(answer, answer.nbytes)
+        return await self._serialized(await self.lookup_request("LookupDense", request, context))
 
-    async def _serialized(self, answer: _Answer, nbytes: int) -> _Answer | Serialized:
+    async def _serialized(self, answer: _Answer) -> _Answer | Serialized:
         """`answer` as it is, or serialized in the pool when it is large."""
-        if nbytes <= LOOP_ANSWER_BYTES:
+        if answer.nbytes <= LOOP_ANSWER_BYTES:
             return answer
         return Serialized(await self.offload(answer.SerializeToString))
 
@@ -120,14 +118,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def LookupMany(
         self, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedManyResponse | Serialized:
-        answer = await self._lookup_many("LookupMany", request, context)
-        return await self._serialized(answer, answer.nbytes)
+        return await self._serialized(await self._lookup_many("LookupMany", request, context))
 
     async def LookupManyDense(
         self, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedManyResponse | Serialized:
-        answer = await self._lookup_many("LookupManyDense", request, context)
-        return await self._serialized(answer, answer.nbytes)
+        return await self._serialized(await self._lookup_many("LookupManyDense", request, context))
 
     async def _lookup_many(
         self, method: str, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
