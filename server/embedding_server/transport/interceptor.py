@@ -324,16 +324,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             except MAPPED_ERRORS as exc:
                 code, details = status_code(exc), str(exc)
                 who = getattr(exc, "caller", "") or who  # a refused credential says whose
-                await context.abort(code, details)
             except Exception as exc:
                 aborted = context.code()
                 if aborted not in (None, grpc.StatusCode.OK):
-                    code = aborted  # the handler aborted the call itself
+                    code = aborted  # the handler aborted the call itself (and sent its status)
                     raise
                 log.exception("%s failed on an unexpected error", full_method)
                 code = grpc.StatusCode.INTERNAL
                 details = f"internal error ({type(exc).__name__}); see the server log"
-                await context.abort(code, details)
             finally:
                 self._leave()
                 inflight.dec()
@@ -346,6 +344,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     logs.audit_admin_call(
                         method, who, context.peer(), request, code.name, details, seconds
                     )
+            # A refusal: counted and logged above first, as grpc.aio's abort sends the
+            # status at once (a caller that reads the metrics next finds its call there).
+            await context.abort(code, details)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
@@ -367,6 +368,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             metrics.child(metrics.GRPC_STARTED, "bidi_stream", service, method).inc()
             busy = False
             code = grpc.StatusCode.OK
+            details = ""
             loop = asyncio.get_running_loop()
             stream = _OpenStream(context, method, asyncio.current_task(), loop)
 
@@ -405,13 +407,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     yield response
             except _Draining:
                 code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, "the server is shutting down: resend the rest elsewhere")
+                details = "the server is shutting down: resend the rest elsewhere"
             except _Ended as ended:
-                code = grpc.StatusCode.CANCELLED
-                await context.abort(code, str(ended))
+                code, details = grpc.StatusCode.CANCELLED, str(ended)
             except MAPPED_ERRORS as exc:
-                code = status_code(exc)
-                await context.abort(code, str(exc))
+                code, details = status_code(exc), str(exc)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED  # by the caller
                 raise
@@ -422,6 +422,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 if busy:
                     self._leave()
                 metrics.child(metrics.GRPC_HANDLED, "bidi_stream", service, method, code.name).inc()
+            if code is not grpc.StatusCode.OK:  # ended by the server: counted first
+                await context.abort(code, details)
 
         return grpc.stream_stream_rpc_method_handler(
             checked,
