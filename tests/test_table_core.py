@@ -102,6 +102,41 @@ def test_a_writer_waits_for_readers_and_goes_before_new_ones() -> None:
         pass
 
 
+def test_a_read_that_must_not_wait_is_refused_while_a_writer_writes_or_waits() -> None:
+    """`try_acquire_read` (the event loop's read) is taken at once when no writer is about,
+    and then held like `acquire_read` (a writer waits for every such reader); while a
+    writer writes or waits it is refused and takes nothing, and `Table.take` returns None
+    then, its rows again once the writer is done."""
+    lock = ReadWriteLock()
+    order: list[str] = []
+    assert lock.try_acquire_read() and lock.try_acquire_read()  # readers share it
+    writer = threading.Thread(target=lambda: _write(lock, order))
+    try:
+        writer.start()
+        time.sleep(0.2)
+        assert order == []  # the writer waits for both readers
+        assert not lock.try_acquire_read()  # refused: a writer waits
+        lock.release_read()
+        time.sleep(0.2)
+        assert order == []  # one reader still in
+        lock.release_read()
+        writer.join(5)
+        assert order == ["write"]
+    finally:
+        writer.join(5)
+    weights = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    shared = table(weights.clone(), shared_state=torch.tensor([0, 1], dtype=torch.int64))
+    for held in (table(weights.clone()), shared):
+        with held.lock.writing():
+            assert not held.lock.try_acquire_read()  # refused: a writer writes
+            assert held.take(np.array([1])) is None
+        taken = held.take(np.array([1]))
+        assert taken is not None
+        np.testing.assert_array_equal(taken[0], weights.numpy()[[1]])
+        with held.lock.writing():  # the refusals and the take left no reader behind
+            pass
+
+
 def _write(lock: ReadWriteLock, order: list[str]) -> None:
     with lock.writing():
         order.append("write")
