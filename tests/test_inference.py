@@ -5,12 +5,14 @@ Values must be the bits `Lookup` answers; every bad request gets its status code
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import venv
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -20,8 +22,10 @@ import pytest
 from embedding_client import EmbeddingClient, Security
 from embedding_client.proto import grpc_service_pb2 as oip
 from embedding_client.proto import grpc_service_pb2_grpc as oip_grpc
+from embedding_server.core.lookup import Limits, Lookups
+from embedding_server.transport import inference, servicer
 
-from .conftest import ROOT, ServerFactory, random_table
+from .conftest import ROOT, ServerFactory, make_store, random_table
 
 TABLE = random_table(300, 24, seed=51)
 Stub = oip_grpc.GRPCInferenceServiceStub
@@ -335,3 +339,43 @@ def test_kserves_client_gets_the_bits_lookup_answers(
     for name in ("raw", "typed"):  # raw bytes in and out; typed ids in, typed FP32 out
         got = np.load(f"{out}-{name}.npy")
         assert got.dtype == np.float32 and got.tobytes() == want.tobytes(), name
+
+
+def test_large_answers_are_built_and_serialized_in_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Raw answers over LOOP_ANSWER_BYTES and typed ones over TYPED_ON_LOOP_BYTES are
+    built and serialized by `offload` (the handler pool), to the bytes the loop would
+    have sent; smaller ones are built where the call runs."""
+    handed: list[str] = []
+
+    async def offload(call, *args, waits=False):  # type: ignore[no-untyped-def]
+        handed.append(getattr(call, "__name__", "?"))
+        return call(*args)
+
+    limits = Limits(max_ids=1 << 20, max_dense_macs=1 << 40, dense_chunk_cells=1 << 22,
+                    max_response_bytes=1 << 30)  # fmt: skip
+    lookups = servicer.EmbeddingServicer(Lookups(make_store({"items": TABLE}), limits), offload)
+    oip_servicer = inference.InferenceServicer(lookups, lambda: True)
+    monkeypatch.setattr(inference, "LOOP_ANSWER_BYTES", 2 * 24 * 4)  # two rows
+    monkeypatch.setattr(inference, "TYPED_ON_LOOP_BYTES", 24 * 4)  # one row
+    context = SimpleNamespace(time_remaining=lambda: None)
+    for count, typed, pooled in ((1, True, False), (2, True, True), (2, False, False),
+                                 (3, False, True)):  # fmt: skip
+        ids = np.arange(count)
+        if typed:
+            request = oip.ModelInferRequest(model_name="items")
+            request.inputs.add(name="ids", datatype="INT64", shape=[count])
+            request.inputs[0].contents.int64_contents.extend(ids.tolist())
+        else:
+            request = infer(ids)
+        handed.clear()
+        answer = asyncio.run(oip_servicer.ModelInfer(request, context))
+        assert isinstance(answer, servicer.Serialized) is pooled
+        assert handed == (["<lambda>"] if pooled else [])
+        parsed = oip.ModelInferResponse.FromString(answer.SerializeToString())
+        if typed:
+            values = np.asarray(parsed.outputs[0].contents.fp32_contents, dtype=np.float32)
+            assert values.tobytes() == TABLE[ids].tobytes()
+        else:
+            np.testing.assert_array_equal(output(parsed), TABLE[ids])

@@ -20,6 +20,7 @@ credentials (a data token), draining and metrics are the interceptor's, as for e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -31,7 +32,11 @@ from embedding_client import codec
 from embedding_client.proto import grpc_service_pb2 as oip
 from embedding_client.proto import grpc_service_pb2_grpc as oip_grpc
 from embedding_server.errors import InvalidRequest, TableNotFound, quoted
-from embedding_server.transport.servicer import EmbeddingServicer
+from embedding_server.transport.servicer import (
+    LOOP_ANSWER_BYTES,
+    EmbeddingServicer,
+    Serialized,
+)
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INPUT, OUTPUT = "ids", "embeddings"
@@ -47,7 +52,8 @@ IGNORED_PARAMETERS = frozenset(
 )  # fmt: skip
 KNOWN_PARAMETERS = frozenset({"datatype", "dense", "pooling", "padding_id"})
 PLATFORM = "embedding_lookup"
-# Typed answers (`fp32_contents`) up to this size are built on the event loop.
+# Typed answers (`fp32_contents`) up to this size are built on the event loop (raw ones
+# up to the servicer's LOOP_ANSWER_BYTES).
 TYPED_ON_LOOP_BYTES = 64 << 10
 
 
@@ -110,7 +116,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: Any
-    ) -> oip.ModelInferResponse:
+    ) -> oip.ModelInferResponse | Serialized:
         self._model(request.model_name, request.model_version)
         ids, typed_input = self._ids(request)
         options = self._options(request)
@@ -121,22 +127,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         result = await self.lookups.lookup_request(
             "ModelInfer", lookup, context, dense=options["dense"]
         )
-        output = oip.ModelInferResponse.InferOutputTensor(
-            name=OUTPUT, datatype=options["datatype"], shape=result.shape
-        )
-        response = oip.ModelInferResponse(
-            model_name=result.table, model_version=str(result.version), id=request.id
-        )
-        if typed_input and options["datatype"] == "FP32":
-            values = np.frombuffer(result.vectors, dtype="<f4")
-            if values.nbytes <= TYPED_ON_LOOP_BYTES:
-                output.contents.fp32_contents.extend(values)
-            else:  # ~10 ns a value: off the event loop
-                await self.lookups.offload(output.contents.fp32_contents.extend, values)
-        else:
-            response.raw_output_contents.append(bytes(result.vectors))
-        response.outputs.append(output)
-        return response
+        typed = typed_input and options["datatype"] == "FP32"
+        answer = functools.partial(_answer, request.id, result, options["datatype"], typed)
+        # A large answer is built and serialized in the handler pool, like Lookup's: raw
+        # values cost a copy each way, typed ones ~10 ns each to add.
+        if result.nbytes <= (TYPED_ON_LOOP_BYTES if typed else LOOP_ANSWER_BYTES):
+            return answer()
+        return Serialized(await self.lookups.offload(lambda: answer().SerializeToString()))
 
     def _model(self, name: str, version: str) -> Any:
         if not name:
@@ -226,6 +223,25 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             "pooling": pooling,
             "padding_id": _typed(parameters, "padding_id", int, "an integer row id"),
         }
+
+
+def _answer(
+    call_id: str, result: codec.EncodedLookupResponse, datatype: str, typed: bool
+) -> oip.ModelInferResponse:
+    """The ModelInferResponse of `result`: its vectors as typed `fp32_contents` when
+    `typed`, else as raw bytes."""
+    output = oip.ModelInferResponse.InferOutputTensor(
+        name=OUTPUT, datatype=datatype, shape=result.shape
+    )
+    response = oip.ModelInferResponse(
+        model_name=result.table, model_version=str(result.version), id=call_id
+    )
+    if typed:
+        output.contents.fp32_contents.extend(np.frombuffer(result.vectors, dtype="<f4"))
+    else:
+        response.raw_output_contents.append(bytes(result.vectors))
+    response.outputs.append(output)
+    return response
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
