@@ -311,12 +311,14 @@ def test_a_handler_that_aborts_keeps_its_code(caplog: pytest.LogCaptureFixture) 
         return b""  # never reached
 
     async def serve_and_call() -> grpc.aio.AioRpcError:
-        server = grpc.aio.server(interceptors=[StatusInterceptor()])
-        server.add_generic_rpc_handlers(
+        interceptor = StatusInterceptor()
+        interceptor.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(
                 "test.Aborting", {"Call": grpc.unary_unary_rpc_method_handler(aborting)}
             ),)
         )  # fmt: skip
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((interceptor,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:

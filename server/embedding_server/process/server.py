@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
@@ -301,7 +301,6 @@ class EmbeddingServer:
         config = self.config
         self._grpc = server = grpc.aio.server(
             migration_thread_pool=self.pool,
-            interceptors=[self._interceptor],
             # Backpressure: past this many RPCs running, grpc answers RESOURCE_EXHAUSTED
             # at once instead of queueing without bound.
             maximum_concurrent_rpcs=config.max_inflight,
@@ -314,21 +313,26 @@ class EmbeddingServer:
                 *connections.server_options(config, self.connection_cap),
             ],
         )
-        pb_grpc.add_EmbeddingServiceServicer_to_server(self.lookups, server)
-        inference.add_to_server(self.inference, server)
-        pb_grpc.add_EmbeddingAdminServicer_to_server(self.admin, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if config.reflection:
-            reflection.enable_server_reflection(
-                (
-                    SERVICE_NAME,
-                    ADMIN_SERVICE,
-                    inference.SERVICE_NAME,
-                    HEALTH_SERVICE,
-                    reflection.SERVICE_NAME,
+        services = self._interceptor  # every call passes it: it wraps each service
+        pb_grpc.add_EmbeddingServiceServicer_to_server(self.lookups, services)
+        inference.add_to_server(self.inference, services)
+        pb_grpc.add_EmbeddingAdminServicer_to_server(self.admin, services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        if config.reflection:  # grpc's aio servicer, named (enable_server_reflection would
+            # pick the sync one for anything that is not a grpc.aio.Server)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]  # no stubs
+                    (
+                        SERVICE_NAME,
+                        ADMIN_SERVICE,
+                        inference.SERVICE_NAME,
+                        HEALTH_SERVICE,
+                        reflection.SERVICE_NAME,
+                    )
                 ),
-                server,
+                services,
             )
+        server.add_generic_rpc_handlers((services,))
         if credentials is None:
             return server.add_insecure_port(address)
         return server.add_secure_port(address, credentials)

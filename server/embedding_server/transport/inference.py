@@ -25,7 +25,6 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
-import grpc
 import numpy as np
 
 from embedding_client import codec
@@ -244,5 +243,7 @@ def _answer(
     return response
 
 
-def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: InferenceServicer, server: Any) -> None:
+    """Add the protocol's service to `server` (a grpc server, or what stands in for one:
+    the interceptor that wraps every service)."""
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
