@@ -252,3 +252,45 @@ def test_int8_snapshot_dequantizes_on_the_host_in_chunks(tmp_path: Path) -> None
     assert isinstance(rows, kernels.QuantizedRows)
     whole = kernels.dequantize(table.weights, table.qparams)  # type: ignore[arg-type]
     assert torch.equal(rows.to_host().view(torch.int32), whole.view(torch.int32))
+
+
+# A handler-pool thread holding ten 8 MiB answers at once, then freeing them, 12 times;
+# prints the pages it faulted in each time (resource's per-thread count).
+_ANSWERS_IN_A_THREAD = """
+import resource, sys, threading
+from embedding_server.process.server import tune_allocator
+if sys.argv[1] == "tuned" and not tune_allocator():
+    print("untunable")
+    sys.exit()
+faults = []
+def answers():
+    for _ in range(12):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        held = [b"x" * (8 << 20) for _ in range(10)]
+        del held
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+thread = threading.Thread(target=answers)
+thread.start()
+thread.join()
+print(*faults)
+"""
+
+
+def test_the_allocator_tuning_keeps_large_answers_pages_in_every_thread() -> None:
+    """With `--malloc-tune` (the default), answers built and freed call after call in a
+    thread other than the main one reuse their pages: after the first round none is
+    faulted in again. Untuned, glibc unmaps a thread arena's emptied heap each round."""
+
+    def faults(mode: str) -> list[int]:
+        done = subprocess.run(
+            [BIN / "python", "-c", _ANSWERS_IN_A_THREAD, mode],
+            env=server_env(), capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        if done.stdout.strip() == "untunable":
+            pytest.skip("glibc is not this platform's allocator")
+        return [int(n) for n in done.stdout.split()]
+
+    pages = (8 << 20) // 4096
+    untuned, tuned = faults("untuned"), faults("tuned")
+    assert min(untuned[1:]) > pages  # the check can fail: untuned, the pages come back
+    assert max(tuned[1:]) < pages // 8, tuned

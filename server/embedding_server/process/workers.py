@@ -58,6 +58,7 @@ from embedding_server.process.server import (
     file_access,
     start_metrics,
     stop_metrics,
+    tune_allocator,
 )
 from embedding_server.transport.admin import reload_table
 
@@ -473,6 +474,8 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
     logs.configure(
         config.log_level, f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"
     )
+    if config.malloc_tune:  # a spawned process: the supervisor's tuning is not inherited
+        tune_allocator()
     # The processes share the cores: torch's own thread pool would oversubscribe them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.processes))
     # A process group of its own: a terminal's Ctrl-C or a `kill` of the supervisor's
