@@ -413,9 +413,10 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "blocks kept for reuse; larger results, or more at once, are copied to pageable "
      "memory (0: never pin)"),
     ("--malloc-tune", "malloc_tune", _bool,
-     "raise glibc's mmap/trim thresholds so freed response buffers are reused instead of "
-     "faulted in afresh for every call (true/false; -20% server CPU per call at 8 MB "
-     "responses, see docs/performance.md; the heap keeps up to 1 GiB it could return)"),
+     "raise glibc's mmap/trim thresholds and use one allocator arena for every thread, "
+     "so freed response buffers are reused instead of faulted in afresh for every call "
+     "(true/false, in every process; -20% server CPU per call at 8 MB responses, see "
+     "docs/performance.md; the heap keeps up to 1 GiB it could return)"),
     ("--shard", "shard", _shard,
      "hold one shard of every table, I/N (shard I of N, from 0): the rows whose "
      "embedding_client.shards.shard_of(id, N) is I; ids stay global and other shards' ids "
