@@ -253,6 +253,38 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(tmp_path: Path) -> None
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+def test_every_process_sets_up_torch_and_the_allocator(tmp_path: Path) -> None:
+    """The workers are spawned, not forked: each sets torch's threads per call and the
+    allocator itself, as the supervisor does."""
+    path = tmp_path / "t.npy"
+    np.save(path, WEIGHTS)
+    running = _start(path, "--torch-threads", "3")
+    output = _stop(running)
+    for process in (
+        "embedding_server:",
+        "embedding_server[worker 0]:",
+        "embedding_server[worker 1]:",
+    ):
+        lines = [line for line in output.splitlines() if f" INFO {process} " in line]
+        assert any(line.endswith("torch threads per call: 3") for line in lines), output
+        assert any(line.endswith("allocator tuning (mallopt): on") for line in lines), output
+
+
+def test_the_process_setup_sets_torchs_threads() -> None:
+    code = (
+        "import torch\n"
+        "from embedding_server.config import ServerConfig\n"
+        "from embedding_server.process.server import prepare_process\n"
+        "prepare_process(ServerConfig(torch_threads=3, malloc_tune=False))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run(
+        [BIN / "python", "-c", code], env=server_env(), capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["3"]
+
+
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     path = tmp_path / "t.npy"
     np.save(path, WEIGHTS)

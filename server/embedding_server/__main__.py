@@ -74,10 +74,8 @@ def serve(config: ServerConfig, metrics_dir: str = "") -> int:
     log.info("embedding-server starting with:")
     for line in config.describe():
         log.info("  %s", line)
-    if config.malloc_tune:
-        log.info(
-            "allocator tuning (mallopt): %s", "on" if server.tune_allocator() else "unavailable"
-        )
+    for line in server.prepare_process(config):
+        log.info("%s", line)
     running: server.EmbeddingServer | workers.Supervisor
     try:
         server.check_port_free(config.host, config.port, "gRPC")

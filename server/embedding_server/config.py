@@ -233,6 +233,7 @@ class ServerConfig:
     stream_idle_s: float = 30.0
     reflection: bool = True
     malloc_tune: bool = True
+    torch_threads: int = 1
     pinned_staging_bytes: int = 128 << 20
     shard: Shard | None = None
     # Not flags (secrets stay out of argv): read from --auth-tokens-file and
@@ -417,6 +418,11 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "so freed response buffers are reused instead of faulted in afresh for every call "
      "(true/false, in every process; -20% server CPU per call at 8 MB responses, see "
      "docs/performance.md; the heap keeps up to 1 GiB it could return)"),
+    ("--torch-threads", "torch_threads", _positive_int,
+     "threads torch's CPU kernels may use inside one call (a dtype conversion, pooling, "
+     "a one-hot matmul), per process; calls already run side by side, and under load "
+     "more than 1 costs CPU waiting at torch's joins (see docs/performance.md); more "
+     "speeds up one large LookupDense at a time"),
     ("--shard", "shard", _shard,
      "hold one shard of every table, I/N (shard I of N, from 0): the rows whose "
      "embedding_client.shards.shard_of(id, N) is I; ids stay global and other shards' ids "

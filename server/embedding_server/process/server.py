@@ -116,6 +116,17 @@ def tune_allocator() -> bool:
         return False
 
 
+def prepare_process(config: ServerConfig) -> list[str]:
+    """What every serving process sets up before it starts a thread: the allocator
+    (`--malloc-tune`) and torch's threads per call (`--torch-threads`). Returns lines for
+    the log."""
+    done = [f"torch threads per call: {config.torch_threads}"]
+    torch.set_num_threads(config.torch_threads)
+    if config.malloc_tune:
+        done.append(f"allocator tuning (mallopt): {'on' if tune_allocator() else 'unavailable'}")
+    return done
+
+
 def check_port_free(host: str, port: int, what: str) -> None:
     """Fail fast, before a long table load, when a port is taken (port 0: any free one)."""
     if port == 0:

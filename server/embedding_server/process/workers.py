@@ -42,7 +42,6 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
-import torch
 import torch.multiprocessing as torch_mp
 from prometheus_client import multiprocess
 
@@ -56,9 +55,9 @@ from embedding_server.process.server import (
     StartupError,
     StopSignals,
     file_access,
+    prepare_process,
     start_metrics,
     stop_metrics,
-    tune_allocator,
 )
 from embedding_server.transport.admin import reload_table
 
@@ -474,10 +473,8 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
     logs.configure(
         config.log_level, f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s"
     )
-    if config.malloc_tune:  # a spawned process: the supervisor's tuning is not inherited
-        tune_allocator()
-    # The processes share the cores: torch's own thread pool would oversubscribe them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.processes))
+    for line in prepare_process(config):  # spawned: the supervisor's setup is not inherited
+        log.info("%s", line)
     # A process group of its own: a terminal's Ctrl-C or a `kill` of the supervisor's
     # group reaches the supervisor only, which stops the workers in order (otherwise a
     # worker that stopped first would look dead and be replaced during the shutdown).
