@@ -120,10 +120,11 @@ def prepare_process(config: ServerConfig) -> list[str]:
     """What every serving process sets up before it starts a thread: the allocator
     (`--malloc-tune`) and torch's threads per call (`--torch-threads`). Returns lines for
     the log."""
-    done = [f"torch threads per call: {config.torch_threads}"]
-    torch.set_num_threads(config.torch_threads)
-    if config.malloc_tune:
+    done = []
+    if config.malloc_tune:  # first: an arena is chosen as a thread first allocates
         done.append(f"allocator tuning (mallopt): {'on' if tune_allocator() else 'unavailable'}")
+    torch.set_num_threads(config.torch_threads)
+    done.append(f"torch threads per call: {config.torch_threads}")
     return done
 
 
