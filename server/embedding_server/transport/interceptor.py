@@ -326,7 +326,9 @@ class StatusInterceptor(grpc.GenericRpcHandler):
         behavior: Any = handler.unary_unary  # a coroutine function, or one for the pool
         on_loop = inspect.iscoroutinefunction(behavior)
         admin = service == ADMIN_SERVICE
-        slow = admin or method in DENSE_METHODS
+        # Plain-function handlers that may wait long: admin ones (a dense lookup is a
+        # coroutine, and the servicer marks its pool work as waiting itself).
+        slow = admin
         checks_callers = service != HEALTH_SERVICE
         authenticator = self.authenticator
 
