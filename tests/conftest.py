@@ -107,15 +107,17 @@ def start_server() -> Iterator[ServerFactory]:
 @pytest.fixture
 def slow_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     """Lookups of a table named "slow" hold their handler thread (not marked as waiting)
-    until `.release` is set; `.entered` is set as each starts. Released at teardown, so
+    until `.release` is set; `.entered` is set as each starts, `.started` counts them.
+    Released at teardown, so
     a failing test does not leave server threads waiting. They go the general way (in
     the handler pool): a plain lookup is answered on the event loop in microseconds, and
     one held there would hold every call."""
-    held = SimpleNamespace(entered=threading.Event(), release=threading.Event())
+    held = SimpleNamespace(entered=threading.Event(), release=threading.Event(), started=0)
     general, plain = Lookups.lookup, Lookups.plain
 
     def holding(self: Lookups, table_name: str, *args: object, **kwargs: object) -> object:
         if table_name == "slow":
+            held.started += 1
             held.entered.set()
             assert held.release.wait(30)
         return general(self, table_name, *args, **kwargs)  # type: ignore[arg-type]
@@ -134,11 +136,12 @@ def slow_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
 @pytest.fixture
 def held_matmuls(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     """One-hot matmuls (`kernels.one_hot_matmul`) wait until `.release` is set; `.entered`
-    is set as each starts. Released at teardown."""
-    held = SimpleNamespace(entered=threading.Event(), release=threading.Event())
+    is set as each starts, `.threads` names the threads they ran in. Released at teardown."""
+    held = SimpleNamespace(entered=threading.Event(), release=threading.Event(), threads=[])
     original = kernels.one_hot_matmul
 
     def held_matmul(*args: object, **kwargs: object) -> object:
+        held.threads.append(threading.current_thread().name)
         held.entered.set()
         assert held.release.wait(30)
         return original(*args, **kwargs)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -82,14 +83,70 @@ def test_a_long_admin_call_does_not_take_the_only_running_place() -> None:
             reloading.start()
             assert entered.wait(10)
             with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
-                for _ in range(3):
-                    np.testing.assert_array_equal(client.lookup([4]), table[[4]])
+                for _ in range(3):  # padded: the general way, in the handler pool
+                    padded = client.lookup([4, 0], padding_id=0)
+                    np.testing.assert_array_equal(padded, [table[4], np.zeros(4)])
             assert reloading.is_alive()  # the reload still waits: the lookups ran beside it
             release.set()
             reloading.join(timeout=20)
     finally:
         release.set()
         server.stop(grace=0)
+
+
+def test_a_one_hot_matmul_does_not_take_the_only_running_place(
+    start_server: ServerFactory, held_matmuls: SimpleNamespace
+) -> None:
+    """A LookupDense held in its matmul waits as a reload does: with --workers 1, lookups
+    that run in the handler pool (padded ones here) are answered meanwhile."""
+    table = random_table(10, 4)
+    server = start_server({"t": table}, workers=1)
+    target = f"127.0.0.1:{server.port}"
+    with EmbeddingClient(target, max_attempts=1, timeout=20) as dense_client:
+        dense: list[np.ndarray] = []
+        holder = threading.Thread(target=lambda: dense.append(dense_client.lookup_dense([3])))
+        try:
+            holder.start()
+            assert held_matmuls.entered.wait(10)
+            with EmbeddingClient(target, max_attempts=1, timeout=5) as client:
+                padded = client.lookup([4, 0], padding_id=0)
+            np.testing.assert_array_equal(padded, [table[4], np.zeros(4)])
+            assert holder.is_alive()  # the one-hot matmul still waits: the lookup ran beside it
+            assert held_matmuls.threads[0].startswith("rpc_")  # in the handler pool
+        finally:
+            held_matmuls.release.set()
+            holder.join(timeout=20)
+    np.testing.assert_allclose(dense[0], table[[3]])
+
+
+def test_calls_in_the_handler_pool_run_at_most_workers_at_once(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """With --workers 1 a second lookup that runs in the pool starts only once the first
+    has finished, though threads are free (--max-threads 4): calls that do not wait do
+    not run side by side, trading the GIL."""
+    table = random_table(10, 4)
+    server = start_server({"slow": table}, workers=1, max_threads=4)
+    answers: list[np.ndarray] = []
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=20) as client:
+        calls = [
+            threading.Thread(target=lambda i=i: answers.append(client.lookup([i], "slow")))
+            for i in (1, 2)
+        ]
+        try:
+            for call in calls:
+                call.start()
+            assert slow_lookups.entered.wait(10)
+            time.sleep(0.5)  # time for the second to start, were it let
+            assert slow_lookups.started == 1
+            slow_lookups.release.set()
+            for call in calls:
+                call.join(timeout=20)
+            assert slow_lookups.started == 2 and len(answers) == 2
+        finally:
+            slow_lookups.release.set()
+            for call in calls:
+                call.join(timeout=20)
 
 
 @pytest.mark.parametrize("workers", [1, 4])

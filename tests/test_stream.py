@@ -121,6 +121,59 @@ def test_drain_does_not_wait_for_idle_streams(start_server: ServerFactory) -> No
     )
 
 
+def test_a_drain_that_runs_out_of_time_ends_idle_streams_only(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """When the drain's wait ends with an answer still in progress, it ends the streams
+    that wait for a message and leaves the one answering alone: that answer arrives."""
+    table = random_table(20, 4, seed=12)
+    server = start_server({"t": table, "slow": table}, workers=4)
+    release = threading.Event()
+    answers: list[pb.LookupStreamResponse] = []
+    status: list[tuple[grpc.StatusCode, str]] = []
+
+    def stream(first: pb.LookupRequest) -> None:
+        def requests():  # type: ignore[no-untyped-def]
+            yield first
+            release.wait(60)
+
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            try:
+                for answer in pb_grpc.EmbeddingServiceStub(channel).LookupStream(requests()):
+                    answers.append(answer)
+            except grpc.RpcError as exc:
+                status.append((exc.code(), exc.details()))
+
+    idle = threading.Thread(target=stream, args=(pb.LookupRequest(table="t", ids_list=[1]),))
+    busy = threading.Thread(target=stream, args=(pb.LookupRequest(table="slow", ids_list=[2]),))
+    try:
+        idle.start()
+        deadline = time.monotonic() + 20
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(answers) == 1  # the idle stream's one answer
+        busy.start()
+        assert slow_lookups.entered.wait(20)
+        assert server._interceptor.drain(timeout=0.3) is False  # the busy one still runs
+        idle.join(timeout=20)
+        assert status == [
+            (grpc.StatusCode.CANCELLED, "the server is shutting down: reopen the stream elsewhere")
+        ]
+        slow_lookups.release.set()
+        deadline = time.monotonic() + 20
+        while len(answers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(answers) == 2 and len(status) == 1  # answered, not ended
+        np.testing.assert_array_equal(
+            np.frombuffer(answers[1].result.vectors, "<f4").reshape(1, 4), table[[2]]
+        )
+    finally:
+        release.set()
+        slow_lookups.release.set()
+        idle.join(timeout=30)
+        busy.join(timeout=30)
+
+
 def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
     start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:
