@@ -61,7 +61,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
-DENSE_METHODS = ("LookupDense", "LookupManyDense")
 _HEALTH_PREFIX = f"/{HEALTH_SERVICE}/"
 
 _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
@@ -326,9 +325,6 @@ class StatusInterceptor(grpc.GenericRpcHandler):
         behavior: Any = handler.unary_unary  # a coroutine function, or one for the pool
         on_loop = inspect.iscoroutinefunction(behavior)
         admin = service == ADMIN_SERVICE
-        # Plain-function handlers that may wait long: admin ones (a dense lookup is a
-        # coroutine, and the servicer marks its pool work as waiting itself).
-        slow = admin
         checks_callers = service != HEALTH_SERVICE
         authenticator = self.authenticator
 
@@ -353,7 +349,9 @@ class StatusInterceptor(grpc.GenericRpcHandler):
                     )
                 if on_loop:
                     return await behavior(request, context)
-                return await self.offload(behavior, request, context, waits=slow)
+                # Plain functions that may wait long are admin ones (a dense lookup is a
+                # coroutine, and the servicer marks its own pool work as waiting).
+                return await self.offload(behavior, request, context, waits=admin)
             except MAPPED_ERRORS as exc:
                 code, details = status_code(exc), str(exc)
                 who = getattr(exc, "caller", "") or who  # a refused credential says whose

@@ -29,11 +29,12 @@ from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
 from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit, quoted
 from embedding_server.transport.interceptor import (
-    DENSE_METHODS,
     MAPPED_ERRORS,
     Malformed,
     status_code,
 )
+
+DENSE_METHODS = ("LookupDense", "LookupManyDense")
 
 # The most values a plain lookup takes on the event loop (1 MiB of float32: B = 2,048 at
 # dim 128); a larger one goes to the handler pool, where several run at once (numpy's
