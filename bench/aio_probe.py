@@ -19,7 +19,6 @@ server and the bare servers, in the same run.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import signal
 import time
 from typing import Any
@@ -35,8 +34,8 @@ def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool =
     server's seeded one) until SIGTERM. `mode`: where the call's Python runs: "inline" on
     the event loop; "executor" in the server's handler pool (`CallPool`, 4 threads),
     awaited by a coroutine; "migration" as a sync handler that grpc.aio itself runs in
-    that pool (`migration_thread_pool`). `malloc_tune`: glibc's thresholds raised, as
-    `embedding-server --malloc-tune true` (its default) does."""
+    that pool (`migration_thread_pool`). `malloc_tune`: the allocator tuned as
+    `embedding-server --malloc-tune true` (its default) does (`tune_allocator`)."""
     import grpc
     import torch
     from service_logic import finished  # bench/, beside this script
@@ -48,6 +47,7 @@ def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool =
     from embedding_server.core.sources import demo_table
     from embedding_server.core.store import TableStore
     from embedding_server.process.callpool import CallPool
+    from embedding_server.process.server import tune_allocator
     from embedding_server.transport.auth import Authenticator
     from embedding_server.transport.interceptor import (
         MAPPED_ERRORS,
@@ -58,9 +58,7 @@ def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool =
     from embedding_server.transport.servicer import EmbeddingServicer
 
     if malloc_tune:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        tune_allocator()
     store = TableStore()
     store.add(demo_table(rows, 128, 0, torch.device("cpu")))
     limits = Limits(max_ids=1 << 20, max_dense_macs=1 << 40, dense_chunk_cells=1 << 22,

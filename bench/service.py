@@ -73,18 +73,17 @@ def ceiling_server(port: int, rows: int, workers: int, flavour: str = "sync") ->
     """A grpc server with no service logic: raw ids bytes in, table[ids] bytes out.
 
     `flavour`: "sync" (grpc.server on a thread pool of `workers`) or "aio" (grpc.aio on
-    one event loop), each optionally "+malloc": glibc's mmap and trim thresholds raised
-    (DESIGN.md: re-faulting fresh pages for every 0.5-8 MB response halved throughput at
-    B >= 1,024), as `embedding-server --malloc-tune true` does.
+    one event loop), each optionally "+malloc": the server's own allocator tuning
+    (`tune_allocator`, what `embedding-server --malloc-tune true` does: glibc's mmap and
+    trim thresholds raised, one arena; DESIGN.md: re-faulting fresh pages for every
+    0.5-8 MB response halved throughput at B >= 1,024).
     """
     import grpc
 
     if flavour.endswith("+malloc"):
-        import ctypes
+        from embedding_server.process.server import tune_allocator
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's ceiling on 64-bit
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        tune_allocator()
     table = demo_table(rows)
     options = [("grpc.max_send_message_length", 1 << 30),
                ("grpc.max_receive_message_length", 1 << 30), ("grpc.so_reuseport", 0)]  # fmt: skip
