@@ -26,7 +26,7 @@ from typing import Any
 SERVICE = "embedding.v1.EmbeddingService"
 
 
-MODES = ("inline", "executor", "migration")
+MODES = ("inline", "executor", "migration", "floor")
 
 
 def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool = True) -> None:
@@ -106,12 +106,39 @@ def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool =
         except MAPPED_ERRORS as exc:
             context.abort(status_code(exc), str(exc))
 
+    if mode == "floor":
+        serve_aio(port, SERVICE, floor_handler(store.get("demo")))
+        return
     handler = grpc.unary_unary_rpc_method_handler(
         in_migration_pool if mode == "migration" else on_loop,
         request_deserializer=_tolerant(pb.LookupRequest.FromString),
         response_serializer=lambda response: response.SerializeToString(),
     )
     serve_aio(port, SERVICE, handler, pool if mode == "migration" else None)
+
+
+def floor_handler(table: Any) -> Any:
+    """The least any server answering the contract's Lookup does on grpc.aio, on the loop:
+    parse the LookupRequest (protobuf), take the rows by numpy, frame the LookupResponse
+    (the codec's one-copy framing). No checks, limits, metrics, credentials or error
+    handling: not a server anyone should run, the floor under the service's cost."""
+    import grpc
+    import numpy as np
+
+    from embedding_client import codec
+    from embedding_client.proto import embedding_pb2 as pb
+
+    rows, dim, name, version = table.host_array(), table.dim, table.name, table.version
+
+    async def lookup(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ids = np.frombuffer(request.ids, dtype="<i8")
+        return codec.EncodedLookupResponse(rows[ids], "float32", (ids.size, dim), name, version)
+
+    return grpc.unary_unary_rpc_method_handler(
+        lookup,
+        request_deserializer=pb.LookupRequest.FromString,
+        response_serializer=lambda response: response.SerializeToString(),
+    )
 
 
 def serve_aio(port: int, service: str, lookup: Any, pool: Any = None) -> None:

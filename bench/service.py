@@ -470,7 +470,8 @@ def main() -> int:
                         "served by grpc.aio (bench/aio_probe.py; a probe, not a server), for "
                         "each comma-separated MODE: inline (on the event loop, the default), "
                         "executor (awaited in the handler pool), migration (grpc.aio's own "
-                        "pool for sync handlers)")  # fmt: skip
+                        "pool for sync handlers), floor (no service logic at all: parse, take, "
+                        "frame the answer; the least a server of the contract does)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     kinds = args.kinds.split(",")

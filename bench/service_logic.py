@@ -1,6 +1,7 @@
 """The service's own Python per call, without gRPC: parse a LookupRequest, run the
 servicer's Lookup (limits, id checks, the gather, metrics) and encode the answer, against
-the bare handler body of bench/service.py's ceiling servers (numpy's take of the ids).
+the bare handler body of bench/service.py's ceiling servers (numpy's take of the ids) and
+the floor of bench/aio_probe.py (parse, take, frame the answer: no service logic).
 
 What is left after the transport: the per-call cost no transport change removes.
 
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedding_client.codec import EncodedLookupResponse
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.core.lookup import Limits, Lookups
 from embedding_server.core.sources import demo_table
@@ -59,8 +61,9 @@ def main() -> None:
     servicer = EmbeddingServicer(Lookups(store, limits))
     table = store.get("demo").host_array()
     rng = np.random.default_rng(0)
-    print("| B | bare handler body us/call | service logic us/call | difference |")
-    print("| ---: | ---: | ---: | ---: |")
+    print("| B | bare handler body us/call | floor us/call | service logic us/call "
+          "| service - floor |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for batch in (1, 64, 1024, 16384):
         ids = rng.integers(0, 100_000, batch).astype("<i8")
         body = pb.LookupRequest(table="demo", ids=ids.tobytes()).SerializeToString()
@@ -69,14 +72,21 @@ def main() -> None:
         def bare(raw: bytes = raw) -> bytes:
             return table[np.frombuffer(raw, dtype="<i8")].tobytes()
 
+        def floor(body: bytes = body, rows: int = batch) -> bytes:
+            # aio_probe's floor: parse, take, frame; no checks, metrics or errors
+            request = pb.LookupRequest.FromString(body)
+            taken = table[np.frombuffer(request.ids, dtype="<i8")]
+            answer = EncodedLookupResponse(taken, "float32", (rows, 128), "demo", 0)
+            return answer.SerializeToString()
+
         def service(body: bytes = body) -> bytes:
             request = pb.LookupRequest.FromString(body)
             answer = finished(servicer.Lookup(request, _Context()))  # type: ignore[arg-type]
             return answer.SerializeToString()
 
         calls = max(200, 200_000 // batch)
-        a, b = per_call_us(bare, calls), per_call_us(service, calls)
-        print(f"| {batch:,} | {a:,.1f} | {b:,.1f} | {b - a:+,.1f} |")
+        a, f, b = (per_call_us(c, calls) for c in (bare, floor, service))
+        print(f"| {batch:,} | {a:,.1f} | {f:,.1f} | {b:,.1f} | {b - f:+,.1f} |")
 
 
 if __name__ == "__main__":
