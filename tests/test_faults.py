@@ -250,6 +250,60 @@ def test_calls_queued_for_a_handler_thread_are_answered_on_stop(
     assert results == {"slow": "OK", **{f"queued-{k}": "OK" for k in range(6)}}
 
 
+def test_a_call_received_before_the_drain_counts_as_running_until_it_ends(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """A Lookup opened before the drain began whose request message comes only after:
+    it is answered, and while it runs it counts as running, so when it ends the drain
+    still waits for the other call it began with."""
+    table = random_table(20, 4, seed=6)
+    server = start_server({"t": table, "slow": table}, workers=4)
+    target = f"127.0.0.1:{server.port}"
+    send = threading.Event()
+    request = pb.LookupRequest(table="t", ids_list=[7]).SerializeToString()
+
+    def late_request():  # type: ignore[no-untyped-def]
+        send.wait(30)
+        yield request
+
+    drained: list[bool] = []
+    draining = threading.Thread(
+        target=lambda: drained.append(server._interceptor.drain(timeout=20))
+    )
+    with (
+        grpc.insecure_channel(target) as channel,
+        EmbeddingClient(target, max_attempts=1, timeout=30) as client,
+    ):
+        held = threading.Thread(target=client.lookup, args=([1], "slow"))
+        lookup = channel.stream_unary(  # a unary method, its one message sent when ready
+            "/embedding.v1.EmbeddingService/Lookup",
+            response_deserializer=pb.LookupResponse.FromString,
+        )
+        try:
+            held.start()
+            assert slow_lookups.entered.wait(10)
+            late = lookup.future(late_request(), timeout=20)
+            time.sleep(0.5)  # for the call to open on the server (nothing to time)
+            draining.start()
+            until(lambda: server.draining)
+            send.set()
+            answer = late.result(timeout=10)
+            np.testing.assert_array_equal(
+                np.frombuffer(answer.vectors, "<f4").reshape(1, 4), table[[7]]
+            )
+            time.sleep(0.3)
+            assert draining.is_alive()  # the held call still runs: the drain waits for it
+            slow_lookups.release.set()
+            draining.join(timeout=20)
+            assert drained == [True]
+        finally:
+            send.set()
+            slow_lookups.release.set()
+            for thread in (held, draining):
+                if thread.ident is not None:  # started
+                    thread.join(timeout=20)
+
+
 def test_calls_that_arrive_while_draining_are_refused_and_counted(
     start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:

@@ -10,12 +10,16 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
+from embedding_client.proto import grpc_service_pb2 as oip
+from embedding_client.proto import grpc_service_pb2_grpc as oip_grpc
 from embedding_server.core.tables import Table
 from embedding_server.process.server import EmbeddingServer
+from embedding_server.transport.inference import InferenceServicer
 
 from .conftest import (
     TEST_CONFIG,
@@ -147,6 +151,56 @@ def test_calls_in_the_handler_pool_run_at_most_workers_at_once(
             slow_lookups.release.set()
             for call in calls:
                 call.join(timeout=20)
+
+
+def test_a_call_in_progress_is_counted_and_then_timed(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """While a lookup runs, the dashboard's in-flight gauge counts it under its method;
+    once answered the gauge is back, and grpc_server_handling_seconds holds its time."""
+    server = start_server({"slow": random_table(10, 4)}, workers=4)
+    handled = {"grpc_type": "unary", "grpc_service": "embedding.v1.EmbeddingService",
+               "grpc_method": "Lookup", "grpc_code": "OK"}  # fmt: skip
+
+    def inflight() -> float:
+        return REGISTRY.get_sample_value("embedding_inflight_requests", {"method": "Lookup"}) or 0
+
+    def seconds() -> float:
+        return REGISTRY.get_sample_value("grpc_server_handling_seconds_sum", handled) or 0.0
+
+    counted, timed = inflight(), seconds()
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=20) as client:
+        call = threading.Thread(target=client.lookup, args=([1], "slow"))
+        try:
+            call.start()
+            assert slow_lookups.entered.wait(10)
+            assert inflight() == counted + 1
+            time.sleep(0.3)
+        finally:
+            slow_lookups.release.set()
+            call.join(timeout=20)
+    assert inflight() == counted
+    assert 0.3 <= seconds() - timed < 30
+
+
+def test_handlers_written_as_plain_functions_run_in_the_handler_pool(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inference protocol's metadata calls are plain functions: the interceptor runs
+    them in the handler pool with their request and context, never on the event loop."""
+    threads: list[str] = []
+    live = InferenceServicer.ServerLive
+
+    def recorded(self: InferenceServicer, request: object, context: object) -> object:
+        threads.append(threading.current_thread().name)
+        return live(self, request, context)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InferenceServicer, "ServerLive", recorded)
+    server = start_server({"t": random_table(10, 4)})
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(oip.ServerLiveRequest(), timeout=10).live
+    assert len(threads) == 1 and threads[0].startswith("rpc_")
 
 
 @pytest.mark.parametrize("workers", [1, 4])

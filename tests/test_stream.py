@@ -252,11 +252,34 @@ def test_drain_waits_for_each_stream_answer_in_progress_and_no_longer() -> None:
         ending.cancel()
 
 
+def test_a_drain_waits_for_the_last_call_to_its_timeout_without_spinning() -> None:
+    """The drain sleeps between looks, however the count moved before it (a call that
+    ended before it began, one that ends while another still runs), and waits for the
+    last call up to its own timeout, not less."""
+    interceptor = StatusInterceptor()
+    assert interceptor._enter()
+    interceptor._leave()  # a call answered before the drain
+    assert interceptor._enter() and interceptor._enter()  # two running as it begins
+    endings = [threading.Timer(0.3, interceptor._leave), threading.Timer(1.4, interceptor._leave)]
+    started, cpu = time.monotonic(), time.thread_time()
+    for ending in endings:
+        ending.start()
+    try:
+        assert interceptor.drain(timeout=2.0) is True  # the last ended 0.6 s before its end
+        waited, spent = time.monotonic() - started, time.thread_time() - cpu
+        assert waited >= 1.3
+        assert spent < 0.25, f"the drain spun: {spent:.2f} s of CPU in {waited:.2f} s"
+    finally:
+        for ending in endings:
+            ending.cancel()
+
+
 def test_a_stream_cancelled_during_an_answer_leaves_nothing_running(
     start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:
-    """A caller cancels its stream while the server computes an answer: once that answer
-    is done the stream no longer counts as running, so a stop does not wait for it."""
+    """A caller cancels its stream while the server computes an answer: the stream is
+    counted as CANCELLED, and once that answer is done it no longer counts as running,
+    so a stop does not wait for it."""
     table = random_table(20, 4, seed=10)
     server = start_server({"slow": table}, workers=4)
     more = threading.Event()
@@ -266,11 +289,13 @@ def test_a_stream_cancelled_during_an_answer_leaves_nothing_running(
         more.wait(30)
 
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    cancelled = grpc_count("bidi_stream", "LookupStream", "CANCELLED")
     try:
         call = pb_grpc.EmbeddingServiceStub(channel).LookupStream(requests(), timeout=30)
         assert slow_lookups.entered.wait(10)
         call.cancel()
         slow_lookups.release.set()  # the answer completes after the caller left
+        until(lambda: grpc_count("bidi_stream", "LookupStream", "CANCELLED") == cancelled + 1)
         time.sleep(0.5)
         started = time.monotonic()
         server.stop(grace=20)
