@@ -13,6 +13,11 @@ of the rest of the server: draining, streams, admin, health, the connection cap,
 RPCs. bench/service.py measures it as `Lookup[aio-probe]` (`--aio-probe`) beside the real
 server and the bare servers, in the same run.
 
+`--aio-probe floor` serves the least any server of the contract does instead: parse the
+LookupRequest, take the rows, frame the LookupResponse, with none of the service's logic
+(`floor_handler`): the floor under the service's per-call cost (docs/performance.md,
+"The floor").
+
     .venv/bin/python bench/service.py --load h2load --aio-probe --kinds Lookup,ceiling
 """
 
@@ -61,6 +66,9 @@ def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool =
         tune_allocator()
     store = TableStore()
     store.add(demo_table(rows, 128, 0, torch.device("cpu")))
+    if mode == "floor":
+        serve_aio(port, SERVICE, floor_handler(store.get("demo")))
+        return
     limits = Limits(max_ids=1 << 20, max_dense_macs=1 << 40, dense_chunk_cells=1 << 22,
                     max_response_bytes=1 << 30)  # fmt: skip
     servicer = EmbeddingServicer(Lookups(store, limits))
@@ -106,9 +114,6 @@ def probe_server(port: int, rows: int, mode: str = "inline", malloc_tune: bool =
         except MAPPED_ERRORS as exc:
             context.abort(status_code(exc), str(exc))
 
-    if mode == "floor":
-        serve_aio(port, SERVICE, floor_handler(store.get("demo")))
-        return
     handler = grpc.unary_unary_rpc_method_handler(
         in_migration_pool if mode == "migration" else on_loop,
         request_deserializer=_tolerant(pb.LookupRequest.FromString),
