@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import numpy as np
@@ -393,6 +394,74 @@ def test_a_handler_that_aborts_keeps_its_code(caplog: pytest.LogCaptureFixture) 
         before + 1
     )
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_call_the_caller_cancels_or_outlives_its_deadline_is_counted_so(
+    start_server: ServerFactory, slow_lookups: SimpleNamespace
+) -> None:
+    """Lookups held in the handler pool: one its caller cancels is counted CANCELLED, one
+    whose deadline passes DEADLINE_EXCEEDED, neither OK (they were, before: the
+    dashboard's error rate left them out); the server still answers after."""
+    table = random_table(10, 4, seed=11)
+    server = start_server({"t": table, "slow": table}, workers=4)
+    codes = ("OK", "CANCELLED", "DEADLINE_EXCEEDED")
+    before = {code: grpc_count("unary", "Lookup", code) for code in codes}
+
+    def counted() -> dict[str, float]:
+        return {code: grpc_count("unary", "Lookup", code) - before[code] for code in codes}
+
+    request = pb.LookupRequest(table="slow", ids_list=[1])
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        lookup = pb_grpc.EmbeddingServiceStub(channel).Lookup
+        try:
+            cancelled = lookup.future(request, timeout=30)
+            assert slow_lookups.entered.wait(10)
+            cancelled.cancel()
+            until(lambda: counted()["CANCELLED"] == 1)
+            with pytest.raises(grpc.RpcError) as late:
+                lookup(request, timeout=0.5)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            until(lambda: counted()["DEADLINE_EXCEEDED"] == 1)
+            assert counted()["OK"] == 0
+        finally:
+            slow_lookups.release.set()
+        answer = lookup(pb.LookupRequest(table="t", ids_list=[2]), timeout=10)
+    np.testing.assert_array_equal(np.frombuffer(answer.vectors, "<f4"), table[2])
+    assert counted() == {"OK": 1, "CANCELLED": 1, "DEADLINE_EXCEEDED": 1}
+
+
+def test_a_stream_grpc_stops_taking_answers_from_is_counted_cancelled() -> None:
+    """When a caller cancels a stream just as an answer is ready, grpc may, instead of
+    cancelling the handler, stop taking its answers (it closes the handler's generator):
+    counted CANCELLED too, not OK. Driven here through the interceptor itself, as grpc
+    does, since the race cannot be made to happen on purpose through a connection."""
+
+    async def echo(requests: Any, context: Any) -> Any:
+        async for request in requests:
+            yield request
+
+    class Context:
+        def time_remaining(self) -> float:
+            return 20.0
+
+    async def call_and_close() -> None:
+        interceptor = StatusInterceptor()
+        handler = grpc.stream_stream_rpc_method_handler(echo)
+        stream = interceptor._streaming(handler, "test.Echo", "Stream").stream_stream
+
+        async def requests() -> Any:
+            yield b"one"
+            yield b"two"
+
+        answers = stream(requests(), Context())
+        assert await anext(answers) == b"one"
+        await answers.aclose()  # grpc stopped taking answers
+
+    before = grpc_count("bidi_stream", "Stream", "CANCELLED", service="test.Echo")
+    ok = grpc_count("bidi_stream", "Stream", "OK", service="test.Echo")
+    asyncio.run(call_and_close())
+    assert grpc_count("bidi_stream", "Stream", "CANCELLED", service="test.Echo") == before + 1
+    assert grpc_count("bidi_stream", "Stream", "OK", service="test.Echo") == ok
 
 
 def test_a_stop_past_its_grace_says_calls_were_still_running(

@@ -108,6 +108,15 @@ class Malformed:
         self.error = error
 
 
+def _ended_outside(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code of a call that grpc ended while its handler ran: DEADLINE_EXCEEDED when
+    its deadline has passed, else CANCELLED (the caller cancelled it, or went away)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 def _serialize(message: Any) -> bytes:
     return message.SerializeToString()
 
@@ -355,6 +364,9 @@ class StatusInterceptor(grpc.GenericRpcHandler):
             except MAPPED_ERRORS as exc:
                 code, details = status_code(exc), str(exc)
                 who = getattr(exc, "caller", "") or who  # a refused credential says whose
+            except asyncio.CancelledError:  # grpc ended the call while it ran
+                code = _ended_outside(context)
+                raise
             except Exception as exc:
                 aborted = context.code()
                 if aborted not in (None, grpc.StatusCode.OK):
@@ -445,8 +457,10 @@ class StatusInterceptor(grpc.GenericRpcHandler):
                 code, details = grpc.StatusCode.CANCELLED, str(ended)
             except MAPPED_ERRORS as exc:
                 code, details = status_code(exc), str(exc)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED  # by the caller
+            except (asyncio.CancelledError, GeneratorExit):
+                # grpc ended the call while it ran: it cancels the task, or, when an answer
+                # was ready before grpc noticed, stops taking answers (closes this generator)
+                code = _ended_outside(context)
                 raise
             finally:
                 if admitted:
