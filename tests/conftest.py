@@ -14,12 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from prometheus_client import REGISTRY
 
 from embedding_client import EmbeddingClient
+from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.config import ServerConfig
 from embedding_server.core import kernels
 from embedding_server.core.lookup import Lookups
@@ -71,6 +73,26 @@ def until(condition: Callable[[], bool], timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+class LateLookups:
+    """Lookup calls whose one request message is sent only once `send` is set: each call
+    opens on the server (its handler found) and waits there for its request."""
+
+    def __init__(self, channel: grpc.Channel, table: str, ids: list[int]) -> None:
+        self.send = threading.Event()
+        self._request = pb.LookupRequest(table=table, ids_list=ids).SerializeToString()
+        self._lookup = channel.stream_unary(  # a unary method, its one message sent when ready
+            "/embedding.v1.EmbeddingService/Lookup",
+            response_deserializer=pb.LookupResponse.FromString,
+        )
+
+    def open(self, timeout: float = 20) -> grpc.Future:
+        def late_request() -> Iterator[bytes]:
+            self.send.wait(30)
+            yield self._request
+
+        return self._lookup.future(late_request(), timeout=timeout)
 
 
 def random_table(rows: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -26,6 +26,7 @@ from embedding_server.transport.interceptor import StatusInterceptor
 
 from .conftest import (
     BIN,
+    LateLookups,
     ServerFactory,
     exactly,
     free_port,
@@ -260,13 +261,6 @@ def test_a_call_received_before_the_drain_counts_as_running_until_it_ends(
     table = random_table(20, 4, seed=6)
     server = start_server({"t": table, "slow": table}, workers=4)
     target = f"127.0.0.1:{server.port}"
-    send = threading.Event()
-    request = pb.LookupRequest(table="t", ids_list=[7]).SerializeToString()
-
-    def late_request():  # type: ignore[no-untyped-def]
-        send.wait(30)
-        yield request
-
     drained: list[bool] = []
     draining = threading.Thread(
         target=lambda: drained.append(server._interceptor.drain(timeout=20))
@@ -276,19 +270,16 @@ def test_a_call_received_before_the_drain_counts_as_running_until_it_ends(
         EmbeddingClient(target, max_attempts=1, timeout=30) as client,
     ):
         held = threading.Thread(target=client.lookup, args=([1], "slow"))
-        lookup = channel.stream_unary(  # a unary method, its one message sent when ready
-            "/embedding.v1.EmbeddingService/Lookup",
-            response_deserializer=pb.LookupResponse.FromString,
-        )
+        late = LateLookups(channel, "t", [7])
         try:
             held.start()
             assert slow_lookups.entered.wait(10)
-            late = lookup.future(late_request(), timeout=20)
+            call = late.open()
             time.sleep(0.5)  # for the call to open on the server (nothing to time)
             draining.start()
             until(lambda: server.draining)
-            send.set()
-            answer = late.result(timeout=10)
+            late.send.set()
+            answer = call.result(timeout=10)
             np.testing.assert_array_equal(
                 np.frombuffer(answer.vectors, "<f4").reshape(1, 4), table[[7]]
             )
@@ -298,7 +289,7 @@ def test_a_call_received_before_the_drain_counts_as_running_until_it_ends(
             draining.join(timeout=20)
             assert drained == [True]
         finally:
-            send.set()
+            late.send.set()
             slow_lookups.release.set()
             for thread in (held, draining):
                 if thread.ident is not None:  # started

@@ -23,6 +23,7 @@ from embedding_server.transport.inference import InferenceServicer
 
 from .conftest import (
     TEST_CONFIG,
+    LateLookups,
     ServerFactory,
     admin_settings,
     make_store,
@@ -263,31 +264,21 @@ def test_calls_whose_request_has_not_come_hold_no_thread(start_server: ServerFac
     table = random_table(10, 4, seed=4)
     server = start_server({"t": table}, workers=1, max_threads=1)
     target = f"127.0.0.1:{server.port}"
-    send = threading.Event()
-    request = pb.LookupRequest(table="t", ids_list=[6]).SerializeToString()
-
-    def late_request():  # type: ignore[no-untyped-def]
-        send.wait(30)
-        yield request
-
     with grpc.insecure_channel(target) as channel:
-        lookup = channel.stream_unary(  # a unary method, its one message sent when ready
-            "/embedding.v1.EmbeddingService/Lookup",
-            response_deserializer=pb.LookupResponse.FromString,
-        )
+        late = LateLookups(channel, "t", [6])
         try:
-            waiting = [lookup.future(late_request(), timeout=20) for _ in range(5)]
+            waiting = [late.open() for _ in range(5)]
             time.sleep(0.5)  # for the calls to open on the server (nothing to time)
             with EmbeddingClient(target, max_attempts=1, timeout=5) as client:
                 np.testing.assert_array_equal(client.lookup([1, 2], "t"), table[[1, 2]])
                 padded = client.lookup([1, 2], "t", padding_id=2)  # the general way: the pool
                 np.testing.assert_array_equal(padded, np.stack([table[1], np.zeros(4)]))
             assert not any(call.done() for call in waiting)
-            send.set()
+            late.send.set()
             for call in waiting:
                 answer = call.result(timeout=10)
                 np.testing.assert_array_equal(
                     np.frombuffer(answer.vectors, "<f4").reshape(1, 4), table[[6]]
                 )
         finally:
-            send.set()
+            late.send.set()
