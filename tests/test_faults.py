@@ -390,8 +390,9 @@ def test_a_handler_that_aborts_keeps_its_code(caplog: pytest.LogCaptureFixture) 
 def test_a_call_the_caller_cancels_or_outlives_its_deadline_is_counted_so(
     start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:
-    """Lookups held in the handler pool: one its caller cancels is counted CANCELLED, one
-    whose deadline passes DEADLINE_EXCEEDED, neither OK (they were, before: the
+    """Lookups held in the handler pool: one its caller cancels is counted CANCELLED (one
+    cancelled under a second before its deadline too), one whose deadline passes
+    DEADLINE_EXCEEDED, none OK (they were, before: the
     dashboard's error rate left them out); the server still answers after."""
     table = random_table(10, 4, seed=11)
     server = start_server({"t": table, "slow": table}, workers=4)
@@ -409,6 +410,10 @@ def test_a_call_the_caller_cancels_or_outlives_its_deadline_is_counted_so(
             assert slow_lookups.entered.wait(10)
             cancelled.cancel()
             until(lambda: counted()["CANCELLED"] == 1)
+            near_its_deadline = lookup.future(request, timeout=0.9)  # cancelled ~0.8 s before
+            until(lambda: slow_lookups.started == 2)
+            near_its_deadline.cancel()
+            until(lambda: counted()["CANCELLED"] == 2)
             with pytest.raises(grpc.RpcError) as late:
                 lookup(request, timeout=0.5)
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -418,7 +423,7 @@ def test_a_call_the_caller_cancels_or_outlives_its_deadline_is_counted_so(
             slow_lookups.release.set()
         answer = lookup(pb.LookupRequest(table="t", ids_list=[2]), timeout=10)
     np.testing.assert_array_equal(np.frombuffer(answer.vectors, "<f4"), table[2])
-    assert counted() == {"OK": 1, "CANCELLED": 1, "DEADLINE_EXCEEDED": 1}
+    assert counted() == {"OK": 1, "CANCELLED": 2, "DEADLINE_EXCEEDED": 1}
 
 
 def test_a_stream_grpc_stops_taking_answers_from_is_counted_cancelled() -> None:
