@@ -2,14 +2,22 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LOCKED := $(VENV)/.locked
 STAMP := $(VENV)/.installed
-# torch==2.13.0 is pinned so a fresh machine takes the CPU build from local disk
-# instead of a multi-GB CUDA download; see constraints.txt.
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# Every install comes from a lock in requirements/ (exact versions, sha256 hashes), resolved
+# by `make lock` from pyproject.toml's ranges as PyPI stood at LOCK_DATE. To upgrade: `make
+# outdated`, move LOCK_DATE, `make lock`, `make test`, commit the locks with the date.
+LOCK_DATE := 2026-12-07T00:00:00Z
+# torch's CPU build (the locks' torch==2.13.0+cpu): this machine kind keeps its wheel in
+# /opt/wheels, where pip looks; elsewhere it comes from PyTorch's CPU index.
+ifeq ($(wildcard /opt/wheels/torch-*+cpu-*.whl),)
+export PIP_EXTRA_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+endif
 
 COMPOSE := docker compose -f docker/docker-compose.yml
 
-.PHONY: help venv system-deps run test lint format proto lock clean \
+.PHONY: help venv system-deps run test lint format proto lock outdated clean \
 	compose-up compose-up-cpu compose-down kubernetes kube-play container-deps smoke compose-smoke mutate screenshot soak bench bench-kernels bench-service bench-cache bench-ranking \
 	device-wheels
 
@@ -19,6 +27,8 @@ help:
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make format  ruff format and ruff check --fix"
 	@echo "make proto   regenerate client/embedding_client/proto from protos/"
+	@echo "make lock    re-resolve requirements/*.txt (pins and hashes) as of LOCK_DATE"
+	@echo "make outdated   what is newer on PyPI than the locks (upgrading is a decision)"
 	@echo "make compose-up / compose-up-cpu / compose-down   server + Prometheus + Grafana"
 	@echo "make kubernetes   regenerate deploy/kubernetes/embedding-2x2.yaml (SHARDS=N REPLICAS=R: stdout)"
 	@echo "make compose-smoke   docker-compose.yml itself under podman-compose: server + Prometheus"
@@ -32,9 +42,16 @@ help:
 	@echo "make mutate MODULE=codec   mutation testing (mutmut) of one core module, resumable"
 	@echo "make clean   remove .venv and caches"
 
-$(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[server,dev,bench]'
+# A changed lock makes a new venv (nothing left over from the old one); a changed
+# pyproject.toml only reinstalls the project (editable, no dependencies, no build isolation).
+$(LOCKED): requirements/dev.txt
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --require-hashes -r requirements/dev.txt
+	touch $@
+
+$(STAMP): $(LOCKED) pyproject.toml
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
 venv: $(STAMP)
@@ -89,11 +106,15 @@ kubernetes: $(STAMP)
 	else $(BIN)/python deploy/kubernetes/generate.py > deploy/kubernetes/embedding-2x2.yaml; fi
 
 lock: $(STAMP)
-	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet -c constraints.txt '.[server]'
-	{ sed -n '1,2p' docker/requirements.lock; .venv-lock/bin/pip freeze --exclude embedding-service \
-		| sed 's/+cpu//'; } > docker/requirements.lock.new && mv docker/requirements.lock.new docker/requirements.lock
-	rm -rf .venv-lock
+	requirements/lock.sh $(BIN)/uv $(LOCK_DATE)
+
+# The locks resolved as of now, into a scratch folder, against the checked-in ones; then
+# what is newer still, past pyproject's ranges (a range or a pin there to move first).
+outdated: $(STAMP)
+	@rm -rf .lock-now && requirements/lock.sh $(BIN)/uv $$(date -u +%Y-%m-%dT%H:%M:%SZ) .lock-now
+	@$(BIN)/python requirements/locks.py requirements .lock-now; status=$$?; rm -rf .lock-now; exit $$status
+	@echo; echo "newest releases of what .venv holds (past pyproject's ranges too):"
+	@$(BIN)/python -m pip list --outdated --exclude-editable --disable-pip-version-check 2>/dev/null
 
 # Benchmarks print markdown tables and write plots under bench/results/.
 bench: bench-kernels bench-service bench-cache
@@ -145,4 +166,4 @@ screenshot: $(STAMP)
 	docker/screenshot.sh docs/prometheus-p99.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-foreign .pytest_cache .mypy_cache .ruff_cache *.egg-info

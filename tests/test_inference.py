@@ -178,24 +178,26 @@ def test_it_needs_a_data_credential_like_lookup(start_server: ServerFactory) -> 
 
 FOREIGN = ROOT / ".venv-foreign"
 # tritonclient[grpc] 2.73 needs protobuf < 7 and kserve 0.21 grpcio-tools < 1.82; ours need
-# protobuf >= 7.35 and grpcio-tools 1.85: their clients live in a virtual environment of
-# their own (made once, kept in .venv-foreign).
-FOREIGN_REQUIREMENTS = ("tritonclient[grpc]==2.73.0", "kserve==0.21.0", "numpy")
+# protobuf >= 7.35: their clients live in a virtual environment of their own, installed
+# from their own lock (requirements/foreign.txt, made by `make lock`), remade when it changes.
+FOREIGN_LOCK = ROOT / "requirements" / "foreign.txt"
 
 
 @pytest.fixture(scope="module")
 def foreign_python() -> Path:
     python = FOREIGN / "bin" / "python"
     stamp = FOREIGN / ".installed"
-    if not stamp.exists() or stamp.read_text() != "\n".join(FOREIGN_REQUIREMENTS):
+    lock = FOREIGN_LOCK.read_text()
+    if not stamp.exists() or stamp.read_text() != lock:
         venv.create(FOREIGN, with_pip=True, clear=True)
         done = subprocess.run(
             [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             *FOREIGN_REQUIREMENTS], capture_output=True, text=True, timeout=600,
+             "--require-hashes", "-r", str(FOREIGN_LOCK)], capture_output=True, text=True,
+            timeout=600,
         )  # fmt: skip
         if done.returncode != 0:
             pytest.skip(f"cannot install Triton's client from PyPI here: {done.stderr[-500:]}")
-        stamp.write_text("\n".join(FOREIGN_REQUIREMENTS))
+        stamp.write_text(lock)
     return python
 
 
