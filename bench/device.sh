@@ -2,7 +2,7 @@
 # The GPU measurements of docs/performance.md, in the few calls a lent GPU machine allows.
 #
 # Here, once: `make device-wheels` (grpcio, its health/reflection services and protobuf at
-# docker/requirements.lock's versions, for the device's Python 3.12, into .whl/). Then one
+# the versions of requirements/dev.txt, for the device's Python 3.12, into .whl/). Then one
 # device call per stage, each inside the 10-minute limit of a call, carrying .whl:
 #
 #   bash bench/device.sh check     # GPU facts, a CUDA context's size, CUDA tests, the rest of the suite (<= 8 min)

@@ -43,12 +43,13 @@ fi
 
 log "filling the wheelhouse docker/wheels/ (torch's CPU wheel, no CUDA download)"
 "$VENV_PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
-    -d docker/wheels -r docker/requirements.lock setuptools >"$WORK/wheels.log" 2>&1 \
+    --require-hashes -d docker/wheels -r requirements/server.txt >"$WORK/wheels.log" 2>&1 \
     || { tail -n 20 "$WORK/wheels.log"; exit 1; }
 
 log "building $IMAGE (BASE_IMAGE=$BASE)"
 started=$SECONDS
 "${PODMAN[@]}" build --network host --format docker --build-arg "BASE_IMAGE=$BASE" \
+    --build-arg LOCK=requirements/server.txt \
     -f docker/Dockerfile -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
     || { tail -n 30 "$WORK/build.log"; exit 1; }
 log "built in $((SECONDS - started)) s: $("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
