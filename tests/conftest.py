@@ -37,7 +37,11 @@ WORKED_WEIGHTS = np.array(
     [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 0.0, 0.1, 0.2]], dtype=np.float32
 )
 
-TEST_CONFIG = ServerConfig(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
+# Connections are asked to go (GOAWAY) after about a second: a stop waits for open ones
+# to close, and every test's calls then cross connection changes, which must lose none.
+TEST_CONFIG = ServerConfig(
+    host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0, connection_age_s=1.0
+)
 
 
 def admin_settings(folder: Path | None = None) -> dict[str, object]:
@@ -227,6 +231,18 @@ def wait_serving(target: str, process: subprocess.Popen[str], timeout: float = 6
                 time.sleep(0.1)
     process.kill()
     raise AssertionError(f"server not SERVING after {timeout} s:\n{process.communicate()[0]}")
+
+
+def spawn_server(table: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    """`embedding-server` serving `table` as "t" on 127.0.0.1:`port`, once it is SERVING
+    (its log on stdout, stderr with it)."""
+    process = subprocess.Popen(
+        [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", "0", "--table", f"t={table}", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
+    )  # fmt: skip
+    wait_serving(f"127.0.0.1:{port}", process)
+    return process
 
 
 def server_env() -> dict[str, str]:

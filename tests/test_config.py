@@ -15,6 +15,18 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (config.port, config.metrics_port, config.device) == (50051, 8000, "auto")
 
 
+def test_help_shows_every_flag_with_its_own_text() -> None:
+    """argparse %-formats help texts: a bare `%` printed its internals instead."""
+    from embedding_server.config import OPTIONS, build_parser
+
+    text = build_parser({}).format_help()
+    assert "option_strings" not in text and "argparse" not in text
+    flat = " ".join(text.split())
+    for flag, _, _, help_text in OPTIONS:
+        assert flag in text
+        assert " ".join(help_text.replace("%%", "%").split()) in flat, flag
+
+
 def test_flags_set_every_field() -> None:
     config = load_config(
         ["--table", "a=/x/a.npy", "--table", "b=/x/b.pt:emb.weight", "--device", "cuda:1",

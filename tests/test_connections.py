@@ -30,6 +30,7 @@ from .conftest import (
     grpc_count,
     random_table,
     server_env,
+    until,
     wait_serving,
 )
 
@@ -333,3 +334,55 @@ def test_a_stream_answering_longer_than_the_idle_timeout_is_not_idle(
         busy.join(timeout=10)
         idle.join(timeout=10)
     assert outcomes == {"idle": "CANCELLED", "busy": "OK"}
+
+
+def test_connections_asked_to_go_at_their_age_lose_no_call_and_keep_their_streams(
+    start_server: ServerFactory,
+) -> None:
+    """Connections reach their 0.3 s max age many times over: each is sent a GOAWAY and
+    the caller reconnects; 8 callers without retries (grpc still resends what no server
+    saw) lose no call, and a stream open across those ages is answered to its end (no
+    age grace cuts it: it finishes on its connection)."""
+    server = start_server({"t": WEIGHTS}, connection_age_s=0.3)
+    target = f"127.0.0.1:{server.port}"
+    opened = REGISTRY.get_sample_value("embedding_grpc_connections_opened_total") or 0.0
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def caller(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with EmbeddingClient(target, timeout=10, max_attempts=1) as client:
+            while not stop.is_set():
+                ids = rng.integers(0, len(WEIGHTS), 16)
+                try:
+                    assert np.array_equal(client.lookup(ids), WEIGHTS[ids])
+                    answered[0] += 1
+                except EmbeddingError as exc:
+                    failures.append(f"{exc.code.name}: {exc.details}")
+
+    def batches() -> Iterator[list[int]]:
+        for k in range(15):
+            time.sleep(0.2)  # 3 s in all: ten connection ages
+            yield [k]
+
+    threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        with EmbeddingClient(target, timeout=30, max_attempts=1) as streaming:
+            results = list(streaming.lookup_stream(batches(), "t"))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not failures, failures[:5]
+    assert answered[0] > 100
+    assert [r.vectors.tolist() for r in results] == [WEIGHTS[[k]].tolist() for k in range(15)]
+    # The callers did reconnect, many times (counted once a second from /proc).
+    until(
+        lambda: (
+            (REGISTRY.get_sample_value("embedding_grpc_connections_opened_total") or 0) - opened
+            > 20
+        )
+    )

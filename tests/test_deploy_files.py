@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from embedding_server.config import OPTIONS, env_name
+from embedding_server.config import OPTIONS, ServerConfig, env_name
 
 from .conftest import ROOT
 
@@ -71,6 +72,19 @@ def test_compose_environment_names_are_real_server_settings() -> None:
     secrets = {"EMBEDDING_AUTH_TOKENS", "EMBEDDING_ADMIN_TOKENS"}  # not flags: kept off argv
     known = {env_name(flag) for flag, *_ in OPTIONS} | {"EMBEDDING_TABLES"} | secrets
     assert set(server["environment"]) <= known
+
+
+def test_compose_waits_for_the_servers_own_drain_before_killing_it() -> None:
+    """docker compose's SIGKILL comes stop_grace_period after SIGTERM: later than the
+    server's grace, which in turn covers a connection's max age (clients leave then)."""
+    server = _yaml(DOCKER / "docker-compose.yml")["services"]["embedding-server"]
+    setting = server["environment"]["EMBEDDING_GRACE"]
+    default = re.fullmatch(r"\$\{EMBEDDING_GRACE:-(\d+)\}", setting)
+    assert default, setting
+    grace = float(default[1])
+    stop_after = float(server["stop_grace_period"].removesuffix("s"))
+    assert stop_after >= grace + 5
+    assert grace >= 1.1 * ServerConfig().connection_age_s
 
 
 def test_dockerfile_takes_its_base_as_an_argument_and_runs_as_non_root() -> None:

@@ -78,3 +78,20 @@ def test_each_shard_is_a_deployment_a_headless_service_and_a_budget() -> None:
     assert shard_map.shards == tuple((f"dns:///embedding-shard-{s}:50051",) for s in range(3))
     cpu_only = objects(generate("--no-gpu"))[-1]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu_only["resources"]["limits"]
+
+
+def test_a_pod_drains_within_what_kubernetes_waits_for() -> None:
+    """The server's stop (drain delay, then up to the grace for clients to leave, which
+    they do at their connection's max age) ends before Kubernetes' SIGKILL; a grace
+    shorter than the connections' age (with its 10% jitter) is refused."""
+    for extra in ((), ("--drain-delay", "2", "--connection-max-age", "10", "--grace", "12")):
+        pod = objects(generate(*extra))[-1]["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        flags = {args[i]: float(args[i + 1]) for i in range(2, len(args), 2)}
+        assert set(flags) == {"--drain-delay", "--connection-max-age", "--grace"}
+        assert flags["--grace"] >= 1.1 * flags["--connection-max-age"]
+        assert pod["terminationGracePeriodSeconds"] >= flags["--drain-delay"] + flags["--grace"] + 5
+    assert flags == {"--drain-delay": 2, "--connection-max-age": 10, "--grace": 12}
+    done = subprocess.run([sys.executable, str(GENERATOR), "--connection-max-age", "30",
+                           "--grace", "20"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "--grace must be at least 1.1 x" in done.stderr

@@ -174,29 +174,28 @@ def test_a_drain_that_runs_out_of_time_ends_idle_streams_only(
         busy.join(timeout=30)
 
 
-def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
+def test_a_stream_answering_as_the_stop_begins_ends_after_that_answer_with_what_to_do(
     start_server: ServerFactory, slow_lookups: SimpleNamespace
 ) -> None:
-    """While a stop waits for a running call, a message on an open stream is not started:
-    the stream ends with UNAVAILABLE saying to resend the rest elsewhere, and is counted
-    so; the answers it had stand and the running call ends well."""
+    """A stop begins while a stream computes an answer: the answer is delivered, then the
+    stream ends with UNAVAILABLE saying to resend the rest elsewhere (a stream holds its
+    connection open and cannot be handed to another server), counted so; a stream opened
+    during the stop is refused the same way; unary calls on the open connection are still
+    answered."""
     table = random_table(20, 4, seed=9)
     server = start_server({"t": table, "slow": table}, workers=4)
     target = f"127.0.0.1:{server.port}"
     more = threading.Event()
 
     def requests():  # type: ignore[no-untyped-def]
-        yield pb.LookupRequest(table="t", ids_list=[1])
+        yield pb.LookupRequest(table="slow", ids_list=[1])
         more.wait(30)
         yield pb.LookupRequest(table="t", ids_list=[2])
 
-    slow_result: list[np.ndarray] = []
+    def silent():  # type: ignore[no-untyped-def]
+        more.wait(30)
+        yield from ()
 
-    def slow_call() -> None:
-        with EmbeddingClient(target, max_attempts=1, timeout=30) as client:
-            slow_result.append(client.lookup([3], "slow"))
-
-    slow = threading.Thread(target=slow_call)
     stopping = threading.Thread(target=server.stop, kwargs={"grace": 20})
 
     def counts() -> tuple[float, float]:
@@ -205,32 +204,34 @@ def test_a_stream_message_after_the_drain_began_is_refused_with_what_to_do(
 
     before = counts()
     channel = grpc.insecure_channel(target)
+    stub = pb_grpc.EmbeddingServiceStub(channel)
     try:
-        stream = pb_grpc.EmbeddingServiceStub(channel).LookupStream(requests(), timeout=30)
-        first = next(stream)
-        slow.start()
+        stream = stub.LookupStream(requests(), timeout=30)
         assert slow_lookups.entered.wait(10)
         stopping.start()
-        until(lambda: server.draining)
-        more.set()
-        with pytest.raises(grpc.RpcError) as raised:
+        until(lambda: server.stopping and server._interceptor._streams_closed)
+        with pytest.raises(grpc.RpcError) as late_stream:  # it sends nothing: refused anyway
+            next(stub.LookupStream(silent(), timeout=10))
+        unary = stub.Lookup(pb.LookupRequest(table="t", ids_list=[4]), timeout=10)
+        slow_lookups.release.set()
+        first = next(stream)
+        with pytest.raises(grpc.RpcError) as raised:  # ended with no further message sent
             next(stream)
         after = counts()
-        slow_lookups.release.set()
-        slow.join(timeout=30)
-        stopping.join(timeout=30)
     finally:
         more.set()
         slow_lookups.release.set()
         channel.close()
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert raised.value.details() == "the server is shutting down: resend the rest elsewhere"
-    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)  # started, refused
+        stopping.join(timeout=30)
     np.testing.assert_array_equal(
         np.frombuffer(first.result.vectors, "<f4").reshape(1, 4), table[[1]]
     )
-    assert not stopping.is_alive() and not slow.is_alive()
-    np.testing.assert_array_equal(slow_result[0], table[[3]])
+    np.testing.assert_array_equal(np.frombuffer(unary.vectors, "<f4").reshape(1, 4), table[[4]])
+    for refused in (raised.value, late_stream.value):
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.details() == "the server is shutting down: resend the rest elsewhere"
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)  # started, refused
+    assert not stopping.is_alive()
 
 
 def test_drain_waits_for_each_stream_answer_in_progress_and_no_longer() -> None:

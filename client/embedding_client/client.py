@@ -114,7 +114,10 @@ def _channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[st
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+        # On even with max_attempts 1, as in every grpc client without a retry policy:
+        # grpc then resends only calls no server saw (a stream refused, or cut by a
+        # GOAWAY before the server took it), which is what makes a drain invisible.
+        ("grpc.enable_retries", 1),
         # Each client its own connection (grpc shares one between equal channels by
         # default): clients then spread over the processes of a --processes N server.
         ("grpc.use_local_subchannel_pool", 1),

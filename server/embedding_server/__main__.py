@@ -96,12 +96,23 @@ def serve(config: ServerConfig, metrics_dir: str = "") -> int:
         config.processes, "es" if config.processes > 1 else "", config.metrics_host,
         running.metrics_port,
     )  # fmt: skip
-    server.StopSignals(reload=running.reload_all).wait()
+    signals = server.StopSignals(reload=running.reload_all)
+    signals.wait()
     log.info(
-        "shutting down: health NOT_SERVING, in-flight calls get %.1f s to finish", config.grace_s
-    )
-    running.stop()
-    log.info("stopped")
+        "shutting down: health NOT_SERVING, %.1f s drain delay, then up to %.1f s for "
+        "clients to leave and calls to finish (signal again to stop at once)",
+        config.drain_delay_s, config.grace_s,
+    )  # fmt: skip
+    finished = running.stop(hurry=signals.hurry())
+    log.info("stopped" if finished else "stopped; calls cut off at the grace period")
+    if not finished:
+        # A handler thread still runs a call grpc has cancelled (a long one-hot matmul):
+        # interpreter shutdown would wait for it, or abort in torch's threads
+        # ("terminate called without an active exception"). Nothing is left to save.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

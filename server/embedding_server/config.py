@@ -210,7 +210,8 @@ class ServerConfig:
     batching: bool = False
     batch_delay_us: float = 200.0
     batch_max_ids: int = 65_536
-    grace_s: float = 10.0
+    grace_s: float = 40.0
+    drain_delay_s: float = 0.0
     demo_rows: int = 100_000
     demo_dim: int = 128
     demo_seed: int = 0
@@ -229,7 +230,7 @@ class ServerConfig:
     max_connections: int = 1000
     handshake_timeout_s: float = 10.0
     connection_idle_s: float = 300.0
-    connection_age_s: float = 3600.0
+    connection_age_s: float = 30.0
     stream_idle_s: float = 30.0
     reflection: bool = True
     malloc_tune: bool = True
@@ -366,7 +367,13 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--batch-max-ids", "batch_max_ids", _positive_int,
      "with --batching: most ids in one coalesced gather"),
     ("--grace", "grace_s", _non_negative_float,
-     "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
+     "on SIGTERM/SIGINT, after the drain delay: seconds for clients to leave (each "
+     "connection is asked to go at its --connection-max-age, and new ones are refused) "
+     "and for calls in flight to finish; what is left then is cancelled. Keep it above "
+     "1.1 x --connection-max-age for a stop no client notices"),
+    ("--drain-delay", "drain_delay_s", _non_negative_float,
+     "on SIGTERM/SIGINT, seconds to keep serving as usual with health NOT_SERVING before "
+     "the drain begins (Kubernetes: time for the pod to leave its Service's endpoints)"),
     ("--demo-rows", "demo_rows", _positive_int, "rows of the seeded demo table (no --table)"),
     ("--demo-dim", "demo_dim", _positive_int, "dim of the seeded demo table (no --table)"),
     ("--demo-seed", "demo_seed", int, "seed of the demo table (numpy default_rng)"),
@@ -405,7 +412,9 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--connection-idle-timeout", "connection_idle_s", _non_negative_float,
      "seconds a connection may stay open with no call before it is closed (0: never)"),
     ("--connection-max-age", "connection_age_s", _non_negative_float,
-     "seconds after which a connection is asked to go away (clients reconnect; 0: never)"),
+     "seconds after which a connection is asked to go away (HTTP/2 GOAWAY: clients "
+     "reconnect, no call is lost; +-10%% jitter); also how long a drain waits for clients "
+     "to leave (0: never, and a stop then cancels calls that arrive as it closes)"),
     ("--stream-idle-timeout", "stream_idle_s", _positive_float,
      "seconds a LookupStream may wait for its next request before it is cancelled"),
     ("--reflection", "reflection", _bool, "serve gRPC reflection (true/false)"),
@@ -416,7 +425,7 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--malloc-tune", "malloc_tune", _bool,
      "raise glibc's mmap/trim thresholds and use one allocator arena for every thread, "
      "so freed response buffers are reused instead of faulted in afresh for every call "
-     "(true/false, in every process; -20% server CPU per call at 8 MB responses, see "
+     "(true/false, in every process; -20%% server CPU per call at 8 MB responses, see "
      "docs/performance.md; the heap keeps up to 1 GiB it could return)"),
     ("--torch-threads", "torch_threads", _positive_int,
      "threads torch's CPU kernels may use inside one call (a dtype conversion, pooling, "

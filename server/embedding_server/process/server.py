@@ -291,7 +291,7 @@ class EmbeddingServer:
             Lookups(store, limits, self.batcher, staging), self._interceptor.offload
         )
         # The Open Inference Protocol on the same port, over the same lookups.
-        self.inference = inference.InferenceServicer(self.lookups, lambda: not self.draining)
+        self.inference = inference.InferenceServicer(self.lookups, lambda: not self.stopping)
         self.admin = EmbeddingAdminServicer(store, reload, update)
         self.port = 0
         self.metrics_port = 0
@@ -301,10 +301,16 @@ class EmbeddingServer:
         self._metrics_httpd: WSGIServer | None = None
         self._connections: connections.ConnectionWatch | None = None
         self._memory_sampler: metrics.DeviceMemorySampler | None = None
+        self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop has begun (health NOT_SERVING, readiness false)."""
+        return self._stopping
 
     @property
     def draining(self) -> bool:
-        """Whether a stop has begun: calls that arrive now are refused."""
+        """Whether a stop is in its last phase: calls that arrive now are refused."""
         return self._interceptor.draining
 
     def _on_loop(self, work: Coroutine[Any, Any, _T]) -> _T:
@@ -442,20 +448,36 @@ class EmbeddingServer:
         """Health NOT_SERVING for every service, for good: a stop's first step."""
         self._on_loop(self.health.enter_graceful_shutdown())
 
-    def stop(self, grace: float | None = None) -> None:
-        """Graceful stop: health NOT_SERVING first, refuse new calls, let in-flight ones
-        finish within `grace` seconds, then close the metrics endpoint."""
+    def stop(self, grace: float | None = None, hurry: threading.Event | None = None) -> bool:
+        """Stop so that no grpc client sees a call fail, retry policy or not: health
+        NOT_SERVING (readiness false) and the drain delay, serving as usual; then no new
+        connections, streams ended (they cannot be handed on), and up to `grace` seconds
+        for the open connections to close, each asked to go (HTTP/2 GOAWAY, which the
+        client obeys by itself) as it reaches its --connection-max-age, while every call
+        is answered; then calls still arriving are refused, those running get what is
+        left of the grace, and grpc stops. `hurry` set (a second signal) skips the
+        waiting. Returns whether every call finished in time."""
         if self._grpc is None or self._loop is None or self._loop.is_closed():
-            return  # never started, or stopped already
-        grace = self.config.grace_s if grace is None else grace
-        deadline = time.monotonic() + grace
+            return True  # never started, or stopped already
+        config = self.config
+        grace = config.grace_s if grace is None else grace
+        hurry = hurry if hurry is not None else threading.Event()
+        self._stopping = True
         self.not_serving()
+        if config.drain_delay_s > 0 and not hurry.is_set():
+            log.info("health NOT_SERVING; serving as usual for the %.1f s drain delay",
+                     config.drain_delay_s)  # fmt: skip
+            hurry.wait(config.drain_delay_s)
+        deadline = time.monotonic() + grace
+        self._interceptor.close_streams()
+        self._let_clients_leave(deadline, hurry)
         # grpc's own stop() destroys the server, and with it every connection, as soon as
         # the last handler has returned, while a large response may still be in the
         # transport (seen: 2 of 6 in-flight 3 MB responses reset). So drain first: refuse
         # calls that arrive, let every call received (running, or waiting for a handler
         # thread) finish and its bytes leave, then stop.
-        if not self._interceptor.drain(timeout=grace):
+        drained = self._interceptor.drain(timeout=max(0.0, deadline - time.monotonic()))
+        if not drained:
             log.warning("calls still running after the %.1f s grace period: cancelling", grace)
         time.sleep(max(0.0, min(LINGER_S, deadline - time.monotonic())))
         self._on_loop(self._grpc.stop(max(0.0, deadline - time.monotonic())))
@@ -470,6 +492,40 @@ class EmbeddingServer:
         self.pool.shutdown(wait=False)
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)
+        return drained
+
+    def _let_clients_leave(self, deadline: float, hurry: threading.Event) -> None:
+        """Refuse new connections and wait (until `deadline`, or `hurry`) for the open ones
+        to close. grpc's stop would tell them to go too, but it cancels every call that
+        reaches it before the client has read that GOAWAY; a connection's max age sends
+        the same GOAWAY with the server still answering, so nothing is lost."""
+        if hurry.is_set():
+            return
+        if not connections.stop_listening(self.port):
+            log.warning("could not stop accepting connections on port %d (needs Linux's "
+                        "/proc): calls that arrive as the server stops are cancelled",
+                        self.port)  # fmt: skip
+            return
+        waiting = connections.open_connections(self.port)
+        if not waiting:
+            return
+        if self.config.connection_age_s <= 0:
+            log.warning("%d connections open and --connection-max-age 0: nothing asks "
+                        "them to go; calls that arrive as the server stops are cancelled",
+                        waiting)  # fmt: skip
+            return
+        log.info("no new connections; waiting up to %.1f s for %d open ones to close (each "
+                 "is asked to go at its %.0f s max age)", max(0.0, deadline - time.monotonic()),
+                 waiting, self.config.connection_age_s)  # fmt: skip
+        while waiting and not hurry.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("%d connections still open at the end of the grace period: "
+                            "calls that arrive on them as the server stops are cancelled",
+                            waiting)  # fmt: skip
+                return
+            hurry.wait(min(left, 0.05))
+            waiting = connections.open_connections(self.port)
 
 
 class StopSignals:
@@ -501,6 +557,25 @@ class StopSignals:
     def stop(self) -> None:
         """Wake `wait()` as if a stopping signal had come (e.g. the supervisor is gone)."""
         self._writer.send(bytes([self._STOP]))
+
+    def hurry(self, after: float = 0.5) -> threading.Event:
+        """An event the next SIGTERM or SIGINT sets, if it comes at least `after` seconds
+        from now (one signal sent to the process group and to the process counts once):
+        asked again, a stop skips its waiting. Call it after `wait()` returned."""
+        event = threading.Event()
+        since = time.monotonic()
+
+        def watch() -> None:
+            while not event.is_set():
+                for signum in self._reader.recv(64):
+                    if signum in (signal.SIGTERM, signal.SIGINT) and (
+                        time.monotonic() - since >= after
+                    ):
+                        log.info("received %s again: stopping now", signal.Signals(signum).name)
+                        event.set()
+
+        threading.Thread(target=watch, name="stop-hurry", daemon=True).start()
+        return event
 
     def wait(self) -> int:
         """Block until a stopping signal (its number) or `stop()` (0); start `reload` in a

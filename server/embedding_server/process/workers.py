@@ -388,16 +388,24 @@ class Supervisor:
             # Its in-flight gauge must stop counting; its counters stay summed in.
             multiprocess.mark_process_dead(worker.process.pid, self.metrics_dir)
 
-    def stop(self) -> None:
-        """SIGTERM every worker (each drains within the grace period), wait, then kill
-        whatever is left."""
+    def stop(self, hurry: threading.Event | None = None) -> bool:
+        """SIGTERM every worker (each stops as EmbeddingServer.stop does, within the drain
+        delay and the grace period), wait, then kill whatever is left. `hurry` set: a
+        second SIGTERM to each, which stops at once. Returns True (the workers' calls
+        ended with them)."""
         with self._changed:
             self._stopping.set()
             workers = list(self.workers)
-        for worker in workers:
-            if worker.process.is_alive() and worker.process.pid is not None:
-                os.kill(worker.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.grace_s + 5.0
+        self._signal(workers)
+        if hurry is not None:
+            asked = hurry
+
+            def again() -> None:
+                asked.wait()
+                self._signal(workers)
+
+            threading.Thread(target=again, name="stop-hurry", daemon=True).start()
+        deadline = time.monotonic() + self.config.drain_delay_s + self.config.grace_s + 5.0
         for worker in workers:
             worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
@@ -410,6 +418,13 @@ class Supervisor:
         self._writes.shutdown(wait=False, cancel_futures=True)
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)
+        return True
+
+    @staticmethod
+    def _signal(workers: list[_Worker]) -> None:
+        for worker in workers:
+            if worker.process.is_alive() and worker.process.pid is not None:
+                os.kill(worker.process.pid, signal.SIGTERM)
 
 
 class SupervisorLink:
@@ -503,4 +518,6 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
     ).start()
     link.send(("ready", server.port))
     signals.wait()
-    server.stop()
+    if not server.stop(hurry=signals.hurry()):
+        logging.shutdown()
+        os._exit(0)  # a cancelled call still runs in a handler thread: see __main__

@@ -1,6 +1,6 @@
 """Bounds on client connections: grpc's server options for the connection cap, handshake
-timeout, idle time, age and keepalive; the open-file limit they need; and the open
-connections counted for /metrics.
+timeout, idle time, age and keepalive; the open-file limit they need; the open
+connections counted for /metrics; and, for a stop, no new connections.
 
 Without them, TCP connections that never send a byte stay open (grpc's handshake
 timeout defaults to 120 s) and enough of them use up the process's file descriptors,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,11 @@ def server_options(config: ServerConfig, cap: int) -> list[tuple[str, Any]]:
     if config.connection_idle_s > 0:
         options.append(("grpc.max_connection_idle_ms", _ms(config.connection_idle_s)))
     if config.connection_age_s > 0:
+        # GOAWAY at this age (+-10%): the client opens a new connection for new calls
+        # (re-resolving its target: load spreads after scaling) and a stop uses it to send
+        # clients away without losing a call (EmbeddingServer.stop). No age grace: calls
+        # and streams already on the connection finish on it, however long they take.
         options.append(("grpc.max_connection_age_ms", _ms(config.connection_age_s)))
-        # Calls in flight when a connection reaches its age get the shutdown grace.
-        options.append(("grpc.max_connection_age_grace_ms", _ms(max(config.grace_s, 1.0))))
     return options
 
 
@@ -121,8 +124,16 @@ class ConnectionWatch:
         return len(current)
 
 
+_ESTABLISHED, _LISTEN = "01", "0A"  # TCP states as /proc/net/tcp writes them
+
+
 def established_sockets(port: int) -> set[int]:
     """Inodes of the established TCP sockets (IPv4 and IPv6) whose local port is `port`."""
+    return _tcp_sockets(port, _ESTABLISHED)
+
+
+def _tcp_sockets(port: int, state: str) -> set[int]:
+    """Inodes of the TCP sockets (IPv4 and IPv6) in `state` whose local port is `port`."""
     inodes: set[int] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -130,26 +141,60 @@ def established_sockets(port: int) -> set[int]:
                 next(lines, None)  # header
                 for line in lines:
                     fields = line.split()
-                    # local_address is ADDR:PORT in hex; state 01 is ESTABLISHED.
-                    if fields[3] == "01" and int(fields[1].rpartition(":")[2], 16) == port:
+                    # local_address is ADDR:PORT in hex.
+                    if fields[3] == state and int(fields[1].rpartition(":")[2], 16) == port:
                         inodes.add(int(fields[9]))
         except (OSError, IndexError, ValueError):
             continue
     return inodes
 
 
+def open_connections(port: int) -> int:
+    """This process's established client connections on `port`."""
+    return len(established_sockets(port) & _own_sockets())
+
+
+def stop_listening(port: int) -> int:
+    """Stop accepting connections on `port` (this process's listening sockets; a worker's
+    siblings keep theirs), while the connections already open go on: new clients are
+    refused at once and go to another address, and a client told to go away (GOAWAY at
+    its connection's max age) cannot come back here. grpc has no call for this short of
+    its own stop, which cancels every call that arrives until the client has read the
+    GOAWAY; shutting the socket down makes grpc's acceptor stop (it logs "Closing
+    acceptor. Failed accept4: Invalid argument" once). Returns the sockets shut (0
+    without /proc: Linux only)."""
+    listening = _tcp_sockets(port, _LISTEN)
+    shut = 0
+    for fd, inode in _own_socket_fds().items():
+        if inode not in listening:
+            continue
+        # A duplicate of grpc's descriptor: shutdown acts on the socket, close only on ours.
+        with socket.socket(fileno=os.dup(fd)) as listener:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+                shut += 1
+            except OSError:
+                continue
+    return shut
+
+
 def _own_sockets() -> set[int]:
     """Inodes of the sockets this process holds open."""
-    inodes: set[int] = set()
+    return set(_own_socket_fds().values())
+
+
+def _own_socket_fds() -> dict[int, int]:
+    """This process's socket descriptors and their inodes."""
+    sockets: dict[int, int] = {}
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
-        return inodes
+        return sockets
     for name in names:
         try:
             target = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue  # closed meanwhile
         if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
+            sockets[int(name)] = int(target[8:-1])
+    return sockets

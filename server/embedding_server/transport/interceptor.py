@@ -62,6 +62,12 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingAdmin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 _HEALTH_PREFIX = f"/{HEALTH_SERVICE}/"
+# Probes that answer through a stop: health, and the inference protocol's liveness and
+# readiness (live stays true while the process runs; ready turns false).
+_PROBES = tuple(
+    f"/inference.GRPCInferenceService/{name}"
+    for name in ("ServerLive", "ServerReady", "ModelReady")
+)
 
 _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -164,8 +170,10 @@ class StatusInterceptor(grpc.GenericRpcHandler):
     answers unparseable requests with INVALID_ARGUMENT, records the gRPC metrics, checks
     credentials (all RPCs but health) and writes the audit line of admin calls, bounds
     open streams (count and idle time), runs handlers that are plain functions in the
-    handler pool, and drains: once `drain()` is called, calls that arrive (health checks
-    excepted) get UNAVAILABLE while every call received before finishes.
+    handler pool, and takes part in a stop: `close_streams()` ends the streams (they
+    cannot be handed to another server) while unary calls are still served, and once
+    `drain()` is called, calls that arrive (probes excepted) get UNAVAILABLE while every
+    call received before finishes.
 
     Parameters
     ----------
@@ -195,6 +203,7 @@ class StatusInterceptor(grpc.GenericRpcHandler):
         self.stream_idle_s = stream_idle_s
         self._running = 0  # calls and stream messages being answered
         self._draining = False
+        self._streams_closed = False  # streams refused and ended: the server is stopping
         self._drained = threading.Event()  # set when the last call ends while draining
         self._streams_lock = threading.Lock()
         self._services: list[grpc.GenericRpcHandler] = []
@@ -227,6 +236,22 @@ class StatusInterceptor(grpc.GenericRpcHandler):
         with self.waiting():
             return call(*args)
 
+    def close_streams(self) -> None:
+        """A stop begins: end the streams waiting for their next message, and refuse new
+        streams and further messages on open ones with UNAVAILABLE (unary calls are still
+        answered). A stream holds its connection open, which would keep the drain waiting
+        for it to the end of the grace period; its caller reopens it elsewhere."""
+        self._streams_closed = True
+        self._end_idle_streams()
+
+    def _end_idle_streams(self) -> None:
+        with self._streams_lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(
+                self._end, stream, "the server is shutting down: reopen the stream elsewhere"
+            )
+
     def drain(self, timeout: float) -> bool:
         """Refuse calls that arrive from now on; wait up to `timeout` s for every call
         received before and for answers in progress on streams; then end streams left
@@ -241,12 +266,7 @@ class StatusInterceptor(grpc.GenericRpcHandler):
                 drained = False
                 break
             self._drained.wait(min(left, 0.05))
-        with self._streams_lock:
-            idle_streams = list(self._streams.values())
-        for stream in idle_streams:
-            stream.loop.call_soon_threadsafe(
-                self._end, stream, "the server is shutting down: reopen the stream elsewhere"
-            )
+        self._end_idle_streams()
         return drained
 
     # The count of calls running is written on the event loop only, without a lock (two
@@ -288,7 +308,7 @@ class StatusInterceptor(grpc.GenericRpcHandler):
                 return None
             wrapped = self._wrap(handler, method)
             self._wrapped[method] = wrapped
-        if self._draining and not method.startswith(_HEALTH_PREFIX):
+        if self._draining and not method.startswith(_HEALTH_PREFIX) and method not in _PROBES:
             return self._refusal(wrapped, method)
         return wrapped
 
@@ -432,16 +452,20 @@ class StatusInterceptor(grpc.GenericRpcHandler):
                     stream.waiting_since = None
                     if request is _END:
                         return
-                    if not self._enter():
+                    if self._streams_closed or not self._enter():
                         raise _Draining
                     busy = True
                     yield request  # resumes once the answer to it has been handed on
                     busy = False
                     self._leave()
+                    if self._streams_closed:  # the stop began while it answered
+                        raise _Draining
 
             admitted = False
             try:
                 self.authenticator.check(context, admin=False)
+                if self._streams_closed:
+                    raise _Draining
                 admitted = self._admit(stream)
                 if not admitted:
                     raise OverLimit(
