@@ -11,11 +11,20 @@ PodDisruptionBudget keeping all but one replica through node drains. Every pod r
 the tables from one read-only volume (a PersistentVolumeClaim), named in a ConfigMap of
 `tables.toml`, and is probed through grpc.health.v1. The ConfigMap
 `embedding-shard-map` holds the shard map clients pass to `ShardedClient`.
+
+A pod told to stop (a rolling update, a drain) turns NOT_SERVING and keeps serving for
+the drain delay while Kubernetes takes it out of its Service's endpoints, then refuses
+new connections and waits for its clients to leave: each connection is asked to go
+(HTTP/2 GOAWAY) at its max age, and the client re-resolves the Service's name and
+reconnects to the other replicas by itself, with no failed call. The pod's
+terminationGracePeriodSeconds covers the drain delay, the grace and a margin, so that
+Kubernetes never kills a pod still draining.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -24,7 +33,12 @@ import yaml
 APP = "embedding"
 GRPC_PORT = 50051
 METRICS_PORT = 8000
-GRACE_S = 20  # the server's --grace; Kubernetes waits a little longer before SIGKILL
+# The server's stop: --drain-delay, --connection-max-age and --grace (> 1.1 x the age:
+# every connection reaches its age, with its +-10% jitter, before the grace ends).
+DRAIN_DELAY_S = 5
+CONNECTION_AGE_S = 30
+GRACE_S = 40
+KILL_MARGIN_S = 5  # Kubernetes' SIGKILL comes this long after the server's own deadline
 
 
 def _labels(shard: int | None = None) -> dict[str, str]:
@@ -39,12 +53,19 @@ def _probe(period: int, failures: int) -> dict[str, Any]:
             "timeoutSeconds": 3}  # fmt: skip
 
 
+def _server_args(args: argparse.Namespace) -> list[str]:
+    flags = {"--drain-delay": args.drain_delay, "--connection-max-age": args.connection_max_age,
+             "--grace": args.grace}  # fmt: skip
+    return ["--config", "/etc/embedding/tables.toml",
+            *(item for flag, value in flags.items() for item in (flag, f"{value:g}"))]  # fmt: skip
+
+
 def deployment(shard: int, shards: int, args: argparse.Namespace) -> dict[str, Any]:
     name = f"{APP}-shard-{shard}"
     container = {
         "name": "server",
         "image": args.image,
-        "args": ["--config", "/etc/embedding/tables.toml", "--grace", str(GRACE_S)],
+        "args": _server_args(args),
         "env": [
             {"name": "EMBEDDING_SHARD", "value": f"{shard}/{shards}"},
             {"name": "EMBEDDING_DEVICE", "value": args.device},
@@ -98,7 +119,9 @@ def deployment(shard: int, shards: int, args: argparse.Namespace) -> dict[str, A
                     },
                 },
                 "spec": {
-                    "terminationGracePeriodSeconds": GRACE_S + 10,
+                    "terminationGracePeriodSeconds": math.ceil(
+                        args.drain_delay + args.grace + KILL_MARGIN_S
+                    ),
                     "automountServiceAccountToken": False,
                     "containers": [container],
                     "volumes": [
@@ -198,6 +221,19 @@ def parser() -> argparse.ArgumentParser:
         default=True,
         help="ask for one nvidia.com/gpu per pod",
     )
+    p.add_argument(
+        "--drain-delay",
+        type=float,
+        default=DRAIN_DELAY_S,
+        help="the server's --drain-delay, seconds",
+    )
+    p.add_argument(
+        "--connection-max-age",
+        type=float,
+        default=CONNECTION_AGE_S,
+        help="the server's --connection-max-age, seconds",
+    )
+    p.add_argument("--grace", type=float, default=GRACE_S, help="the server's --grace, seconds")
     p.add_argument("--cpu", default="4", help="CPU request per pod")
     p.add_argument("--memory", default="16Gi", help="memory request and limit per pod")
     return p  # fmt: skip
@@ -207,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.shards < 1 or args.replicas < 1:
         parser().error("--shards and --replicas must be at least 1")
+    if args.grace < 1.1 * args.connection_max_age:
+        parser().error(
+            "--grace must be at least 1.1 x --connection-max-age, or a stop cuts "
+            "off clients whose connections have not reached their age"
+        )
     args.table = args.table or ["demo=demo.npy"]
     header = (f"# {args.shards} shards x {args.replicas} replicas of the embedding server; "
               "made by deploy/kubernetes/generate.py (edit that, not this)\n")  # fmt: skip

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run the Kubernetes manifests for real with `podman kube play`: 2 shards x 2 replicas of
 # the server image, a ShardedClient from the host checked against numpy, one pod killed
-# under load (no failed call), then `podman kube down`. Loopback only; cleans up.
+# under load (no failed call), both replicas of the other shard stopped and started again
+# one after the other under a plain grpc client with no retry policy (no failed call, every
+# pod exits 0), then `podman kube down`. Loopback only; cleans up.
 #
 #   deploy/kubernetes/play.sh        (make kube-play; builds the image with docker/smoke.sh
 #                                     when it is missing)
@@ -55,7 +57,10 @@ work, image = Path(sys.argv[1]), sys.argv[2]
 text = subprocess.run(
     [sys.executable, "deploy/kubernetes/generate.py", "--shards", "2", "--replicas", "2",
      "--no-gpu", "--device", "cpu", "--image", image, "--table", "ads=ads.npy",
-     "--cpu", "250m", "--memory", "1Gi"], check=True, capture_output=True, text=True).stdout
+     "--cpu", "250m", "--memory", "1Gi",
+     # Shorter than the defaults (5, 30, 40 s: a stop then takes ~35 s) to keep CI quick.
+     "--drain-delay", "1", "--connection-max-age", "2", "--grace", "10"],
+    check=True, capture_output=True, text=True).stdout
 played, ports = [], []
 for item in yaml.safe_load_all(text):
     if item["kind"] in ("Service", "PodDisruptionBudget"):
@@ -164,6 +169,69 @@ with ShardedClient(shard_map, timeout=20) as client:
     print(f"  {calls} calls, {failures} failed, {wrong} wrong; failovers per shard: "
           f"{[s['failovers'] for s in client.stats()]}")
     assert calls > 20 and failures == 0 and wrong == 0
+
+# A rolling restart of shard 1 under a client we did not write: a plain grpc channel,
+# round_robin over both replicas, no retry policy (grpc resends only what no server saw).
+import collections
+import grpc
+from embedding_client.proto import embedding_pb2 as pb, embedding_pb2_grpc as pb_grpc
+from embedding_client.shards import shard_of
+
+replicas = [(port, name) for shard, port, name in pods if shard == "1"]
+channel = grpc.insecure_channel("ipv4:" + ",".join(f"127.0.0.1:{p}" for p, _ in replicas),
+                                options=[("grpc.lb_policy_name", "round_robin")])
+lookup = pb_grpc.EmbeddingServiceStub(channel).Lookup
+mine = np.arange(20000)[shard_of(np.arange(20000), 2) == 1]
+outcomes: collections.Counter = collections.Counter()
+stop.clear()
+
+def plain_load(seed: int) -> None:
+    local = np.random.default_rng(seed)
+    while not stop.is_set():
+        ids = local.choice(mine, 64)
+        try:
+            answer = lookup(pb.LookupRequest(table="ads", ids=ids.astype("<i8").tobytes()),
+                            timeout=20)
+            got = np.frombuffer(answer.vectors, "<f4").reshape(64, -1)
+            outcomes["OK" if np.array_equal(got, table[ids]) else "WRONG"] += 1
+        except grpc.RpcError as exc:
+            outcomes[f"{exc.code().name}: {exc.details()}"] += 1
+
+threads = [threading.Thread(target=plain_load, args=(seed,)) for seed in range(8)]
+for thread in threads:
+    thread.start()
+try:
+    for port, name in replicas:
+        time.sleep(2)
+        subprocess.run(["podman", "pod", "stop", "-t", "30", f"{name}-pod-0"], check=True,
+                       capture_output=True)
+        code = subprocess.run(["podman", "inspect", "--format", "{{.State.ExitCode}}",
+                               f"{name}-pod-0-server"], capture_output=True, text=True).stdout
+        print(f"  stopped pod {name}-pod-0 (SIGTERM): exit status {code.strip()}", flush=True)
+        assert code.strip() == "0", code
+        subprocess.run(["podman", "pod", "start", f"{name}-pod-0"], check=True,
+                       capture_output=True)
+        with EmbeddingClient(f"127.0.0.1:{port}", timeout=2, max_attempts=1) as probe:
+            until = time.monotonic() + 120
+            while time.monotonic() < until:
+                try:
+                    if probe.health() == "SERVING":
+                        break
+                except EmbeddingError:
+                    pass
+                time.sleep(0.3)
+            else:
+                sys.exit(f"{name} never SERVING again")
+        print(f"  started pod {name}-pod-0 again: SERVING", flush=True)
+    time.sleep(2)
+finally:
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    channel.close()
+failed = {k: v for k, v in outcomes.items() if k != "OK"}
+print(f"  rolling restart of shard 1: {outcomes['OK']} calls OK, failed: {failed or 'none'}")
+assert outcomes["OK"] > 100 and not failed
 PY
 log "podman kube down"
 podman kube down "$WORK/played.yaml" >/dev/null 2>&1
