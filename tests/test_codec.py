@@ -94,7 +94,15 @@ def test_absent_shape_means_one_dimension() -> None:
         ),
         (
             pb.LookupRequest(ids=b"\x00" * 16, ids_shape=pb.Shape(dims=[2**62, 2**62])),
-            "ids but 2 were sent",
+            "is too large: its nonzero dims span",
+        ),
+        (  # no ids, and dims numpy cannot even hold: refused, not a ValueError inside
+            pb.LookupRequest(ids=b"", ids_shape=pb.Shape(dims=[2**62, 2**62, 0])),
+            r"ids_shape \[4611686018427387904, 4611686018427387904, 0\] is too large",
+        ),
+        (
+            pb.LookupRequest(ids=b"", ids_shape=pb.Shape(dims=[2**31, 0])),
+            "at most 2147483647",
         ),
         (
             pb.LookupRequest(ids=b"", ids_shape=pb.Shape(dims=[1] * 17)),

@@ -663,7 +663,7 @@ def test_cancelled_call_harms_nothing(start_server: ServerFactory) -> None:
 
 
 def test_request_over_the_receive_limit(start_server: ServerFactory) -> None:
-    server = start_server({"t": random_table(100, 4)}, max_message_bytes=4096)
+    server = start_server({"t": random_table(100, 4)}, max_request_bytes=4096)
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
         with pytest.raises(EmbeddingError) as raised:
             client.lookup(np.zeros(1000, dtype=np.int64))  # 8,000 bytes of ids

@@ -131,7 +131,7 @@ def test_model_infer_answers_the_bits_lookup_answers(
         (lambda r: setattr(r.inputs[0], "datatype", "FP32"), "INVALID_ARGUMENT", "INT64 or INT32"),
         (lambda r: setattr(r.inputs[0], "name", "x"), "INVALID_ARGUMENT", "one input 'ids'"),
         (lambda r: r.inputs[0].shape.append(2), "INVALID_ARGUMENT", "needs"),
-        (lambda r: r.inputs[0].shape.__setitem__(0, -3), "INVALID_ARGUMENT", "none negative"),
+        (lambda r: r.inputs[0].shape.__setitem__(0, -3), "INVALID_ARGUMENT", "negative dimension"),
         (lambda r: r.raw_input_contents.append(b"x"), "INVALID_ARGUMENT", "raw_input_contents"),
         (lambda r: r.parameters["polling"].SetInParent(), "INVALID_ARGUMENT", "unknown parameter"),
         (lambda r: setattr(r.parameters["pooling"], "string_param", "avg"), "INVALID_ARGUMENT",

@@ -138,7 +138,7 @@ def _raw_call(
          False, grpc.StatusCode.INVALID_ARGUMENT, "negative dimension"),
         (pb.LookupRequest(table="main", ids_list=[1], ids_shape=pb.Shape(dims=[2**62, 2**62])),
          False, grpc.StatusCode.INVALID_ARGUMENT,
-         r"holds 21267647932558653966460912964485513216 ids but 1 were sent"),
+         r"is too large: its nonzero dims span 21267647932558653966460912964485513216 cells"),
         (pb.LookupRequest(table="main", ids_list=[0, -1]), False,
          grpc.StatusCode.INVALID_ARGUMENT, r"id -1 at position 1 is out of range"),
         (pb.LookupRequest(table="main", ids_list=[1], dtype=42), False,

@@ -18,6 +18,11 @@ from embedding_client.proto import embedding_pb2 as pb
 
 ID_DTYPE = np.dtype("<i8")
 MAX_ID_DIMS = 16
+# The most cells a shape of ids may span, counting only its nonzero dims: far above any
+# message (1 GiB holds 2^27 ids), and where numpy, and any count made from the shape
+# (bags over its last axis), stays an ordinary integer. A shape of 0 ids with huge dims
+# ([2^62, 2^62, 0]) is refused here, before anything is sized from it.
+MAX_SHAPE_CELLS = (1 << 31) - 1
 
 # Wire dtype enum <-> numpy dtype (little-endian). bfloat16 comes from ml_dtypes (the
 # numpy extension JAX and TensorFlow use for it), imported on first use only: it takes
@@ -285,16 +290,45 @@ def decode_ids(request: pb.LookupRequest) -> np.ndarray:
     if len(shape) == 1 and shape[0] == flat.size:
         return flat  # what the client sends for a list of ids: nothing to reshape
     dims = tuple(shape)
-    if len(dims) > MAX_ID_DIMS:
-        raise WireError(f"ids_shape has {len(dims)} dims; at most {MAX_ID_DIMS} are supported")
-    if any(d < 0 for d in dims):
-        raise WireError(f"ids_shape {list(dims)} has a negative dimension")
-    count = 1
-    for d in dims:
-        count *= d  # Python ints: no overflow on huge shapes
-    if count != flat.size:
-        raise WireError(f"ids_shape {list(dims)} holds {count} ids but {flat.size} were sent")
+    held = shape_ids(dims, "ids_shape")
+    if held != flat.size:
+        raise WireError(f"ids_shape {list(dims)} holds {held} ids but {flat.size} were sent")
     return flat.reshape(dims)
+
+
+def shape_ids(dims: tuple[int, ...], what: str) -> int:
+    """How many ids the shape `dims` holds; WireError unless it has at most MAX_ID_DIMS
+    dims, none negative, spanning at most MAX_SHAPE_CELLS cells over its nonzero dims.
+    Messages show a shape only once it is known to be short."""
+    if len(dims) > MAX_ID_DIMS:
+        raise WireError(f"{what} has {len(dims)} dims; at most {MAX_ID_DIMS} are supported")
+    if any(d < 0 for d in dims):
+        raise WireError(f"{what} {list(dims)} has a negative dimension")
+    cells = 1
+    for d in dims:
+        cells *= d or 1  # Python ints: no overflow on huge shapes
+    if cells > MAX_SHAPE_CELLS:
+        raise WireError(
+            f"{what} {list(dims)} is too large: its nonzero dims span {cells} cells, at most "
+            f"{MAX_SHAPE_CELLS}"
+        )
+    return 0 if 0 in dims else cells
+
+
+def bag_count(request: pb.LookupRequest) -> int:
+    """How many bags (pooled output vectors) a request asks for, from its fields alone:
+    what a server checks against its limits before sizing anything from it (0 when it is
+    not pooled). The bags themselves are checked by `decode_bags`."""
+    if request.pooling == pb.POOLING_NONE:
+        return 0
+    if request.offsets or request.lengths:
+        return max(len(request.offsets), len(request.lengths))
+    if not request.HasField("ids_shape"):
+        return 1  # 1-D ids: one bag of them all
+    cells = 1
+    for d in request.ids_shape.dims[:-1]:
+        cells *= d  # Python ints; a shape decode_ids accepted keeps this small
+    return cells
 
 
 def encode_update_rows(ids: Any, vectors: Any, table: str | None) -> pb.UpdateRowsRequest:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The most shards a table may have: ShardOf's index and count are uint32 on the wire.
+MAX_SHARDS = (1 << 32) - 1
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
@@ -58,6 +60,11 @@ class Shard:
         if not 0 <= self.index < self.count:
             raise ValueError(
                 f"shard {self.index}/{self.count} does not exist: I/N needs 0 <= I < N"
+            )
+        if self.count > MAX_SHARDS:
+            raise ValueError(
+                f"shard {self.index}/{self.count}: at most {MAX_SHARDS} shards (the wire's "
+                "ShardOf carries 32-bit numbers)"
             )
 
     @classmethod

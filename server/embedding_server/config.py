@@ -197,13 +197,15 @@ class ServerConfig:
     device: str = "auto"
     host: str = "0.0.0.0"
     port: int = 50051
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 8000
     max_ids: int = 262_144
+    max_features: int = 1024
     max_dense_macs: int = 16_000_000_000
     dense_chunk_cells: int = 16_777_216
     dense_concurrency: int = 2
     max_message_bytes: int = 1 << 30
+    max_request_bytes: int = 16 << 20
     workers: int = 4
     max_threads: int = 64
     processes: int = 1
@@ -218,6 +220,8 @@ class ServerConfig:
     log_level: str = "INFO"
     max_inflight: int = 256
     max_streams: int = 8
+    max_health_watches: int = 64
+    max_calls_per_connection: int = 100
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -337,18 +341,27 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--device", "device", _device, "where tables live: auto (CUDA if present), cpu, cuda, cuda:N"),
     ("--host", "host", str, "address the gRPC server binds"),
     ("--port", "port", _port, "gRPC port (0 picks a free one)"),
-    ("--metrics-host", "metrics_host", str, "address the Prometheus endpoint binds"),
+    ("--metrics-host", "metrics_host", str,
+     "address the Prometheus endpoint binds (this host only by default: /metrics needs no "
+     "credential; 0.0.0.0 for a scraper elsewhere, as the image sets)"),
     ("--metrics-port", "metrics_port", _port, "Prometheus /metrics port (0 picks a free one)"),
     ("--max-ids", "max_ids", _positive_int, "most ids one request may carry"),
+    ("--max-features", "max_features", _positive_int,
+     "most features (lookups) in one LookupMany call; each counts at least one id "
+     "against --max-ids"),
     ("--max-dense-macs", "max_dense_macs", _positive_int,
-     "most multiply-adds (ids x rows x dim) one LookupDense call may cost"),
+     "most multiply-adds (ids x rows x dim) one LookupDense call may cost, or one "
+     "LookupManyDense call over all its features"),
     ("--dense-chunk-cells", "dense_chunk_cells", _positive_int,
      "one-hot cells (ids x rows) materialised at once on the dense path"),
     ("--dense-concurrency", "dense_concurrency", _positive_int,
      "one-hot matmuls (LookupDense) running at once; more wait their turn within their "
      "deadline (each uses every core, or the whole device, by itself)"),
+    ("--max-request-bytes", "max_request_bytes", _positive_int,
+     "largest request message, in bytes, after decompression (RESOURCE_EXHAUSTED past it): "
+     "262,144 ids take 2 MiB; with --max-inflight it bounds the memory callers can hold"),
     ("--max-message-bytes", "max_message_bytes", _positive_int,
-     "largest request or response message, in bytes"),
+     "largest response message, in bytes (larger lookups are refused up front)"),
     ("--workers", "workers", _positive_int,
      "calls running at once in the handler pool per process (all but plain lookups, which "
      "the event loop answers); more queue (calls waiting in a dense lookup or a reload do "
@@ -383,6 +396,12 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--max-streams", "max_streams", _positive_int,
      "most LookupStream streams open at once (an open stream holds no thread; its "
      "messages are answered like Lookup calls)"),
+    ("--max-health-watches", "max_health_watches", _positive_int,
+     "most grpc.health.v1 Watch streams open at once (probes need no credential; each "
+     "holds a place among --max-inflight); Check is not limited"),
+    ("--max-calls-per-connection", "max_calls_per_connection", _positive_int,
+     "most calls and streams open at once on one connection (HTTP/2 "
+     "MAX_CONCURRENT_STREAMS): one caller cannot take every place"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (chain): turns TLS on"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", str,

@@ -48,6 +48,8 @@ def configure(level: str, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(mess
 def describe_request(request: Any) -> str:
     """A protobuf request's set fields for a log line: strings quoted in part, bytes by
     their length, numbers and flags as they are."""
+    if request is None:
+        return "(refused before its request was read)"
     if not hasattr(request, "ListFields"):
         return "(a request that did not parse)"
     parts = []

@@ -84,7 +84,7 @@ class FileAccess:
         return [root / location for root in self.table_dirs]
 
     def _inside_table_dirs(self, path: Path, text: str) -> Path:
-        resolved = Path(os.path.realpath(path))
+        resolved = _resolved(path, "source", text)
         if not any(_inside(resolved, root) for root in self.table_dirs):
             raise InvalidRequest(
                 f"source {quoted(text)} is not inside a table directory of this server "
@@ -150,7 +150,7 @@ class FileAccess:
                 f"snapshot path {quoted(text)} must name a file ending in .npy or "
                 ".safetensors (not starting with '.')"
             )
-        folder = Path(os.path.realpath(requested.parent))
+        folder = _resolved(requested.parent, "snapshot path", text)
         if not _inside(folder, self.snapshot_dir):
             raise InvalidRequest(
                 f"snapshot path {quoted(text)} is not inside this server's snapshot "
@@ -226,6 +226,19 @@ class FileAccess:
                 with contextlib.suppress(OSError):
                     os.unlink(temporary, dir_fd=folder)
             os.close(folder)
+
+
+def _resolved(path: Path, what: str, text: str) -> Path:
+    """`path` with links and `..` resolved. realpath reads each link it meets; one
+    swapped for something else between its check and its read fails with EINVAL (or
+    ENOENT, ELOOP): a caller racing its own path, answered as the file being unusable."""
+    try:
+        return Path(os.path.realpath(path))
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"{what} {quoted(text)} changed while it was resolved ({exc.strerror}): try again "
+            "once it stays put"
+        ) from None
 
 
 def _directory(text: str, flag: str) -> Path:

@@ -42,6 +42,9 @@ class Limits:
     # One-hot matmuls running at once: each uses every core (or the whole device) by
     # itself, so more only fight over them and starve the threads serving lookups.
     dense_concurrency: int = 2
+    # Features (lookups) in one LookupMany call: each is a lookup of its own on the
+    # event loop, so their number bounds how long one call holds it.
+    max_features: int = 1024
 
 
 class LookupOutput(NamedTuple):
@@ -132,7 +135,7 @@ class Lookups:
         if expect_shard is not None:
             sharding.expect(table, *expect_shard)
         if table.shard is not None:
-            self._check_count(ids.size, "ids")  # before any work on a hostile count
+            self.check_count(ids.size, "ids")  # before any work on a hostile count
             ids, padding_id = table.shard.localise(ids, padding_id, table.name)
         out_dtype = OUTPUT_DTYPES[dtype]
         shape = (*(tuple(ids.shape) if bags is None else bags.shape), table.dim)
@@ -228,19 +231,17 @@ class Lookups:
     ) -> None:
         """Refuse a request over the limits or with an id (or padding id) out of range."""
         limits = self.limits
-        self._check_count(ids.size, "ids")
+        self.check_count(ids.size, "ids")
         if bags is None and not dense and padding_id is None:  # the common call: less to do
             self._check_response(ids.size * table.dim * dtype.itemsize)
             check_ids(ids, table.rows)
             return
         vectors = ids.size if bags is None else bags.count
         if bags is not None:
-            self._check_count(bags.count, "bags")
+            self.check_count(bags.count, "bags")
         self._check_response(vectors * table.dim * dtype.itemsize)
         if dense:
-            # One (multi-)hot row per bag for sum and mean; one per id otherwise.
-            hot_rows = bags.count if bags is not None and bags.mode != "max" else ids.size
-            macs = hot_rows * table.rows * table.dim
+            macs = dense_macs(table, ids.size, bags)
             if macs > limits.max_dense_macs:
                 raise OverLimit(
                     f"LookupDense of {ids.size} ids over table {table.name!r} "
@@ -251,7 +252,8 @@ class Lookups:
         if padding_id is not None:
             check_padding_id(padding_id, table.rows, table.name)
 
-    def _check_count(self, count: int, what: str) -> None:
+    def check_count(self, count: int, what: str) -> None:
+        """Refuse (OverLimit) a request of more than --max-ids ids, bags or features."""
         if count > self.limits.max_ids:
             raise OverLimit(
                 f"{count} {what} in one request; this server takes at most "
@@ -265,6 +267,13 @@ class Lookups:
                 f"the response would be {response_bytes} bytes, over the {limit}-byte message "
                 "limit (--max-message-bytes): split the request or ask for float16/bfloat16"
             )
+
+
+def dense_macs(table: Table, ids: int, bags: Bags | None) -> int:
+    """The multiply-adds of a one-hot (or multi-hot) matmul over `table`: one hot row per
+    bag for sum and mean, one per id otherwise, each times every row and dim."""
+    hot_rows = bags.count if bags is not None and bags.mode != "max" else ids
+    return hot_rows * table.rows * table.dim
 
 
 _NOTHING = contextlib.nullcontext()  # reusable: it holds no state

@@ -215,6 +215,30 @@ def load_table(
     return table
 
 
+# The most rows a sharded table may claim: every server of it keeps a bitmap of all of
+# them (rows / 8 bytes: 8 GiB at this bound), far above any real embedding table.
+MAX_SHARDED_ROWS = 1 << 36
+
+
+def check_shard_size(name: str, shard: Shard, rows: int, held: int) -> None:
+    """Refuse a per-shard file whose metadata cannot describe it, before anything is sized
+    from that metadata (the layout costs memory and time in the whole table's rows): a
+    shard of a hash partition holds about rows / N of them, within a few standard
+    deviations; a damaged or hostile file claiming 2^27 rows while holding 481 would
+    otherwise cost ~1.6 GiB and seconds before the exact count refused it."""
+    if not 0 < rows <= MAX_SHARDED_ROWS:
+        raise TableLoadError(
+            f"table {name!r}: the file says the whole table has {rows} rows; a sharded "
+            f"table has 1 to {MAX_SHARDED_ROWS}: it is damaged"
+        )
+    expected = rows / shard.count
+    if abs(held - expected) > 10 * expected**0.5 + 16:
+        raise TableLoadError(
+            f"table {name!r}: the file says it holds shard {shard} of {rows} rows (about "
+            f"{expected:.0f} rows), but it has {held}: it is damaged"
+        )
+
+
 def shard_source(
     name: str, source: RowSource, shard: Shard | None
 ) -> tuple[RowSource, ShardRows | None]:
@@ -227,6 +251,7 @@ def shard_source(
             held, rows = Shard.parse(named), int(source.metadata[sharding.ROWS_KEY])
         except (KeyError, ValueError) as exc:
             raise TableLoadError(f"table {name!r}: bad shard metadata ({exc})") from None
+        check_shard_size(name, held, rows, source.shape[0])
         if shard != held:
             started = "without --shard" if shard is None else f"with --shard {shard}"
             raise TableLoadError(

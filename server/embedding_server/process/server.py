@@ -20,13 +20,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
@@ -39,6 +38,7 @@ from embedding_server.core.sources import demo_table, load_table
 from embedding_server.core.store import TableStore
 from embedding_server.process.callpool import CallPool
 from embedding_server.transport import connections, inference
+from embedding_server.transport import metrics_endpoint as metrics_http
 from embedding_server.transport.admin import (
     EmbeddingAdminServicer,
     Reload,
@@ -224,22 +224,20 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 def start_metrics(
     config: ServerConfig, registry: CollectorRegistry = REGISTRY
-) -> tuple[WSGIServer, int]:
+) -> tuple[metrics_http.MetricsServer, int]:
     """Serve `registry` on the configured metrics address; returns the server and its port."""
     try:
-        httpd, _ = start_http_server(
-            config.metrics_port, addr=config.metrics_host, registry=registry
-        )
+        httpd = metrics_http.start(config.metrics_host, config.metrics_port, registry)
     except OSError as exc:
         raise StartupError(
-            f"cannot bind metrics to {config.metrics_host}:{config.metrics_port} ({exc.strerror})"
+            f"cannot bind metrics to {config.metrics_host}:{config.metrics_port} "
+            f"({exc.strerror or exc})"
         ) from None
     return httpd, httpd.server_port
 
 
-def stop_metrics(httpd: WSGIServer) -> None:
-    httpd.shutdown()
-    httpd.server_close()
+def stop_metrics(httpd: metrics_http.MetricsServer) -> None:
+    metrics_http.stop(httpd)
 
 
 class EmbeddingServer:
@@ -270,14 +268,16 @@ class EmbeddingServer:
             dense_chunk_cells=config.dense_chunk_cells,
             dense_concurrency=config.dense_concurrency,
             max_response_bytes=config.max_message_bytes,
+            max_features=config.max_features,
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no stubs for it
         self.authenticator = authenticator(config)
         # Few calls run at once (the GIL), more threads only for calls that wait.
         self.pool = CallPool(config.workers, config.max_threads)
         self._interceptor = StatusInterceptor(
-            self.authenticator, config.max_streams, self.pool, config.stream_idle_s
-        )
+            self.authenticator, config.max_streams, self.pool, config.stream_idle_s,
+            config.max_health_watches,
+        )  # fmt: skip
         self.connection_cap = connections.connection_cap(config.max_connections)
         self._reuse_port = reuse_port
         # Results leaving a CUDA device go through a bounded set of pinned blocks.
@@ -298,7 +298,7 @@ class EmbeddingServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_httpd: WSGIServer | None = None
+        self._metrics_httpd: metrics_http.MetricsServer | None = None
         self._connections: connections.ConnectionWatch | None = None
         self._memory_sampler: metrics.DeviceMemorySampler | None = None
         self._stopping = False
@@ -329,7 +329,7 @@ class EmbeddingServer:
             maximum_concurrent_rpcs=config.max_inflight,
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_request_bytes),
                 # A second server on the same port must fail, not share it by accident;
                 # the processes of one server share it on purpose.
                 ("grpc.so_reuseport", int(self._reuse_port)),

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 import torch.multiprocessing as torch_mp
@@ -60,6 +59,7 @@ from embedding_server.process.server import (
     stop_metrics,
 )
 from embedding_server.transport.admin import reload_table
+from embedding_server.transport.metrics_endpoint import MetricsServer
 
 log = logging.getLogger("embedding_server")
 
@@ -125,7 +125,7 @@ class Supervisor:
         self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writes")
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
-        self._metrics_httpd: WSGIServer | None = None
+        self._metrics_httpd: MetricsServer | None = None
         # The host tables and this process's share of the device memory (the workers
         # sample their own).
         self._memory = metrics.DeviceMemory(store.memory)

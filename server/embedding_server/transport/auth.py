@@ -121,6 +121,19 @@ class Authenticator:
             who,
         )
 
+    def check_arrival(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        """Raise Unauthenticated for a call that carries no valid token, from its headers
+        alone, as it arrives: before it waits for its message or holds a place among the
+        calls in flight. Only where tokens are the credential: with mutual TLS the
+        handshake has checked the caller already (and a certificate may carry the role)."""
+        if self.mutual_tls or not (self._data or self._admin):
+            return
+        presented = _bearer(metadata)
+        if not (_match(presented, self._admin) or _match(presented, self._data)):
+            raise Unauthenticated(
+                "missing or invalid credential: send metadata 'authorization: Bearer <token>'"
+            )
+
     def _identify(self, context: CallContext) -> tuple[str, bool]:
         """(who, whether the role is admin), or Unauthenticated."""
         certificate = self._certificate_name(context) if self.mutual_tls else None
@@ -152,15 +165,22 @@ class Authenticator:
 
 
 def _bearer(metadata: Sequence[tuple[str, str | bytes]]) -> bytes:
-    """The token of an `authorization: Bearer <token>` entry (any case of the scheme)."""
-    presented = b""
-    for key, value in metadata:
-        if key == "authorization":
-            text = value.decode(errors="replace") if isinstance(value, bytes) else value
-            scheme, _, credential = text.strip().partition(" ")
-            if scheme.lower() == "bearer":
-                presented = credential.strip().encode()
-    return presented
+    """The token of the `authorization: Bearer <token>` entry (any case of the scheme).
+    More than one `authorization` entry is refused: which one counts would be a guess
+    (proxies and servers differ), and a caller could slip a second one past a check of
+    the first."""
+    entries = [value for key, value in metadata if key == "authorization"]
+    if len(entries) > 1:
+        raise Unauthenticated(
+            f"{len(entries)} 'authorization' metadata entries: send exactly one, "
+            "'authorization: Bearer <token>'"
+        )
+    if not entries:
+        return b""
+    value = entries[0]
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    scheme, _, credential = text.strip().partition(" ")
+    return credential.strip().encode() if scheme.lower() == "bearer" else b""
 
 
 def _match(presented: bytes, accepted: Sequence[bytes]) -> int:

@@ -21,12 +21,13 @@ from typing import Any
 
 from embedding_server import metrics
 from embedding_server.config import ServerConfig
+from embedding_server.transport import metrics_endpoint
 
 log = logging.getLogger(__name__)
 
-# Files the process needs besides client connections: tables, pipes, the metrics port,
-# shared memory, logs, a CUDA context's.
-RESERVED_FILES = 128
+# Files the process needs besides client connections: tables, pipes, shared memory, logs,
+# a CUDA context's, and the metrics endpoint's connections (at most MAX_CONNECTIONS).
+RESERVED_FILES = 112 + metrics_endpoint.MAX_CONNECTIONS
 # The server pings a connection idle this long, and closes it if no answer comes within
 # the timeout (a client gone without closing: a crashed host, a dropped NAT entry).
 KEEPALIVE_TIME_MS = 60_000
@@ -67,6 +68,8 @@ def server_options(config: ServerConfig, cap: int) -> list[tuple[str, Any]]:
     """grpc server options bounding connections (see the module docstring)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_allowed_incoming_connections", cap),
+        # HTTP/2 MAX_CONCURRENT_STREAMS: one connection's share of the calls in flight.
+        ("grpc.max_concurrent_streams", config.max_calls_per_connection),
         ("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout_s)),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),

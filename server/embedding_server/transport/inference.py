@@ -30,7 +30,7 @@ import numpy as np
 from embedding_client import codec
 from embedding_client.proto import grpc_service_pb2 as oip
 from embedding_client.proto import grpc_service_pb2_grpc as oip_grpc
-from embedding_server.errors import InvalidRequest, TableNotFound, quoted
+from embedding_server.errors import QUOTE_CHARS, InvalidRequest, TableNotFound, quoted
 from embedding_server.transport.servicer import (
     LOOP_ANSWER_BYTES,
     EmbeddingServicer,
@@ -51,6 +51,7 @@ IGNORED_PARAMETERS = frozenset(
 )  # fmt: skip
 KNOWN_PARAMETERS = frozenset({"datatype", "dense", "pooling", "padding_id"})
 PLATFORM = "embedding_lookup"
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # Typed answers (`fp32_contents`) up to this size are built on the event loop (raw ones
 # up to the servicer's LOOP_ANSWER_BYTES).
 TYPED_ON_LOOP_BYTES = 64 << 10
@@ -66,8 +67,17 @@ def _typed(parameters: Any, name: str, kind: type, what: str) -> Any:
         return None
     value = _value(parameters[name])
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidRequest(f"parameter {name!r} must be {what}, got {value!r}")
+        raise InvalidRequest(f"parameter {name!r} must be {what}, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A caller's parameter value for a message: strings quoted and cut as all caller
+    text is, anything else (bytes of any length included) by its repr, cut likewise."""
+    if isinstance(value, str):
+        return quoted(value)
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -160,12 +170,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 f"input {INPUT!r} has datatype {quoted(tensor.datatype)}; use INT64 or INT32"
             )
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape) or len(shape) > codec.MAX_ID_DIMS:
-            raise InvalidRequest(f"input {INPUT!r} has shape {list(shape)}: need 0 to "
-                                 f"{codec.MAX_ID_DIMS} dimensions, none negative")  # fmt: skip
-        count = 1
-        for d in shape:
-            count *= d  # Python ints: a hostile shape cannot wrap around
+        count = codec.shape_ids(shape, f"input {INPUT!r} shape")
+        if request.raw_input_contents and tensor.HasField("contents"):
+            raise InvalidRequest(
+                f"input {INPUT!r} is sent twice, as typed contents and as "
+                "raw_input_contents: the protocol allows one of them"
+            )
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
                 raise InvalidRequest(f"{len(request.raw_input_contents)} raw_input_contents "
@@ -216,11 +226,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         pooling = _typed(parameters, "pooling", str, "sum, mean or max")
         if pooling is not None and pooling not in POOLING:
             raise InvalidRequest(f"pooling {quoted(pooling)}: use sum, mean or max")
+        padding_id = _typed(parameters, "padding_id", int, "an integer row id")
+        if padding_id is not None and not INT64_MIN <= padding_id <= INT64_MAX:
+            raise InvalidRequest(f"parameter 'padding_id' {padding_id} is not an int64 row id")
         return {
             "datatype": datatype,
             "dense": bool(_typed(parameters, "dense", bool, "true or false")),
             "pooling": pooling,
-            "padding_id": _typed(parameters, "padding_id", int, "an integer row id"),
+            "padding_id": padding_id,
         }
 
 

@@ -159,6 +159,34 @@ class _OpenStream:
     ended: str = ""  # why the server ended it while it waited ("" while it has not)
 
 
+def _refused(
+    handler: grpc.RpcMethodHandler, full_method: str, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler that ends the call at once with `code` and `message`, counted as started
+    and handled under the method's own type. It takes the request as a stream, so grpc
+    calls it without waiting for a message: a caller that sends headers and nothing more
+    holds no place."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    kind = "unary" if handler.unary_unary is not None else "bidi_stream"
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        metrics.child(metrics.GRPC_STARTED, kind, service, method).inc()
+        metrics.child(metrics.GRPC_HANDLED, kind, service, method, code.name).inc()
+        if service == ADMIN_SERVICE:  # every admin call leaves an audit line, refused or not
+            who = "a caller without a valid credential"
+            logs.audit_admin_call(method, who, context.peer(), None, code.name, message, 0.0)
+        await context.abort(code, message)
+
+    if kind == "unary":
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+    async def refuse_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await refuse(requests, context)
+        yield  # never reached: makes this an async generator, as grpc expects
+
+    return grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+
 class StatusInterceptor(grpc.GenericRpcHandler):
     """The one place every RPC passes: authentication, status codes, metrics, draining.
 
@@ -182,6 +210,7 @@ class StatusInterceptor(grpc.GenericRpcHandler):
     pool : the handler pool, where calls that are not coroutines run (its `blocking()`
         around calls that wait long); None: asyncio's default executor.
     stream_idle_s : a stream waiting longer than this for its next message is cancelled.
+    max_watches : most health Watch streams open at once.
     """
 
     def __init__(
@@ -190,8 +219,11 @@ class StatusInterceptor(grpc.GenericRpcHandler):
         max_streams: int = 8,
         pool: CallPool | None = None,
         stream_idle_s: float = 30.0,
+        max_watches: int = 64,
     ) -> None:
         self.authenticator = authenticator or Authenticator()
+        self.max_watches = max_watches  # health Watch streams open at once
+        self._watches = 0
         # Each open stream holds its messages' buffers and a task: bounded.
         self.max_streams = max_streams
         self.pool = pool
@@ -308,7 +340,13 @@ class StatusInterceptor(grpc.GenericRpcHandler):
                 return None
             wrapped = self._wrap(handler, method)
             self._wrapped[method] = wrapped
-        if self._draining and not method.startswith(_HEALTH_PREFIX) and method not in _PROBES:
+        if method.startswith(_HEALTH_PREFIX):
+            return wrapped
+        try:
+            self.authenticator.check_arrival(handler_call_details.invocation_metadata or ())
+        except Unauthenticated as exc:
+            return _refused(wrapped, method, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        if self._draining and method not in _PROBES:
             return self._refusal(wrapped, method)
         return wrapped
 
@@ -322,29 +360,12 @@ class StatusInterceptor(grpc.GenericRpcHandler):
     def _refusal(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
         """The handler of a call that arrived while the server drains: UNAVAILABLE."""
         refusal = self._refusals.get(full_method)
-        if refusal is not None:
-            return refusal
-        service, _, method = full_method.lstrip("/").rpartition("/")
-        kind = "unary" if handler.unary_unary is not None else "bidi_stream"
-        message = "the server is shutting down: retry on another server"
-
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics.child(metrics.GRPC_STARTED, kind, service, method).inc()
-            metrics.child(metrics.GRPC_HANDLED, kind, service, method, "UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, message)
-
-        if kind == "unary":
-            refusal = grpc.unary_unary_rpc_method_handler(refuse)
-        else:
-
-            async def refuse_stream(
-                requests: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                await refuse(requests, context)
-                yield  # never reached: makes this an async generator, as grpc expects
-
-            refusal = grpc.stream_stream_rpc_method_handler(refuse_stream)
-        self._refusals[full_method] = refusal
+        if refusal is None:
+            refusal = _refused(
+                handler, full_method, grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down: retry on another server",
+            )  # fmt: skip
+            self._refusals[full_method] = refusal
         return refusal
 
     def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
@@ -423,8 +444,10 @@ class StatusInterceptor(grpc.GenericRpcHandler):
         """Streaming RPCs: credentials checked, at most `max_streams` open, each ended
         when idle past `stream_idle_s`; a bidirectional stream counts as running only while
         it handles a message, so drain waits for answers in progress, not idle streams."""
-        if service == HEALTH_SERVICE or handler.stream_stream is None:
-            return handler  # health Watch: open to probes, like Check
+        if service == HEALTH_SERVICE and handler.unary_stream is not None:
+            return self._counted_watch(handler, method)
+        if handler.stream_stream is None:
+            return handler
         behavior: Any = handler.stream_stream  # an async generator function, on grpc.aio
 
         streams_started = metrics.child(metrics.GRPC_STARTED, "bidi_stream", service, method)
@@ -500,6 +523,36 @@ class StatusInterceptor(grpc.GenericRpcHandler):
             checked,
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=_serializer(handler),
+        )
+
+    def _counted_watch(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """Health Watch: open to probes like Check (no credential), but at most
+        `max_watches` at once: each holds a place among the calls in flight for as long
+        as its caller keeps it, so 256 anonymous ones filled them all."""
+        behavior: Any = handler.unary_stream
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self._watches >= self.max_watches:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.max_watches} health Watch streams are open, the most this server "
+                    "takes (--max-health-watches): use Check, or watch less",
+                )
+            self._watches += 1  # on the event loop only, like _running
+            try:
+                answers = behavior(request, context)
+                if inspect.isasyncgen(answers):
+                    async for response in answers:
+                        await context.write(response)
+                else:  # grpc's health servicer writes its answers itself
+                    await answers
+            finally:
+                self._watches -= 1
+
+        return grpc.unary_stream_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
         )
 
     def _admit(self, stream: _OpenStream) -> bool:

@@ -129,7 +129,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def _lookup_many(
         self, method: str, request: pb.LookupManyRequest, context: grpc.aio.ServicerContext
     ) -> codec.EncodedManyResponse:
-        """Every feature's lookup in order; the first refusal fails the call, naming it."""
+        """Every feature's lookup in order; the first refusal fails the call, naming it.
+        The whole call is checked first: its features, ids (a feature counts one at
+        least: an empty one still costs a lookup) and, dense, its multiply-adds summed."""
+        limits = self.lookups.limits
+        if len(request.features) > limits.max_features:
+            raise OverLimit(
+                f"{len(request.features)} features in one request; this server takes at most "
+                f"{limits.max_features} (--max-features): split them over calls"
+            )
         names = [f.feature for f in request.features]
         # Counted once (not names.count per name: quadratic in a caller's feature count).
         duplicated = sorted(n for n, seen in Counter(names).items() if seen > 1)
@@ -137,13 +145,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             shown = ", ".join(quoted(n) for n in duplicated[:5])
             more = f" and {len(duplicated) - 5} more" if len(duplicated) > 5 else ""
             raise InvalidRequest(f"feature name(s) given twice: {shown}{more}")
-        limits = self.lookups.limits
-        total_ids = sum(codec.id_count(f.lookup) for f in request.features)
+        total_ids = sum(max(1, codec.id_count(f.lookup)) for f in request.features)
         if total_ids > limits.max_ids:
             raise OverLimit(
                 f"{total_ids} ids over {len(names)} features in one request; this server takes "
                 f"at most {limits.max_ids} (--max-ids): split the request"
             )
+        if method in DENSE_METHODS:
+            self._check_dense_total(request)
         results: list[tuple[str, codec.EncodedLookupResponse]] = []
         total_bytes = 0
         for feature in request.features:
@@ -160,6 +169,29 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 )
             results.append((feature.feature, result))
         return codec.EncodedManyResponse(results)
+
+    def _check_dense_total(self, request: pb.LookupManyRequest) -> None:
+        """Refuse a LookupManyDense whose features cost more multiply-adds together than
+        one call may (each is also checked alone as it runs)."""
+        store, limits = self.lookups.store, self.lookups.limits
+        total = 0
+        for feature in request.features:
+            name = store.resolve_name(feature.lookup.table)
+            if name is None:
+                continue  # refused as it runs, named
+            table = store.get(name)
+            bags = codec.bag_count(feature.lookup)
+            hot_rows = (
+                bags if bags and feature.lookup.pooling != pb.POOLING_MAX
+                else codec.id_count(feature.lookup)
+            )  # fmt: skip
+            total += hot_rows * table.rows * table.dim
+        if total > limits.max_dense_macs:
+            raise OverLimit(
+                f"LookupManyDense of {len(request.features)} features costs {total} "
+                f"multiply-adds in all, over the limit of {limits.max_dense_macs} "
+                "(--max-dense-macs): use LookupMany, or fewer ids"
+            )
 
     async def ListTables(
         self, request: pb.ListTablesRequest, context: grpc.aio.ServicerContext
@@ -186,6 +218,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             ids = codec.decode_ids(request)
             dtype = codec.dtype_name(request.dtype)
+            # Counted from the request's fields before any bag is sized from them.
+            self.lookups.check_count(codec.bag_count(request), "bags")
             bags = codec.decode_bags(request, ids)
             deadline = _deadline(context)
             plain = not (
