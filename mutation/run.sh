@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding)}
+MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding, inference, connections, metrics_endpoint, server)}
 CHILDREN=${MUTATE_CHILDREN:-$(nproc)}
 # module -> file (under src/) | the tests that may catch its mutants (mutmut runs, per
 # mutant, only those of them that reach the mutated function). Kept to the module's own
@@ -35,9 +35,13 @@ declare -A MODULES=(
     [kernels]="embedding_server/core/kernels.py|test_kernel_units test_kernels test_pooling test_quantized"
     [lookup]="embedding_server/core/lookup.py|test_lookup_core test_limits test_service test_pooling"
     [tables]="embedding_server/core/tables.py|test_table_core test_tables test_updates test_limits test_memory"
-    [auth]="embedding_server/transport/auth.py|test_auth test_security"
-    [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits test_stream test_handler_threads test_faults test_connections"
+    [auth]="embedding_server/transport/auth.py|test_auth test_security test_attacks"
+    [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits test_stream test_handler_threads test_faults test_connections test_attacks"
     [sharding]="embedding_server/core/sharding.py|test_sharding"
+    [inference]="embedding_server/transport/inference.py|test_inference test_attacks"
+    [connections]="embedding_server/transport/connections.py|test_connections test_faults"
+    [metrics_endpoint]="embedding_server/transport/metrics_endpoint.py|test_attacks test_observability"
+    [server]="embedding_server/process/server.py|test_faults test_stream test_rolling"
 )
 entry=${MODULES[$MODULE]:-}
 [ -n "$entry" ] || { echo "unknown module $MODULE; known: ${!MODULES[*]}" >&2; exit 2; }

@@ -69,6 +69,8 @@ def deployment(shard: int, shards: int, args: argparse.Namespace) -> dict[str, A
         "env": [
             {"name": "EMBEDDING_SHARD", "value": f"{shard}/{shards}"},
             {"name": "EMBEDDING_DEVICE", "value": args.device},
+            # Prometheus scrapes the pod's address (the server's default is loopback only).
+            {"name": "EMBEDDING_METRICS_HOST", "value": "0.0.0.0"},
         ],
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT},

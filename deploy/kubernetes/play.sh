@@ -78,10 +78,12 @@ for item in yaml.safe_load_all(text):
         copy["metadata"]["name"] = name
         copy["spec"]["replicas"] = 1
         container = copy["spec"]["template"]["spec"]["containers"][0]
-        container["env"] += [{"name": "EMBEDDING_HOST", "value": "127.0.0.1"},
-                             {"name": "EMBEDDING_PORT", "value": str(free[0])},
-                             {"name": "EMBEDDING_METRICS_HOST", "value": "127.0.0.1"},
-                             {"name": "EMBEDDING_METRICS_PORT", "value": str(free[1])}]
+        here = [{"name": "EMBEDDING_HOST", "value": "127.0.0.1"},
+                {"name": "EMBEDDING_PORT", "value": str(free[0])},
+                {"name": "EMBEDDING_METRICS_HOST", "value": "127.0.0.1"},
+                {"name": "EMBEDDING_METRICS_PORT", "value": str(free[1])}]
+        names = {e["name"] for e in here}
+        container["env"] = [e for e in container["env"] if e["name"] not in names] + here
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             container[probe]["grpc"]["port"] = free[0]
         container.pop("ports")  # port mappings need a bridge network; host network here
