@@ -533,3 +533,26 @@ def _threads(pid: int) -> int:
     match = re.search(r"^Threads:\s+(\d+)$", status, re.MULTILINE)
     assert match
     return int(match.group(1))
+
+
+# ------------------------------------------------------------- and ids counted before decoding
+
+
+def test_ids_are_counted_before_they_are_decoded(start_server: ServerFactory) -> None:
+    """A 15 MiB list of 1-byte varints is 15 million ids: decoding them before --max-ids
+    refused them raised the server's peak memory by ~380 MiB (~280 now: protobuf's own
+    parse). The count comes first, so a request over the limit is refused for its size
+    even when its shape is wrong too, on Lookup and on ModelInfer's typed contents."""
+    server = start_server({"t": TABLE}, max_ids=10)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        lookup = pb_grpc.EmbeddingServiceStub(channel).Lookup
+        request = pb.LookupRequest(ids_list=[1] * 11, ids_shape=pb.Shape(dims=[5]))
+        code, details = _code(lookup, request)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert details.startswith("11 ids in one request; this server takes at most 10")
+        typed = oip.ModelInferRequest(model_name="t")
+        typed.inputs.add(name="ids", datatype="INT64", shape=[5])
+        typed.inputs[0].contents.int64_contents.extend([1] * 11)
+        code, details = _code(oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer, typed)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert details.startswith("11 ids in one request; this server takes at most 10")

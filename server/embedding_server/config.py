@@ -205,7 +205,7 @@ class ServerConfig:
     dense_chunk_cells: int = 16_777_216
     dense_concurrency: int = 2
     max_message_bytes: int = 1 << 30
-    max_request_bytes: int = 16 << 20
+    max_request_bytes: int = 8 << 20
     workers: int = 4
     max_threads: int = 64
     processes: int = 1

@@ -194,6 +194,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 if dtype.itemsize == 8
                 else tensor.contents.int_contents
             )
+            self.lookups.lookups.check_count(len(field), "ids")  # before they are copied
             if len(field) != count:
                 raise InvalidRequest(
                     f"input {INPUT!r}: shape {list(shape)} holds {count} ids, its contents "

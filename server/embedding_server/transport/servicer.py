@@ -216,6 +216,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         if dense is None:
             dense = method in DENSE_METHODS
         try:
+            # Counted before decoding: a 15 MiB list of 1-byte varints is 15 million ids,
+            # whose decoding took ~380 MiB before the count refused them.
+            self.lookups.check_count(codec.id_count(request), "ids")
             ids = codec.decode_ids(request)
             dtype = codec.dtype_name(request.dtype)
             # Counted from the request's fields before any bag is sized from them.
