@@ -27,6 +27,13 @@ def test_help_shows_every_flag_with_its_own_text() -> None:
         assert "".join(help_text.replace("%%", "%").split()) in flat, flag
 
 
+def test_a_grace_shorter_than_the_connection_age_is_warned_about() -> None:
+    assert ServerConfig().warnings() == []
+    assert ServerConfig(connection_age_s=0, grace_s=1).warnings() == []
+    (line,) = ServerConfig(grace_s=30, connection_age_s=30).warnings()
+    assert line.startswith("--grace 30 is below 1.1 x --connection-max-age 30: a stop cannot")
+
+
 def test_flags_set_every_field() -> None:
     config = load_config(
         ["--table", "a=/x/a.npy", "--table", "b=/x/b.pt:emb.weight", "--device", "cuda:1",

@@ -74,6 +74,8 @@ def serve(config: ServerConfig, metrics_dir: str = "") -> int:
     log.info("embedding-server starting with:")
     for line in config.describe():
         log.info("  %s", line)
+    for line in config.warnings():
+        log.warning("%s", line)
     for line in server.prepare_process(config):
         log.info("%s", line)
     running: server.EmbeddingServer | workers.Supervisor

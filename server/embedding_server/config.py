@@ -246,6 +246,17 @@ class ServerConfig:
     auth_tokens: tuple[str, ...] = ()
     admin_tokens: tuple[str, ...] = ()
 
+    def warnings(self) -> list[str]:
+        """Settings that work but defeat each other, one line each, for the start-up log."""
+        found = []
+        if self.connection_age_s > 0 and self.grace_s < 1.1 * self.connection_age_s:
+            found.append(
+                f"--grace {self.grace_s:g} is below 1.1 x --connection-max-age "
+                f"{self.connection_age_s:g}: a stop cannot wait for every client to leave "
+                "by itself, and calls that arrive as it ends are cancelled"
+            )
+        return found
+
     def describe(self) -> list[str]:
         """One `name = value` line per setting, for the start-up log."""
         lines = []
