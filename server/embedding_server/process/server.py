@@ -501,6 +501,8 @@ class EmbeddingServer:
         the same GOAWAY with the server still answering, so nothing is lost."""
         if hurry.is_set():
             return
+        log.info("no new connections on port %d (grpc says 'Closing acceptor. Failed accept4: "
+                 "Invalid argument' as the socket is shut: expected)", self.port)  # fmt: skip
         if not connections.stop_listening(self.port):
             log.warning("could not stop accepting connections on port %d (needs Linux's "
                         "/proc): calls that arrive as the server stops are cancelled",
