@@ -56,12 +56,15 @@ $(STAMP): $(LOCKED) pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's prometheus (with promtool) for the observability tests, when missing.
+# Debian's prometheus (with promtool) for the observability tests and redis-server for the
+# update log's, when missing.
 system-deps:
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null \
+		&& command -v redis-server >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	else echo "warning: prometheus not installed and not root: tests needing it will skip"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			prometheus redis-server >/dev/null; \
+	else echo "warning: prometheus or redis-server not installed and not root: tests needing them will skip"; fi
 
 run: $(STAMP)
 	$(BIN)/embedding-server $(ARGS)

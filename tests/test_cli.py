@@ -82,7 +82,9 @@ def test_cli_lookup_both_paths(served: tuple[str, Path]) -> None:
         )
     done = _cli("--target", target, "lookup", "--ids", "0,2,1,2", "--shape", "2,2")
     assert done.returncode == 0
-    assert done.stdout.startswith("Lookup table=worked version=1 shape=(2, 2, 4) dtype=float32")
+    assert done.stdout.startswith(
+        "Lookup table=worked version=1 update_seq=0 shape=(2, 2, 4) dtype=float32"
+    )
     assert "0.9" in done.stdout
 
 
@@ -135,7 +137,7 @@ def test_cli_update_and_snapshot(tmp_path: Path) -> None:
         done = _cli("--target", target, "update", "--ids", "0,2", "--vectors",
                     str(tmp_path / "rows.npy"), env=admin)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "updated 2 rows of t: version 2"
+        assert done.stdout.strip() == "updated 2 rows of t: update_seq 1"
         done = _cli("--target", target, "snapshot", "--path", "snap.npy", env=admin)
         assert done.returncode == 0, done.stderr
         expected = WORKED_WEIGHTS.copy()
@@ -177,12 +179,13 @@ def test_cli_tables_and_health(served: tuple[str, Path]) -> None:
         "dtype",
         "device",
         "version",
+        "update_seq",
         "bytes",
         "default",
     ]
     # `auto` puts the table on the GPU where there is one.
     device = "cuda:0" if _has_cuda() else "cpu"
-    assert row.split() == ["worked", "3", "4", "float32", device, "1", "48", "*"]
+    assert row.split() == ["worked", "3", "4", "float32", device, "1", "0", "48", "*"]
     done = _cli("--target", target, "health")
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
 

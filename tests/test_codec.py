@@ -150,8 +150,11 @@ def test_hand_serialized_lookup_responses_are_protobufs_own_bytes(
     if rows * dim > 1 << 20:  # the shape's bytes matter here, not the vectors'
         rows = 0
     values = np.random.default_rng(rows).standard_normal((rows, dim)).astype(numpy_dtype)
-    encoded = codec.EncodedLookupResponse(values, dtype, (rows, dim), table, version)
-    reference = codec.encode_lookup_response(values.tobytes(), dtype, (rows, dim), table, version)
+    update_seq = (version * 7) % 2**41  # 0 (left out) and one- to six-byte varints
+    encoded = codec.EncodedLookupResponse(values, dtype, (rows, dim), table, version, update_seq)
+    reference = codec.encode_lookup_response(
+        values.tobytes(), dtype, (rows, dim), table, version, update_seq
+    )
     assert encoded.SerializeToString() == reference.SerializeToString()
     assert pb.LookupResponse.FromString(encoded.SerializeToString()) == reference
     assert encoded.nbytes == values.nbytes
@@ -203,13 +206,19 @@ def test_vectors_of_the_wrong_length_are_refused() -> None:
 
 
 _responses = st.builds(
-    lambda vectors, dtype, shape, table, version: pb.LookupResponse(
-        vectors=vectors, dtype=dtype, shape=shape, table=table, table_version=version
+    lambda vectors, dtype, shape, table, version, update_seq: pb.LookupResponse(
+        vectors=vectors,
+        dtype=dtype,
+        shape=shape,
+        table=table,
+        table_version=version,
+        update_seq=update_seq,
     ),
     st.binary(max_size=300),
     st.integers(0, 4),
     st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5),
     st.text(max_size=20),
+    st.integers(0, 2**64 - 1),
     st.integers(0, 2**64 - 1),
 )
 # Unknown fields a newer server might send: a varint, a fixed64, a string, a fixed32.
@@ -221,6 +230,7 @@ def _same(read: codec.WireLookupResponse, message: pb.LookupResponse) -> None:
     assert bytes(read.vectors) == message.vectors
     assert (read.dtype, read.shape) == (message.dtype, tuple(message.shape))
     assert (read.table, read.table_version) == (message.table, message.table_version)
+    assert read.update_seq == message.update_seq
 
 
 @given(_responses, _unknown, _unknown)

@@ -113,7 +113,7 @@ def test_snapshot_files_are_private_and_never_written_through_links(
         _refused(lambda: client.snapshot_table("snap.npy", "t"),
                  grpc.StatusCode.ALREADY_EXISTS, "ask to overwrite it")  # fmt: skip
         assert (snapshots / "snap.npy").read_bytes() == before
-        assert client.snapshot_table("snap.npy", "t", overwrite=True)[1] == 2
+        assert client.snapshot_table("snap.npy", "t", overwrite=True)[0].update_seq == 1
     _outside_untouched(outside)
     left = [p.name for p in snapshots.iterdir() if p.name.startswith(".") and not p.is_symlink()]
     assert left == []  # no temporary file left behind

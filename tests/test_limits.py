@@ -1,4 +1,4 @@
-"""The per-request limits exactly at their boundaries, and reads that report the version
+"""The per-request limits exactly at their boundaries, and reads that report the update_seq
 their rows came from (issue 16: no test caught an off-by-one at a limit, a version read
 after the read lock, or a seqlock reader that stopped re-reading)."""
 
@@ -126,32 +126,32 @@ def test_ids_at_both_ends_of_the_range() -> None:
 
 
 def test_a_read_reports_the_version_of_the_rows_it_read() -> None:
-    """The version is read while the rows are: an update that runs right after the read
-    lock is released must not lend its version to rows read before it."""
+    """The update_seq is read while the rows are: an update that runs right after the read
+    lock is released must not lend its update_seq to rows read before it."""
     store = make_store({"t": WEIGHTS})
     table = store.get("t")
     release = table.lock.release_read
 
     def release_then_update() -> None:  # the most unlucky moment for a writer to come in
         release()
-        if table.version in (1, 2):
+        if table.update_seq in (0, 1):
             store.update_rows("t", np.array([0]), np.full((1, DIM), 7.0, np.float32))
 
     table.lock.release_read = release_then_update  # type: ignore[method-assign]
-    rows, version = table.read(lambda: table.weights[0].clone())
-    assert (version, table.version) == (1, 2)
+    rows, stamp = table.read(lambda: table.weights[0].clone())
+    assert (stamp.update_seq, table.update_seq) == (0, 1)
     np.testing.assert_array_equal(rows.numpy(), WEIGHTS[0])
-    # The plain lookup's short way (Table.take) the same: its version is its rows'.
-    taken, _, version = table.take(np.array([0, 0]))
-    assert (version, table.version) == (2, 3)
+    # The plain lookup's short way (Table.take) the same: its update_seq is its rows'.
+    taken, _, stamp = table.take(np.array([0, 0]))
+    assert (stamp.update_seq, table.update_seq) == (1, 2)
     np.testing.assert_array_equal(taken, np.full((2, DIM), 7.0, np.float32))
 
 
 def test_a_seqlock_read_overlapping_a_write_reads_again() -> None:
     """Across processes (`shared_state`): a read during which the sequence number moved
-    is thrown away and done again, and its version is the second read's."""
+    is thrown away and done again, and its stamp is the second read's."""
     table = Table(name="t", weights=torch.from_numpy(WEIGHTS.copy()), source="test",
-                  shared_state=torch.tensor([0, 1], dtype=torch.int64))  # fmt: skip
+                  shared_state=torch.tensor([0, 1, 0], dtype=torch.int64))  # fmt: skip
     reads: list[int] = []
 
     def kernel() -> torch.Tensor:
@@ -161,12 +161,12 @@ def test_a_seqlock_read_overlapping_a_write_reads_again() -> None:
             assert table.shared_state is not None
             table.shared_state[0] += 1
             table.weights[0] = 5.0
-            table.shared_state[1] = 2
+            table.shared_state[2] = 2
             table.shared_state[0] += 1
         return rows
 
-    rows, version = table.read(kernel)
-    assert len(reads) == 2 and version == 2
+    rows, stamp = table.read(kernel)
+    assert len(reads) == 2 and stamp == (1, 2)
     assert (rows == 5.0).all()
 
 

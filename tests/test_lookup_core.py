@@ -142,7 +142,7 @@ def test_the_short_way_answers_what_lookup_answers(stored: str, dtype: str, ids:
     assert short.vectors.dtype == general.vectors.dtype
     np.testing.assert_array_equal(short.vectors, general.vectors)
     assert short[1:4] == general[1:4] == ((*array.shape, 4), dtype, table)
-    assert (short.version, short.kernel) == (general.version, general.kernel) == (1, "gather")
+    assert (short.stamp, short.kernel) == (general.stamp, general.kernel) == ((1, 0), "gather")
     assert 0 <= short.kernel_seconds < 1
 
 
@@ -201,7 +201,7 @@ def test_the_short_way_reads_rows_whole_and_says_which_version() -> None:
         assert lookups.plain("w", np.array([4]), "float32") is None
         assert time.monotonic() - started < 1
         table.weights[4] = 9.0
-        table.version = 2
+        table.update_seq = 2
     wrote = threading.Event()
 
     def update() -> None:
@@ -222,12 +222,12 @@ def test_the_short_way_reads_rows_whole_and_says_which_version() -> None:
         writer.join(timeout=10)
     assert wrote.is_set()
     out = lookups.plain("w", np.array([4]), "float32")
-    assert out is not None and out.version == 2
+    assert out is not None and out.stamp == (1, 2)
     assert (out.vectors == 9.0).all()
     shared = Table(name="s", weights=torch.from_numpy(FULL.copy()), source="test",
-                   shared_state=torch.tensor([0, 5], dtype=torch.int64))  # fmt: skip
+                   shared_state=torch.tensor([0, 5, 3], dtype=torch.int64))  # fmt: skip
     out = lookups_of(shared).plain("s", np.array([2, 0]), "float32")
-    assert out is not None and out.version == 5
+    assert out is not None and out.stamp == (5, 3)
     np.testing.assert_array_equal(out.vectors, FULL[[2, 0]])
 
 
@@ -342,7 +342,7 @@ def test_a_batcher_given_serves_the_plain_gathers() -> None:
         out = lookups.lookup("w", np.array([[7], [2]]), "float16")
         vectors = np.asarray(out.vectors).view(np.float16).reshape(out.shape)
         np.testing.assert_array_equal(vectors, FULL[[[7], [2]]])
-        assert (out.shape, out.dtype, out.table, out.version) == ((2, 1, 4), "float16", table, 1)
+        assert (out.shape, out.dtype, out.table, out.stamp) == ((2, 1, 4), "float16", table, (1, 0))
         assert out.kernel == "gather" and out.kernel_seconds >= 0
         assert announced == [1]
         with pytest.raises(InvalidRequest, match=r"^id 100 at position 1 is out of range"):

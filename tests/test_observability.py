@@ -29,7 +29,7 @@ import yaml
 
 from embedding_client import EmbeddingClient, EmbeddingError
 
-from .conftest import BIN, ROOT, free_port, random_table, server_env, wait_serving
+from .conftest import BIN, ROOT, Redis, free_port, random_table, server_env, wait_serving
 
 DOCKER = ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "embedding.json"
@@ -93,11 +93,16 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
         '[[table]]\nname = "items"\nsource = "items.npy"\ncache_rows = 100\n'
     )
     grpc_port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
+    # An update log too (its panels and alerts), applied by the supervisor of 2 processes.
+    (work / "redis").mkdir()
+    log = Redis(free_port(), work / "redis")
+    log.start()
     server = subprocess.Popen(
         [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(grpc_port),
          "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
          "--table", f"users={work / 'users.npy'}", "--config", str(work / "tables.toml"),
-         "--processes", "2", "--batching", "true"],
+         "--processes", "2", "--batching", "true", "--update-log", log.url,
+         "--allow-loopback-admin", "true"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
     )  # fmt: skip
     target = f"127.0.0.1:{grpc_port}"
@@ -131,6 +136,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
                         pass
                 with contextlib.suppress(EmbeddingError):
                     client.lookup([rows], table="items")  # out of range: an error to count
+                client.update_rows(rng.integers(0, 5000, size=1), np.ones((1, 32)), "users")
                 time.sleep(0.02)
 
     sender = threading.Thread(target=traffic, daemon=True)
@@ -153,6 +159,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
         sender.join(timeout=10)
         _stop(prometheus)
         _stop(server)
+        log.stop()
 
 
 def _stop(process: subprocess.Popen[str]) -> str:

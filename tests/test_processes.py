@@ -348,7 +348,7 @@ def test_row_updates_reach_every_worker_and_no_read_is_torn(tmp_path: Path) -> N
             for k in range(1, 150):
                 ids = rng.choice(rows, size=int(rng.integers(1, rows)), replace=False)
                 info = writer.update_rows(ids, np.full((ids.size, dim), float(k), np.float32))
-                assert info.version == k + 1
+                assert (info.version, info.update_seq) == (1, k)
             last = writer.update_rows(np.arange(rows), np.full((rows, dim), -1.0, np.float32))
     finally:
         stop.set()
@@ -356,9 +356,9 @@ def test_row_updates_reach_every_worker_and_no_read_is_torn(tmp_path: Path) -> N
             thread.join(timeout=30)
     clients = [EmbeddingClient(running.target) for _ in range(CLIENTS)]
     try:
-        for client in clients:  # every worker sees the last update and its version
+        for client in clients:  # every worker sees the last update and its update_seq
             result = client.lookup_result([0, rows - 1], "t")
-            assert result.version == last.version == 151
+            assert result.update_seq == last.update_seq == 150
             assert (result.vectors == -1).all()
     finally:
         for client in clients:
@@ -390,16 +390,16 @@ def test_int8_cached_and_half_tables_across_processes(tmp_path: Path) -> None:
             np.testing.assert_allclose(
                 pooled["c"].vectors, half[ids.reshape(-1, 3)[:4]].mean(1), rtol=1e-6
             )
-        assert clients[0].update_rows([1], np.full((1, 24), 2.5, np.float32), "q").version == 2
-        assert clients[0].update_rows([7], np.full((1, 8), 0.5, np.float32), "b").version == 2
+        assert clients[0].update_rows([1], np.full((1, 24), 2.5, np.float32), "q").update_seq == 1
+        assert clients[0].update_rows([7], np.full((1, 8), 0.5, np.float32), "b").update_seq == 1
         with pytest.raises(EmbeddingError) as refused:
             clients[0].update_rows([1], np.ones((1, 8), np.float32), "c")
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         for client in clients:
             np.testing.assert_allclose(client.lookup([1], "q"), np.full((1, 24), 2.5), atol=1e-6)
             np.testing.assert_array_equal(client.lookup([7], "b"), np.full((1, 8), 0.5))
-            versions = {t.name: (t.dtype, t.version) for t in client.tables()}
-            assert versions["q"] == ("int8", 2) and versions["c"] == ("float32", 1)
+            seqs = {t.name: (t.dtype, t.version, t.update_seq) for t in client.tables()}
+            assert seqs["q"] == ("int8", 1, 1) and seqs["c"] == ("float32", 1, 0)
     finally:
         for client in clients:
             client.close()

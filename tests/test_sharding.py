@@ -334,7 +334,7 @@ def test_update_rows_reaches_every_replica_of_the_shard(cluster: Cluster) -> Non
         for s, shard in enumerate(cluster.replicas):
             for replica in shard:
                 with EmbeddingClient(replica.target, max_attempts=1) as direct:
-                    seen[replica.target] = direct.lookup_result(ids[owner == s], "r").version
+                    seen[replica.target] = direct.lookup_result(ids[owner == s], "r").update_seq
         return seen
 
     with ShardedClient(cluster.map, timeout=30) as client:
@@ -347,7 +347,7 @@ def test_update_rows_reaches_every_replica_of_the_shard(cluster: Cluster) -> Non
                     with EmbeddingClient(replica.target, max_attempts=1) as direct:
                         result = direct.lookup_result(ids[owner == s], "r")
                         assert _same(result.vectors, rows[owner == s])
-                        assert result.version == before[replica.target] + 1
+                        assert result.update_seq == before[replica.target] + 1
             assert _same(client.lookup(ids, "r"), rows)
         finally:
             # Back as the file has them: the fault tests restart replicas, which read it.
@@ -523,3 +523,17 @@ def test_the_readmes_sharded_example_runs(cluster: Cluster) -> None:
     namespace: dict[str, object] = {}
     exec(example, namespace)
     assert _same(np.asarray(namespace["vectors"]), cluster.tables["r"][[[0, 2], [1, 2]]])
+
+
+def test_a_merged_answer_says_the_lowest_version_and_update_seq_and_each_shards() -> None:
+    """What a sharded lookup reports (issue 29: the merge was untested): the lowest
+    loaded version and update_seq of the shards that answered, and each shard's own."""
+    from embedding_client.client import LookupResult
+    from embedding_client.sharded import _merged
+
+    parts = [LookupResult(np.zeros((1, 2)), "r", version=3, update_seq=17),
+             LookupResult(np.zeros((1, 2)), "r", version=2, update_seq=40)]  # fmt: skip
+    merged = _merged("r", np.ones((2, 2)), parts)
+    assert (merged.version, merged.update_seq) == (2, 17)
+    assert (merged.shard_versions, merged.shard_update_seqs) == ((3, 2), (17, 40))
+    assert merged.table == "r" and merged.vectors.shape == (2, 2)

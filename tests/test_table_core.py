@@ -125,7 +125,7 @@ def test_a_read_that_must_not_wait_is_refused_while_a_writer_writes_or_waits() -
     finally:
         writer.join(5)
     weights = torch.arange(12, dtype=torch.float32).reshape(4, 3)
-    shared = table(weights.clone(), shared_state=torch.tensor([0, 1], dtype=torch.int64))
+    shared = table(weights.clone(), shared_state=torch.tensor([0, 1, 0], dtype=torch.int64))
     for held in (table(weights.clone()), shared):
         with held.lock.writing():
             assert not held.lock.try_acquire_read()  # refused: a writer writes
@@ -164,7 +164,7 @@ def table(weights: torch.Tensor, **fields: object) -> Table:
 def test_what_a_table_reports_about_itself() -> None:
     floats = table(torch.zeros((6, 4), dtype=torch.float16))
     assert (floats.rows, floats.dim, floats.dtype, floats.device) == (6, 4, "float16", "cpu")
-    assert (floats.part, floats.nbytes, floats.version) == ((0, 1), 48, 1)
+    assert (floats.part, floats.nbytes, floats.stamp) == ((0, 1), 48, (1, 0))
     assert floats.memory() == {torch.device("cpu"): 48}
     assert floats.rows_for_kernels() is floats.weights
     codes, qparams = torch.zeros((6, 4), dtype=torch.uint8), torch.zeros((6, 2))
@@ -182,20 +182,20 @@ def test_what_a_table_reports_about_itself() -> None:
 
 def test_versions_live_in_shared_state_when_there_is_one() -> None:
     plain = table(torch.zeros((2, 2)))
-    plain.version = 5
-    assert plain.version == 5
-    state = torch.tensor([0, 1], dtype=torch.int64)
+    plain.version, plain.update_seq = 5, 11
+    assert plain.stamp == (5, 11)
+    state = torch.tensor([0, 1, 0], dtype=torch.int64)
     shared = table(torch.zeros((2, 2)), shared_state=state)
-    shared.version = 7
-    assert shared.version == 7 and int(state[1]) == 7
-    state[1] = 9  # another process's update
-    assert shared.version == 9
-    assert shared.read(lambda: "rows") == ("rows", 9)
-    assert plain.read(lambda: "rows") == ("rows", 5)
+    shared.version, shared.update_seq = 7, 12
+    assert shared.stamp == (7, 12) and state.tolist() == [0, 7, 12]
+    state[1], state[2] = 9, 13  # another process's reload and update
+    assert shared.stamp == (9, 13)
+    assert shared.read(lambda: "rows") == ("rows", (9, 13))
+    assert plain.read(lambda: "rows") == ("rows", (5, 11))
 
 
 def test_a_shared_read_waits_out_a_write_and_rereads_after_an_overlap() -> None:
-    state = torch.tensor([1, 3], dtype=torch.int64)  # odd: a write is under way
+    state = torch.tensor([1, 3, 0], dtype=torch.int64)  # odd: a write is under way
     shared = table(torch.zeros((2, 2)), shared_state=state)
     calls: list[int] = []
 
@@ -203,7 +203,7 @@ def test_a_shared_read_waits_out_a_write_and_rereads_after_an_overlap() -> None:
         calls.append(int(state[0]))
         if len(calls) == 1:
             state[0] = 4  # a write began and ended during this read
-            state[1] = 4
+            state[2] = 4
         return len(calls)
 
     def finish_write() -> None:
@@ -213,7 +213,7 @@ def test_a_shared_read_waits_out_a_write_and_rereads_after_an_overlap() -> None:
     writer = threading.Thread(target=finish_write)
     writer.start()
     try:
-        assert shared.read(kernel) == (2, 4)
+        assert shared.read(kernel) == (2, (3, 4))
         assert calls == [2, 4]  # never read while odd; read again after the overlap
     finally:
         writer.join(5)
@@ -237,11 +237,11 @@ def test_take_reads_rows_by_numpy_with_the_seconds_and_version_it_saw() -> None:
     weights = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     expected = weights.numpy()[[[2], [0]]]
     plain = table(weights.clone())
-    plain.version = 6
-    rows, seconds, version = plain.take(np.array([[2], [0]]))
+    plain.update_seq = 6
+    rows, seconds, stamp = plain.take(np.array([[2], [0]]))
     np.testing.assert_array_equal(rows, expected)
-    assert 0 <= seconds < 1 and version == 6
-    state = torch.tensor([0, 3], dtype=torch.int64)
+    assert 0 <= seconds < 1 and stamp == (1, 6)
+    state = torch.tensor([0, 1, 3], dtype=torch.int64)
     shared = table(weights.clone(), shared_state=state)
     real = shared.host_array()
     reads: list[int] = []
@@ -251,10 +251,10 @@ def test_take_reads_rows_by_numpy_with_the_seconds_and_version_it_saw() -> None:
             reads.append(axis)
             if len(reads) == 1:
                 state[0] += 2  # a whole write: odd while it ran, even again
-                state[1] = 4
+                state[2] = 4
             return real.take(ids, axis)
 
     shared._views["weights"] = Overlapped()  # type: ignore[assignment]
-    rows, seconds, version = shared.take(np.array([[2], [0]]))
+    rows, seconds, stamp = shared.take(np.array([[2], [0]]))
     np.testing.assert_array_equal(rows, expected)
-    assert reads == [0, 0] and version == 4 and 0 <= seconds < 1
+    assert reads == [0, 0] and stamp == (1, 4) and 0 <= seconds < 1

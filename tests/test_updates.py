@@ -24,7 +24,7 @@ from .conftest import ServerFactory, admin_settings, random_table
 WEIGHTS = random_table(200, 16, seed=71)
 
 
-def test_updated_rows_are_served_by_both_paths_and_bump_the_version(
+def test_updated_rows_are_served_by_both_paths_and_move_the_update_seq(
     start_server: ServerFactory,
 ) -> None:
     server = start_server({"t": WEIGHTS, "half": WEIGHTS.astype(np.float16)}, **admin_settings())
@@ -33,19 +33,20 @@ def test_updated_rows_are_served_by_both_paths_and_bump_the_version(
     new = random_table(3, 16, seed=72)
     with EmbeddingClient(f"127.0.0.1:{server.port}") as client:
         info = client.update_rows([5, 0, 199], new, "t")
-        assert info.version == 2
+        assert (info.version, info.update_seq) == (1, 1)  # the loaded version stays
         expected = WEIGHTS.copy()
         expected[[5, 0, 199]] = new
         for dense in (False, True):
             result = client.lookup_result([0, 1, 5, 199], "t", dense=dense)
-            assert result.version == 2
+            assert (result.version, result.update_seq) == (1, 1)
             np.testing.assert_array_equal(result.vectors, expected[[0, 1, 5, 199]])
         # bfloat16 rows into a float16 table: stored as float16.
         rows = np.full((1, 16), 1.5, dtype=ml_dtypes.bfloat16)
-        assert client.update_rows([7], rows, "half").version == 2
+        assert client.update_rows([7], rows, "half").update_seq == 1
         np.testing.assert_array_equal(client.lookup([7], "half"), np.full((1, 16), 1.5))
     assert REGISTRY.get_sample_value("embedding_rows_updated_total", labels) == before + 3
-    assert REGISTRY.get_sample_value("embedding_table_version", labels) == 2
+    assert REGISTRY.get_sample_value("embedding_table_version", labels) == 1
+    assert REGISTRY.get_sample_value("embedding_table_update_seq", labels) == 1
 
 
 @pytest.mark.parametrize(
@@ -68,7 +69,7 @@ def test_bad_updates_are_refused_and_change_nothing(
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert message in refused.value.details
         result = client.lookup_result(np.arange(200), "t")
-        assert result.version == 1
+        assert (result.version, result.update_seq) == (1, 0)
         np.testing.assert_array_equal(result.vectors, WEIGHTS)
 
 
@@ -90,7 +91,7 @@ def test_readers_never_see_a_torn_row(start_server: ServerFactory) -> None:
     stop = threading.Event()
     torn: list[str] = []
     reads = [0]
-    versions_went_back = []
+    seqs_went_back = []
 
     def read(seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -102,9 +103,9 @@ def test_readers_never_see_a_torn_row(start_server: ServerFactory) -> None:
                 for row in values:
                     if not (row == row[0]).all():
                         torn.append(f"row mixes {np.unique(row)[:4]}")
-                if result.version < last:
-                    versions_went_back.append((last, result.version))
-                last = result.version
+                if result.update_seq < last:
+                    seqs_went_back.append((last, result.update_seq))
+                last = result.update_seq
                 reads[0] += 1
 
     def write() -> None:
@@ -126,7 +127,7 @@ def test_readers_never_see_a_torn_row(start_server: ServerFactory) -> None:
         thread.join(timeout=30)
     assert reads[0] > 50, "the readers hardly ran"
     assert not torn, torn[:3]
-    assert not versions_went_back
+    assert not seqs_went_back
 
 
 def test_snapshot_writes_a_file_the_server_can_reload(
@@ -137,14 +138,15 @@ def test_snapshot_writes_a_file_the_server_can_reload(
     with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
         client.update_rows([3], np.ones((1, 16), np.float32), "t")
         info, version = client.snapshot_table(str(tmp_path / "t.npy"), "t")
-        assert (info.version, version) == (2, 2)
+        assert (info.version, info.update_seq, version) == (1, 1, 1)
         saved = np.load(tmp_path / "t.npy")
         expected = WEIGHTS.copy()
         expected[3] = 1
         np.testing.assert_array_equal(saved, expected)
-        client.snapshot_table(str(tmp_path / "t.safetensors"), "t")
-        client.update_rows([3], np.zeros((1, 16), np.float32), "t")
-        assert client.reload_table("t", str(tmp_path / "t.safetensors")).version == 4
+        client.snapshot_table(str(tmp_path / "t.safetensors"), "t")  # records update_seq 1
+        assert client.update_rows([3], np.zeros((1, 16), np.float32), "t").update_seq == 2
+        reloaded = client.reload_table("t", str(tmp_path / "t.safetensors"))
+        assert (reloaded.version, reloaded.update_seq) == (2, 1)  # the file's own
         np.testing.assert_array_equal(client.lookup([3], "t"), np.ones((1, 16)))
         client.snapshot_table(str(tmp_path / "bf.npy"), "bf")  # .npy: bfloat16 as float32
         assert np.load(tmp_path / "bf.npy").dtype == np.float32
@@ -152,7 +154,7 @@ def test_snapshot_writes_a_file_the_server_can_reload(
             "bf.safetensors", "bf"
         )  # the storage dtype, by safetensors' own reader
         assert torch.equal(load_safetensors(tmp_path / "bf.safetensors")["bf"], bf)
-        assert client.snapshot_table("relative.npy", "t")[1] == 4  # in the snapshot dir
+        assert client.snapshot_table("relative.npy", "t")[1] == 2  # in the snapshot dir
         assert (tmp_path / "relative.npy").exists()
         for path, code, message in (
             (str(tmp_path / "t.csv"), "INVALID_ARGUMENT", "must name a file ending in .npy"),
@@ -181,20 +183,23 @@ def test_updates_need_the_admin_credential(start_server: ServerFactory) -> None:
         assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
         assert "data role" in refused.value.details
     with EmbeddingClient(target, security=Security(token="writer-token")) as client:
-        assert client.update_rows([1], np.zeros((1, 16)), "t").version == 2
+        assert client.update_rows([1], np.zeros((1, 16)), "t").update_seq == 1
 
 
 def test_a_shared_table_is_updated_under_its_seqlock() -> None:
-    """Tables shared by processes carry [sequence, version] in shared memory: an update
-    leaves the sequence even again and moves the version there."""
+    """Tables shared by processes carry [sequence, version, update_seq] in shared memory:
+    an update leaves the sequence even again and moves the update_seq there (to the log
+    position it is given, with a log)."""
     table = Table("t", torch.from_numpy(WEIGHTS.copy()).share_memory_(), "test")
-    table.shared_state = torch.tensor([0, 1]).share_memory_()
+    table.shared_state = torch.tensor([0, 1, 0]).share_memory_()
     store = TableStore(shared=True)
     store.add(table)
     store.update_rows("t", np.array([1]), np.ones((1, 16), np.float32))
-    assert table.shared_state.tolist() == [2, 2] and table.version == 2
-    vectors, version = table.read(lambda: table.weights[[1, 2]].clone())
-    assert version == 2 and (vectors[0] == 1).all()
+    assert table.shared_state.tolist() == [2, 1, 1] and table.stamp == (1, 1)
+    store.update_rows("t", np.array([2]), np.ones((1, 16), np.float32), seq=41)
+    assert table.shared_state.tolist() == [4, 1, 41]
+    vectors, stamp = table.read(lambda: table.weights[[1, 2]].clone())
+    assert stamp == (1, 41) and (vectors[0] == 1).all()
     table.cache = CachedRows(table.weights, 10, torch.device("cpu"))
     with pytest.raises(FailedPrecondition, match="cached on the device by each"):
         store.update_rows("t", np.array([1]), np.zeros((1, 16), np.float32))

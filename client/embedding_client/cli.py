@@ -179,6 +179,7 @@ def _lookup(client: EmbeddingClient, args: argparse.Namespace) -> int:
         payload = {
             "table": result.table,
             "version": result.version,
+            "update_seq": result.update_seq,
             "dtype": args.dtype,
             "shape": list(result.vectors.shape),
             "vectors": vectors.tolist(),
@@ -188,7 +189,7 @@ def _lookup(client: EmbeddingClient, args: argparse.Namespace) -> int:
     method = "LookupDense" if args.dense else "Lookup"
     print(
         f"{method} table={result.table} version={result.version} "
-        f"shape={tuple(result.vectors.shape)} dtype={args.dtype}"
+        f"update_seq={result.update_seq} shape={tuple(result.vectors.shape)} dtype={args.dtype}"
     )
     with np.printoptions(precision=6, suppress=True, threshold=1000, linewidth=120):
         print(vectors)
@@ -200,7 +201,8 @@ def _many(client: EmbeddingClient, args: argparse.Namespace) -> int:
     results = client.lookup_many(features, dense=args.dense)
     if args.json:
         payload = {
-            name: {"table": r.table, "version": r.version, "shape": list(r.vectors.shape),
+            name: {"table": r.table, "version": r.version, "update_seq": r.update_seq,
+                   "shape": list(r.vectors.shape),
                    "vectors": r.vectors.astype(np.float32).tolist()}
             for name, r in results.items()
         }  # fmt: skip
@@ -208,18 +210,21 @@ def _many(client: EmbeddingClient, args: argparse.Namespace) -> int:
         return 0
     for name, result in results.items():
         print(f"{name}: table={result.table} version={result.version} "
-              f"shape={tuple(result.vectors.shape)} dtype={args.dtype}")  # fmt: skip
+              f"update_seq={result.update_seq} shape={tuple(result.vectors.shape)} "
+              f"dtype={args.dtype}")  # fmt: skip
         with np.printoptions(precision=6, suppress=True, threshold=1000, linewidth=120):
             print(result.vectors.astype(np.float32))
     return 0
 
 
 def _tables(client: EmbeddingClient) -> int:
-    header = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "default")
+    header = ("name", "rows", "dim", "dtype", "device", "version", "update_seq", "bytes",
+              "default")  # fmt: skip
     rows = [
-        (t.name, t.rows, t.dim, t.dtype, t.device, t.version, t.bytes, "*" if t.is_default else "")
+        (t.name, t.rows, t.dim, t.dtype, t.device, t.version, t.update_seq, t.bytes,
+         "*" if t.is_default else "")
         for t in client.tables()
-    ]
+    ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(
@@ -259,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"error: cannot read {args.vectors}: {exc}", file=sys.stderr)
                     return 2
                 info = client.update_rows(args.ids, vectors, args.table)
-                print(f"updated {len(args.ids)} rows of {info.name}: version {info.version}")
+                print(f"updated {len(args.ids)} rows of {info.name}: update_seq {info.update_seq}")
                 return 0
             if args.command == "snapshot":
                 info, version = client.snapshot_table(

@@ -82,17 +82,25 @@ class TableInfo:
     # then the whole table's, `shard_rows` how many this server holds.
     shard: tuple[int, int] | None = None
     shard_rows: int | None = None
+    # Row updates applied to this version (the update log's position, with a log): pass
+    # an update's as a lookup's `min_update_seq` to read that write on any replica.
+    update_seq: int = 0
+    # Updates go through an update log every replica applies (write to one replica).
+    update_log: bool = False
 
 
 @dataclass(frozen=True)
 class LookupResult:
-    """Vectors with the table and table version that produced them."""
+    """Vectors with the table's loaded version and update_seq that produced them."""
 
     vectors: np.ndarray
     table: str
     version: int
     # From a ShardedClient: each answering shard's version (`version` is the lowest).
     shard_versions: tuple[int, ...] = ()
+    update_seq: int = 0
+    # From a ShardedClient: each answering shard's update_seq (`update_seq` the lowest).
+    shard_update_seqs: tuple[int, ...] = ()
 
 
 def _service_config(max_attempts: int) -> str:
@@ -147,6 +155,7 @@ def _lookup_request(
     dtype: str,
     pooling: Pooling | str | None = None,
     padding_id: int | None = None,
+    min_update_seq: int = 0,
 ) -> pb.LookupRequest:
     if isinstance(pooling, str):
         pooling = Pooling(pooling)
@@ -155,9 +164,12 @@ def _lookup_request(
         "weights": pooling.weights,
     }  # fmt: skip
     try:
-        return codec.encode_lookup_request(ids, table, dtype, padding_id=padding_id, **bags)
+        request = codec.encode_lookup_request(ids, table, dtype, padding_id=padding_id, **bags)
     except codec.WireError as exc:
         raise EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    if min_update_seq:
+        request.min_update_seq = min_update_seq
+    return request
 
 
 @dataclass(frozen=True)
@@ -224,7 +236,10 @@ def _lookup_result(response: pb.LookupResponse | codec.WireLookupResponse) -> Lo
         vectors = codec.decode_vectors(response)
     except codec.WireError as exc:
         raise EmbeddingError(grpc.StatusCode.INTERNAL, str(exc)) from None
-    return LookupResult(vectors=vectors, table=response.table, version=response.table_version)
+    return LookupResult(
+        vectors=vectors, table=response.table, version=response.table_version,
+        update_seq=response.update_seq,
+    )  # fmt: skip
 
 
 def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
@@ -240,6 +255,8 @@ def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
             is_default=t.is_default,
             shard=(t.shard.index, t.shard.count) if t.HasField("shard") else None,
             shard_rows=t.shard_rows if t.HasField("shard") else None,
+            update_seq=t.update_seq,
+            update_log=t.update_log,
         )
         for t in response.tables
     ]
@@ -507,11 +524,15 @@ class EmbeddingClient(_ClientBase):
         dense: bool = False,
         pooling: Pooling | str | None = None,
         padding_id: int | None = None,
+        min_update_seq: int = 0,
         timeout: float | None = None,
     ) -> LookupResult:
-        """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
+        """Like `lookup` (or `lookup_dense`), also returning the table, its loaded version
+        and the updates applied. `min_update_seq` (an `update_rows` answer's update_seq)
+        reads your own write: a replica behind it waits within the deadline, then refuses
+        with UNAVAILABLE."""
         method = self._lookups.dense if dense else self._lookups.plain
-        request = _lookup_request(ids, table, dtype, pooling, padding_id)
+        request = _lookup_request(ids, table, dtype, pooling, padding_id, min_update_seq)
         return _lookup_result(self._invoke(method, request, timeout))
 
     def lookup_many(
@@ -705,11 +726,13 @@ class AsyncEmbeddingClient(_ClientBase):
         dense: bool = False,
         pooling: Pooling | str | None = None,
         padding_id: int | None = None,
+        min_update_seq: int = 0,
         timeout: float | None = None,
     ) -> LookupResult:
-        """Like `lookup` (or `lookup_dense`), also returning the table and its version."""
+        """Like `lookup` (or `lookup_dense`), also returning the table, its loaded version
+        and the updates applied (see `EmbeddingClient.lookup_result`)."""
         method = self._lookups.dense if dense else self._lookups.plain
-        request = _lookup_request(ids, table, dtype, pooling, padding_id)
+        request = _lookup_request(ids, table, dtype, pooling, padding_id, min_update_seq)
         return _lookup_result(await self._invoke(method, request, timeout))
 
     async def lookup_many(

@@ -371,7 +371,12 @@ def decode_update_rows(request: pb.UpdateRowsRequest, dim: int) -> tuple[np.ndar
 
 
 def encode_lookup_response(
-    vectors: bytes, dtype: str, shape: tuple[int, ...], table: str, version: int
+    vectors: bytes,
+    dtype: str,
+    shape: tuple[int, ...],
+    table: str,
+    version: int,
+    update_seq: int = 0,
 ) -> pb.LookupResponse:
     """Wrap raw row-major vector bytes into a LookupResponse."""
     return pb.LookupResponse(
@@ -380,6 +385,7 @@ def encode_lookup_response(
         shape=shape,
         table=table,
         table_version=version,
+        update_seq=update_seq,
     )
 
 
@@ -416,9 +422,12 @@ _LOOKUP_DTYPE = b"\x10"  # LookupResponse.dtype = 2, varint
 _LOOKUP_SHAPE = b"\x1a"  # LookupResponse.shape = 3, packed (length-delimited)
 _LOOKUP_TABLE = b"\x22"  # LookupResponse.table = 4, length-delimited
 _LOOKUP_VERSION = b"\x28"  # LookupResponse.table_version = 5, varint
+_LOOKUP_UPDATE_SEQ = b"\x30"  # LookupResponse.update_seq = 6, varint
 
 
-def _lookup_response_tail(dtype: str, shape: tuple[int, ...], table: str, version: int) -> bytes:
+def _lookup_response_tail(
+    dtype: str, shape: tuple[int, ...], table: str, version: int, update_seq: int
+) -> bytes:
     """LookupResponse's fields after the vectors, as protobuf writes them (in field order,
     proto3 defaults left out; shape dims are never negative), framed by hand: building a
     message to serialize them cost a busy server several microseconds per call."""
@@ -431,6 +440,8 @@ def _lookup_response_tail(dtype: str, shape: tuple[int, ...], table: str, versio
         parts += [_LOOKUP_TABLE, _varint(len(name)), name]
     if version:
         parts += [_LOOKUP_VERSION, _varint(version)]
+    if update_seq:
+        parts += [_LOOKUP_UPDATE_SEQ, _varint(update_seq)]
     return b"".join(parts)
 
 
@@ -448,16 +459,25 @@ class EncodedLookupResponse:
     (tests/test_codec.py checks they are equal). gRPC calls `SerializeToString()`.
     """
 
-    __slots__ = ("_tail", "dtype", "nbytes", "shape", "table", "vectors", "version")
+    __slots__ = (
+        "_tail", "dtype", "nbytes", "shape", "table", "update_seq", "vectors", "version"
+    )  # fmt: skip
 
     def __init__(
-        self, vectors: np.ndarray, dtype: str, shape: tuple[int, ...], table: str, version: int
+        self,
+        vectors: np.ndarray,
+        dtype: str,
+        shape: tuple[int, ...],
+        table: str,
+        version: int,
+        update_seq: int = 0,
     ) -> None:
         # A flat byte view, whatever the dtype (a copy only if not contiguous).
         self.vectors = np.ascontiguousarray(vectors).reshape(-1).view(np.uint8).data
         self.nbytes = self.vectors.nbytes
         self.dtype, self.shape, self.table, self.version = dtype, shape, table, version
-        self._tail = _lookup_response_tail(dtype, shape, table, version)
+        self.update_seq = update_seq
+        self._tail = _lookup_response_tail(dtype, shape, table, version, update_seq)
 
     def _parts(self) -> list[Any]:
         if not self.nbytes:
@@ -529,6 +549,7 @@ class WireLookupResponse:
     shape: tuple[int, ...] = ()
     table: str = ""
     table_version: int = 0
+    update_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -565,7 +586,7 @@ def read_many_response(data: bytes) -> WireManyResponse:
 
 
 def _lookup_fields(view: memoryview, start: int, end: int) -> WireLookupResponse:
-    vectors, dtype, table, version = view[0:0], 0, "", 0
+    vectors, dtype, table, version, update_seq = view[0:0], 0, "", 0, 0
     shape: list[int] = []
     for number, kind, at, size in _fields(view, start, end):
         if number == 1 and kind == 2:
@@ -583,7 +604,9 @@ def _lookup_fields(view: memoryview, start: int, end: int) -> WireLookupResponse
             table = str(view[at : at + size], "utf-8")
         elif number == 5 and kind == 0:
             version = at
-    return WireLookupResponse(vectors, dtype, tuple(shape), table, version)
+        elif number == 6 and kind == 0:
+            update_seq = at
+    return WireLookupResponse(vectors, dtype, tuple(shape), table, version, update_seq)
 
 
 def _fields(view: memoryview, position: int, end: int) -> Iterator[tuple[int, int, int, int]]:

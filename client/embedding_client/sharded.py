@@ -115,6 +115,8 @@ class _Layout:
     count: int
     rows: int
     dim: int
+    # Its updates go through an update log: one replica per shard takes each.
+    update_log: bool = False
 
 
 @dataclass
@@ -358,7 +360,7 @@ class AsyncShardedClient:
 
     def _check_table(self, s: int, target: str, info: TableInfo) -> _Layout:
         if info.shard is None:
-            return _Layout(info.name, 1, info.rows, info.dim)
+            return _Layout(info.name, 1, info.rows, info.dim, info.update_log)
         if info.shard != (s, self.shard_count):
             raise EmbeddingError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -366,7 +368,7 @@ class AsyncShardedClient:
                 f"{info.name!r}, but the shard map puts it at shard {s}/{self.shard_count}: "
                 "the map is stale (or the servers were started with other --shard values)",
             )
-        return _Layout(info.name, info.shard[1], info.rows, info.dim)
+        return _Layout(info.name, info.shard[1], info.rows, info.dim, info.update_log)
 
     async def _layout(self, table: str | None, deadline: float) -> _Layout:
         if not self._layouts:
@@ -508,13 +510,21 @@ class AsyncShardedClient:
         dense: bool = False,
         pooling: Pooling | str | None = None,
         padding_id: int | None = None,
+        min_update_seq: Mapping[int, int] | None = None,
         timeout: float | None = None,
     ) -> LookupResult:
         """Like `AsyncEmbeddingClient.lookup_result`, over the shards. `version` is the
-        lowest table version among the shards that answered (`shard_versions`: each)."""
+        lowest table version among the shards that answered (`shard_versions`: each),
+        `update_seq` likewise. `min_update_seq`, by shard index (`update_rows`' answers
+        say each shard's), reads your own writes: a replica behind waits, then refuses,
+        and the next replica is asked."""
         deadline = self._deadline(timeout)
         layout = await self._layout(table, deadline)
         routed = route(layout, ids, dtype, pooling, padding_id)
+        for part in routed.parts:
+            wanted = (min_update_seq or {}).get(0 if part.shard is None else part.shard, 0)
+            if wanted:
+                part.request.min_update_seq = wanted
         results = await self._send(routed.parts, dense, deadline)
         return _merged(layout.name, routed.combine(results), results)
 
@@ -594,8 +604,10 @@ class AsyncShardedClient:
         self, ids: Any, vectors: Any, table: str | None = None, *, timeout: float | None = None
     ) -> list[TableInfo]:
         """Overwrite rows (see `EmbeddingClient.update_rows`) on every replica of the
-        shards holding them (each address behind a dns:/// target). Returns each
-        replica's answer.
+        shards holding them (each address behind a dns:/// target); where the table's
+        updates go through an update log, on one replica of each such shard (the next
+        one when a replica is unavailable), which puts them in the log every replica
+        applies. Returns each answer (its update_seq: a lookup's `min_update_seq`).
 
         Raises
         ------
@@ -616,7 +628,13 @@ class AsyncShardedClient:
             mine = np.ones(flat.size, dtype=bool) if owner is None else owner == s
             if not mine.any():
                 continue
-            for target in await _addresses(self.map.shards[s]):
+            targets = await _addresses(self.map.shards[s])
+            if layout.update_log:
+                job = _update_through_log(self, targets, flat[mine], rows[mine], layout.name,
+                                          deadline)  # fmt: skip
+                jobs.append((" or ".join(targets), job))
+                continue
+            for target in targets:
                 client = self._client(target)
                 jobs.append((target, _update_one(client, flat[mine], rows[mine], layout.name,
                                                  self._remaining(deadline))))  # fmt: skip
@@ -652,8 +670,10 @@ class AsyncShardedClient:
                     merged[info.name] = replace(info, shard=None, shard_rows=None)
                 elif info.shard is not None:  # another part of a sharded table
                     merged[info.name] = replace(
-                        seen, bytes=seen.bytes + info.bytes, version=min(seen.version, info.version)
-                    )
+                        seen, bytes=seen.bytes + info.bytes,
+                        version=min(seen.version, info.version),
+                        update_seq=min(seen.update_seq, info.update_seq),
+                    )  # fmt: skip
         return list(merged.values())
 
     def stats(self) -> list[dict[str, float]]:
@@ -720,10 +740,36 @@ async def _update_one(
         await client.close()
 
 
+async def _update_through_log(
+    client: AsyncShardedClient,
+    targets: list[str],
+    ids: np.ndarray,
+    rows: np.ndarray,
+    table: str,
+    deadline: float,
+) -> TableInfo:
+    """An update of one shard's rows through its log: the first replica that takes it
+    (UNAVAILABLE from one, or no connection: the next)."""
+    error: EmbeddingError | None = None
+    for target in targets:
+        try:
+            return await _update_one(
+                client._client(target), ids, rows, table, client._remaining(deadline)
+            )
+        except EmbeddingError as exc:
+            if exc.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            error = exc
+    assert error is not None, "a shard has at least one replica"
+    raise error
+
+
 def _merged(table: str, vectors: np.ndarray, results: list[LookupResult]) -> LookupResult:
     versions = tuple(r.version for r in results)
+    seqs = tuple(r.update_seq for r in results)
     return LookupResult(vectors=vectors, table=table, version=min(versions, default=0),
-                        shard_versions=versions)  # fmt: skip
+                        shard_versions=versions, update_seq=min(seqs, default=0),
+                        shard_update_seqs=seqs)  # fmt: skip
 
 
 class ShardedClient:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -114,9 +115,10 @@ class ConfigFile:
     tables: tuple[TableSpec, ...]
     table_dirs: tuple[str, ...] = ()
     snapshot_dir: str = ""
+    update_log: str = ""
 
 
-CONFIG_FILE_KEYS = ("table", "table_dirs", "snapshot_dir")
+CONFIG_FILE_KEYS = ("table", "table_dirs", "snapshot_dir", "update_log")
 
 
 def read_table_config(path: Path) -> ConfigFile:
@@ -143,7 +145,7 @@ def read_table_config(path: Path) -> ConfigFile:
     if unknown:
         raise ValueError(
             f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected [[table]], "
-            "table_dirs, snapshot_dir"
+            "table_dirs, snapshot_dir, update_log"
         )
     table_dirs = document.get("table_dirs", [])
     if not isinstance(table_dirs, list) or not all(isinstance(d, str) for d in table_dirs):
@@ -151,6 +153,9 @@ def read_table_config(path: Path) -> ConfigFile:
     snapshot_dir = document.get("snapshot_dir", "")
     if not isinstance(snapshot_dir, str):
         raise ValueError(f"{path}: snapshot_dir must be a string")
+    update_log = document.get("update_log", "")
+    if not isinstance(update_log, str):
+        raise ValueError(f"{path}: update_log must be a string (redis://HOST:PORT/DB)")
     entries = document.get("table", [])
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: no [[table]] entries")
@@ -180,6 +185,7 @@ def read_table_config(path: Path) -> ConfigFile:
         tuple(specs),
         tuple(_beside(path, d) for d in table_dirs),
         _beside(path, snapshot_dir) if snapshot_dir else "",
+        update_log,
     )
 
 
@@ -231,6 +237,8 @@ class ServerConfig:
     allow_loopback_admin: bool = False
     table_dirs: tuple[str, ...] = ()
     snapshot_dir: str = ""
+    update_log: str = ""
+    max_update_lag: int = 0
     max_connections: int = 1000
     handshake_timeout_s: float = 10.0
     connection_idle_s: float = 300.0
@@ -265,6 +273,8 @@ class ServerConfig:
                 value = ", ".join(str(t) for t in self.tables) or "(none: seeded demo table)"
             elif name == "shard":
                 value = str(self.shard) if self.shard else "none (whole tables)"
+            elif name == "update_log":
+                value = redacted_url(value) or "(none: updates in memory)"
             elif name in ("auth_tokens", "admin_tokens"):
                 value = f"({len(value)} tokens)" if value else "(none)"
             lines.append(f"{name} = {value}")
@@ -319,6 +329,23 @@ def _shard(text: str) -> Shard | None:
     if not isinstance(text, str):
         raise ValueError(f"shard {text!r} must be a string, I/N or none")
     return None if text.strip().lower() in ("", "none") else Shard.parse(text)
+
+
+def redacted_url(url: str) -> str:
+    """`url` without its password (a Redis URL may carry one), for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
+def _update_log_url(text: str) -> str:
+    """redis:// or rediss:// (or empty: no log)."""
+    if text and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{text[:60]!r} is not a Redis URL: redis://HOST:PORT/DB")
+    return text
 
 
 def _log_level(text: str) -> str:
@@ -435,6 +462,12 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "reloads only re-read a table's own file)"),
     ("--snapshot-dir", "snapshot_dir", str,
      "directory SnapshotTable writes into (none: snapshots are off)"),
+    ("--update-log", "update_log", _update_log_url,
+     "redis://HOST:PORT/DB: row updates go through a Redis Streams log that every replica "
+     "applies in order (none: each server keeps its own updates in memory)"),
+    ("--max-update-lag", "max_update_lag", _non_negative_int,
+     "with --update-log: a starting server reports SERVING once this many entries or fewer "
+     "of the log are left to apply (0: caught up)"),
     ("--max-connections", "max_connections", _positive_int,
      "most open client connections; past it new ones are closed at once"),
     ("--handshake-timeout", "handshake_timeout_s", _positive_float,
@@ -545,6 +578,7 @@ def load_config(
         values["tables"] = config_file.tables + values["tables"]
         values["table_dirs"] = values["table_dirs"] or config_file.table_dirs
         values["snapshot_dir"] = values["snapshot_dir"] or config_file.snapshot_dir
+        values["update_log"] = values["update_log"] or config_file.update_log
     values["auth_tokens"] = _tokens(parser, "AUTH_TOKENS", values["auth_tokens_file"], env)
     values["admin_tokens"] = _tokens(parser, "ADMIN_TOKENS", values["admin_tokens_file"], env)
     if set(values["auth_tokens"]) & set(values["admin_tokens"]):

@@ -35,6 +35,10 @@ class PermissionDenied(RequestError):
         self.caller = caller
 
 
+class Unavailable(RequestError):
+    """Not now, here: another replica may serve it, or a retry may (UNAVAILABLE)."""
+
+
 class FailedPrecondition(RequestError):
     """The server is not in a state to do this (e.g. updating rows shared by processes)."""
 

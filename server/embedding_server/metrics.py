@@ -127,9 +127,49 @@ TABLE_BYTES = Gauge(
 )
 TABLE_VERSION = Gauge(
     "embedding_table_version",
-    "Version of each table's contents.",
+    "Loaded version of each table: 1 at start, +1 per reload.",
     ["table"],
     multiprocess_mode="mostrecent",
+)
+TABLE_UPDATE_SEQ = Gauge(
+    "embedding_table_update_seq",
+    "Row updates applied to each table's loaded version: the update log's position "
+    "with a log, else a count of this server's updates.",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
+# The update log (--update-log): where each table's stream is, how far behind this replica
+# is, how long an entry takes to apply, and what went wrong.
+UPDATE_LOG_HEAD = Gauge(
+    "embedding_update_log_head_seq",
+    "Position of the newest entry in each table's update log stream.",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
+UPDATE_LOG_LAG = Gauge(
+    "embedding_update_log_lag_entries",
+    "Entries of each table's update log this replica has not applied yet.",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
+UPDATE_LOG_LAG_SECONDS = Gauge(
+    "embedding_update_log_lag_seconds",
+    "Age of the last update applied, when it was applied (0 when caught up): how stale "
+    "this replica's rows may be.",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
+UPDATE_LOG_APPLY_SECONDS = Histogram(
+    "embedding_update_log_apply_seconds",
+    "Time to apply one update log entry (check, convert, write under the table's lock).",
+    ["table"],
+    buckets=LATENCY_BUCKETS,
+)
+UPDATE_LOG_ERRORS = Counter(
+    "embedding_update_log_errors_total",
+    "Update log failures by kind: append (an update not taken), read (Redis unreachable), "
+    "gap (the stream trimmed past this replica), apply (an entry that does not apply here).",
+    ["table", "kind"],
 )
 # An info gauge (always 1): join it on (instance, table) to split any table series by shard.
 TABLE_SHARD = Gauge(
@@ -233,6 +273,7 @@ def publish_table(table: Table) -> None:
     for labels, nbytes in held.items():
         TABLE_BYTES.labels(*labels).set(nbytes)
     TABLE_VERSION.labels(table.name).set(table.version)
+    TABLE_UPDATE_SEQ.labels(table.name).set(table.update_seq)
     TABLE_SHARD.labels(table.name, *(str(n) for n in table.part)).set(1)
     if table.cache is not None:
         CACHE_ROWS.labels(table.name).set(table.cache.slots)

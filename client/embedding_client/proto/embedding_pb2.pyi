@@ -38,7 +38,7 @@ class Shape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "ids", "ids_list", "ids_shape", "dtype", "pooling", "offsets", "lengths", "per_id_weights", "padding_id", "expect_shard")
+    __slots__ = ("table", "ids", "ids_list", "ids_shape", "dtype", "pooling", "offsets", "lengths", "per_id_weights", "padding_id", "expect_shard", "min_update_seq")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     IDS_LIST_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class LookupRequest(_message.Message):
     PER_ID_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PADDING_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECT_SHARD_FIELD_NUMBER: _ClassVar[int]
+    MIN_UPDATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     ids_list: _containers.RepeatedScalarFieldContainer[int]
@@ -61,7 +62,8 @@ class LookupRequest(_message.Message):
     per_id_weights: bytes
     padding_id: int
     expect_shard: ShardOf
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_list: _Optional[_Iterable[int]] = ..., ids_shape: _Optional[_Union[Shape, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., per_id_weights: _Optional[bytes] = ..., padding_id: _Optional[int] = ..., expect_shard: _Optional[_Union[ShardOf, _Mapping]] = ...) -> None: ...
+    min_update_seq: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_list: _Optional[_Iterable[int]] = ..., ids_shape: _Optional[_Union[Shape, _Mapping]] = ..., dtype: _Optional[_Union[DType, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., per_id_weights: _Optional[bytes] = ..., padding_id: _Optional[int] = ..., expect_shard: _Optional[_Union[ShardOf, _Mapping]] = ..., min_update_seq: _Optional[int] = ...) -> None: ...
 
 class ShardOf(_message.Message):
     __slots__ = ("index", "count")
@@ -72,18 +74,20 @@ class ShardOf(_message.Message):
     def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("vectors", "dtype", "shape", "table", "table_version")
+    __slots__ = ("vectors", "dtype", "shape", "table", "table_version", "update_seq")
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     vectors: bytes
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     table: str
     table_version: int
-    def __init__(self, vectors: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., table: _Optional[str] = ..., table_version: _Optional[int] = ...) -> None: ...
+    update_seq: int
+    def __init__(self, vectors: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., table: _Optional[str] = ..., table_version: _Optional[int] = ..., update_seq: _Optional[int] = ...) -> None: ...
 
 class LookupManyRequest(_message.Message):
     __slots__ = ("features",)
@@ -136,7 +140,7 @@ class ListTablesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default", "shard", "shard_rows")
+    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default", "shard", "shard_rows", "update_seq", "update_log")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +151,8 @@ class TableInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_LOG_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     dim: int
@@ -157,7 +163,9 @@ class TableInfo(_message.Message):
     is_default: bool
     shard: ShardOf
     shard_rows: int
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., shard_rows: _Optional[int] = ...) -> None: ...
+    update_seq: int
+    update_log: bool
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., shard_rows: _Optional[int] = ..., update_seq: _Optional[int] = ..., update_log: _Optional[bool] = ...) -> None: ...
 
 class ListTablesResponse(_message.Message):
     __slots__ = ("tables",)
@@ -194,16 +202,18 @@ class SnapshotTableRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., path: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class SnapshotTableResponse(_message.Message):
-    __slots__ = ("table", "version", "bytes", "path")
+    __slots__ = ("table", "version", "bytes", "path", "update_seq")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     table: TableInfo
     version: int
     bytes: int
     path: str
-    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+    update_seq: int
+    def __init__(self, table: _Optional[_Union[TableInfo, _Mapping]] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., path: _Optional[str] = ..., update_seq: _Optional[int] = ...) -> None: ...
 
 class ReloadTableRequest(_message.Message):
     __slots__ = ("table", "source")

@@ -375,7 +375,9 @@ class EmbeddingAdminServicer:
 
     def UpdateRows(self, request, context):
         """Overwrite some rows of a table in place (online updates): a reader sees each row
-        before or after the update, never a mix, and the table's version goes up by one.
+        before or after the update, never a mix, and the table's update_seq goes up (to
+        the update's position in the update log, where one is configured); its loaded
+        version stays.
         With several server processes the supervisor writes the shared rows under a seqlock;
         refused (FAILED_PRECONDITION) there for tables each process caches on its device.
         """

@@ -26,7 +26,7 @@ import torch
 
 from embedding_server import metrics
 from embedding_server.core import devices, kernels
-from embedding_server.core.tables import Table
+from embedding_server.core.tables import Stamp, Table
 
 
 @dataclass
@@ -34,7 +34,7 @@ class _Request:
     table: Table
     ids: np.ndarray
     dtype: torch.dtype
-    answer: Future[tuple[np.ndarray, float, int]] = field(default_factory=Future)
+    answer: Future[tuple[np.ndarray, float, Stamp]] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -67,16 +67,16 @@ class Batcher:
 
     def gather(
         self, table: Table, ids: np.ndarray, dtype: torch.dtype
-    ) -> tuple[np.ndarray, float, int]:
+    ) -> tuple[np.ndarray, float, Stamp]:
         """table.weights[ids] in `dtype` as a row-major array (a slice of the coalesced
         result, which it keeps alive), with the device time of the coalesced gather it was
-        part of and the table version it read. Ids must already be checked against the
+        part of and the table's stamp it read. Ids must already be checked against the
         table."""
         return self._submit(_Request(table, ids, dtype))
 
     def _submit(
         self, request: _Request, arrival: Arrival | None = None
-    ) -> tuple[np.ndarray, float, int]:
+    ) -> tuple[np.ndarray, float, Stamp]:
         self._queue.put(request)
         if arrival is not None:
             arrival.leave()  # queued: no longer on its way
@@ -139,7 +139,7 @@ class Batcher:
         ids = np.concatenate([r.ids.reshape(-1) for r in batch])
         with devices.on_device(weights.device):  # the batcher's own stream
             device_ids = torch.from_numpy(ids).to(kernels.ids_device(weights, dense=False))
-            (vectors, seconds), version = table.read(  # no half-updated row; the version seen
+            (vectors, seconds), stamp = table.read(  # no half-updated row; the stamp seen
                 lambda: devices.timed(weights.device, lambda: kernels.gather(weights, device_ids))
             )
             host = devices.to_host(vectors, batch[0].dtype, self.staging)
@@ -150,7 +150,7 @@ class Batcher:
         for request in batch:
             queue_wait.observe(started - request.queued_at)
             stop = start + request.ids.size
-            request.answer.set_result((host[start:stop], seconds, version))
+            request.answer.set_result((host[start:stop], seconds, stamp))
             start = stop
 
 
@@ -176,6 +176,6 @@ class Arrival:
 
     def gather(
         self, table: Table, ids: np.ndarray, dtype: torch.dtype
-    ) -> tuple[np.ndarray, float, int]:
+    ) -> tuple[np.ndarray, float, Stamp]:
         """`Batcher.gather`, counting this call as arrived once it is queued."""
         return self.batcher._submit(_Request(table, ids, dtype), self)

@@ -21,7 +21,7 @@ from embedding_client.codec import Bags
 from embedding_server.core import devices, kernels, sharding
 from embedding_server.core.batcher import Batcher
 from embedding_server.core.store import TableStore
-from embedding_server.core.tables import Table, check_ids, check_padding_id
+from embedding_server.core.tables import Stamp, Table, check_ids, check_padding_id
 from embedding_server.errors import DeadlineExceeded, OverLimit
 
 # Ids arrive as read-only views of the request bytes; the kernels never write them,
@@ -56,7 +56,7 @@ class LookupOutput(NamedTuple):
     shape: tuple[int, ...]
     dtype: str
     table: Table
-    version: int
+    stamp: Stamp  # the table's version and update_seq the rows were read at
     kernel_seconds: float
     kernel: str  # the metric label of the kernel that ran (see KERNELS)
 
@@ -101,11 +101,11 @@ class Lookups:
         taken = table.take(ids)
         if taken is None:
             return None
-        data, seconds, version = taken
+        data, seconds, stamp = taken
         if dtype != table.dtype:  # the stored rows (bfloat16 as its bits) converted
             rows = torch.from_numpy(data).view(table.weights.dtype)
             data = devices.to_host(rows, out_dtype)
-        return LookupOutput(data, (*ids.shape, dim), dtype, table, version, seconds, "gather")
+        return LookupOutput(data, (*ids.shape, dim), dtype, table, stamp, seconds, "gather")
 
     def lookup(
         self,
@@ -143,8 +143,8 @@ class Lookups:
         if self.batcher is not None and not dense and bags is None and padding_id is None:
             with self.batcher.expect() as arrival:  # others may wait for this one
                 self._check(table, ids, out_dtype, dense, bags, padding_id)
-                data, seconds, version = arrival.gather(table, ids, out_dtype)
-            return LookupOutput(data, shape, dtype, table, version, seconds, name)
+                data, seconds, stamp = arrival.gather(table, ids, out_dtype)
+            return LookupOutput(data, shape, dtype, table, stamp, seconds, name)
         self._check(table, ids, out_dtype, dense, bags, padding_id)
         rows = table.rows_for_kernels()
         device = rows.device
@@ -153,8 +153,8 @@ class Lookups:
                 kernel = self._kernel(table, rows, ids, out_dtype, dense, bags, padding_id,
                                       deadline)  # fmt: skip
                 with self._dense_slot(deadline) if dense else _NOTHING:
-                    # No row the kernel reads is half-updated; the version is the one it saw.
-                    (result, seconds), version = table.read(lambda: devices.timed(device, kernel))
+                    # No row the kernel reads is half-updated; the stamp is the one it saw.
+                    (result, seconds), stamp = table.read(lambda: devices.timed(device, kernel))
                 data = (
                     result
                     if isinstance(result, np.ndarray)
@@ -165,7 +165,7 @@ class Lookups:
                 f"{device} has no memory left for this request on table {table.name!r} "
                 f"({ids.size} ids); retry with fewer ids"
             ) from None
-        return LookupOutput(data, shape, dtype, table, version, seconds, name)
+        return LookupOutput(data, shape, dtype, table, stamp, seconds, name)
 
     @contextlib.contextmanager
     def _dense_slot(self, deadline: float | None) -> Iterator[None]:

@@ -187,7 +187,9 @@ def load_table(
         For a missing, unreadable, wrongly shaped, non-float or non-finite table, and for
         one that does not fit its devices.
     """
-    source, shard = shard_source(spec.name, open_table(spec), spec.shard)
+    opened = open_table(spec)
+    recorded = recorded_update_seq(spec.name, opened.metadata)
+    source, shard = shard_source(spec.name, opened, spec.shard)
     cache = None if spec.cache_rows is None else (spec.cache_rows, device)
     home = device if cache is None else torch.device("cpu")
     needs = footprint(source, spec.dtype, home, cache, cache_copies)
@@ -212,7 +214,26 @@ def load_table(
         ) from None
     table.spec = spec
     table.shard = shard
+    table.update_seq = recorded or 0
     return table
+
+
+# A snapshot's metadata key: the update_seq (update log position) its rows hold.
+UPDATE_SEQ_KEY = "embedding.update_seq"
+
+
+def recorded_update_seq(name: str, metadata: dict[str, str]) -> int | None:
+    """The update_seq a file's metadata records (a snapshot's), None when it records none."""
+    text = metadata.get(UPDATE_SEQ_KEY)
+    if text is None:
+        return None
+    try:
+        seq = int(text)
+    except ValueError:
+        seq = -1
+    if not 0 <= seq < 1 << 63:
+        raise TableLoadError(f"table {name!r}: bad {UPDATE_SEQ_KEY} metadata {text[:40]!r}")
+    return seq
 
 
 # The most rows a sharded table may claim: every server of it keeps a bitmap of all of
@@ -480,7 +501,7 @@ def materialise(
         torch.cuda.synchronize(device)  # every row written before any stream reads them
     table = Table(name=name, weights=weights, source=origin, qparams=qparams)
     if shared:
-        table.shared_state = torch.tensor([0, 1], dtype=torch.int64).share_memory_()
+        table.shared_state = torch.tensor([0, 1, 0], dtype=torch.int64).share_memory_()
     log.info(
         "table %r: %d x %d %s on %s (%.1f MiB) from %s in %.2f s",
         name, rows, dim, table.dtype, device, table.nbytes / 2**20, origin,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,18 +21,20 @@ from embedding_server.core import kernels
 from embedding_server.core.devices import available_bytes
 from embedding_server.core.filesystem import FileAccess
 from embedding_server.core.sources import (
+    UPDATE_SEQ_KEY,
     TableLoadError,
     attach_cache,
     describe_footprint,
     footprint,
     materialise,
     open_table,
+    recorded_update_seq,
     shard_source,
     shortfall,
     storable,
     write_table,
 )
-from embedding_server.core.tables import Table, check_ids
+from embedding_server.core.tables import Stamp, Table, check_ids
 from embedding_server.errors import (
     FailedPrecondition,
     InvalidRequest,
@@ -42,6 +45,15 @@ from embedding_server.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class PreparedUpdate(NamedTuple):
+    """A checked row update, its vectors as the table stores them (`prepare_update`)."""
+
+    table: Table
+    rows: torch.Tensor  # the table's local rows, on its device
+    stored: torch.Tensor  # their new values in the storage dtype (codes, if int8)
+    params: torch.Tensor | None  # int8: each row's (scale, bias)
 
 
 @dataclass
@@ -56,6 +68,9 @@ class TableStore:
     cache_copies: int = 1
     # The directories callers may name: new table files, snapshots (none by default).
     files: FileAccess = field(default_factory=FileAccess)
+    # The update log these tables' updates go through, where one is configured (what it
+    # is, is the process layer's: the store only reports that there is one).
+    update_log: object | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -113,6 +128,7 @@ class TableStore:
             raise TableLoadError(
                 f"table {old.name!r}: cannot read {quoted(str(spec.path))} ({type(exc).__name__})"
             ) from None
+        recorded = recorded_update_seq(old.name, opened.metadata)
         opened, shard = shard_source(old.name, opened, spec.shard)
         if opened.shape[1] != old.dim:
             raise TableLoadError(
@@ -143,6 +159,9 @@ class TableStore:
                 "beside the one serving now (which keeps serving)"
             ) from None
         new.version, new.spec, new.shard = old.version + 1, spec, shard
+        # Updates go on from where they were, unless the file records where its rows stand
+        # (a snapshot's update_seq): with an update log, what follows it is applied again.
+        new.update_seq = old.update_seq if recorded is None else recorded
         return new
 
     def replace(self, table: Table) -> None:
@@ -152,9 +171,24 @@ class TableStore:
                 raise TableNotFound(f"no table {table.name!r} to replace")
             self.tables[table.name] = table
 
-    def update_rows(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> Table:
+    def update_rows(
+        self, name: str, ids: np.ndarray, vectors: np.ndarray, seq: int | None = None
+    ) -> Table:
         """Overwrite rows `ids` of table `name` with `vectors` ([len(ids), dim]) in place,
-        atomically for readers, and bump its version.
+        atomically for readers, and set its update_seq: to `seq` (an update log's
+        position) or one more than it was.
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest, FailedPrecondition
+            As `prepare_update`.
+        """
+        return self.write_update(self.prepare_update(name, ids, vectors), seq)
+
+    def prepare_update(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> PreparedUpdate:
+        """Check an update of table `name` and convert its vectors to what the table
+        stores, without writing: what an update log checks before it appends an entry,
+        so that every replica can apply it.
 
         Raises
         ------
@@ -207,7 +241,12 @@ class TableStore:
         if table.qparams is not None:
             stored, params = kernels.quantize(stored)
             params = params.to(table.weights.device)
-        stored = stored.to(table.weights.device)
+        return PreparedUpdate(table, index, stored.to(table.weights.device), params)
+
+    def write_update(self, update: PreparedUpdate, seq: int | None = None) -> Table:
+        """Write a prepared update under the table's write lock (and seqlock, shared):
+        readers see every row before or after it, and the update_seq it leaves."""
+        table, index, stored, params = update  # index: the local rows
         state = table.shared_state
         with table.lock.writing():
             if state is not None:
@@ -221,7 +260,7 @@ class TableStore:
                     table.qparams.index_copy_(0, index, params)
                 if table.weights.device.type == "cuda":
                     torch.cuda.synchronize(table.weights.device)  # written before "even"
-                table.version += 1
+                table.update_seq = table.update_seq + 1 if seq is None else seq
             finally:
                 if state is not None:
                     state[0] += 1
@@ -229,11 +268,12 @@ class TableStore:
 
     def snapshot(
         self, name: str, path: str, *, overwrite: bool = False
-    ) -> tuple[Table, int, Path, int]:
+    ) -> tuple[Table, Stamp, Path, int]:
         """Write table `name`'s current contents to `path`, inside the snapshot directory
         (.npy: float32 for bfloat16 tables; .safetensors: the storage dtype, under the
-        table's name), through an exclusive temporary file (see `FileAccess`). Returns
-        the table, the version written, the file and its bytes.
+        table's name, with its update_seq and shard in the metadata), through an
+        exclusive temporary file (see `FileAccess`). Returns the table, the version and
+        update_seq written, the file and its bytes.
 
         Raises
         ------
@@ -261,14 +301,17 @@ class TableStore:
                 return rows.to_host()
             return table.weights.to("cpu", copy=True)
 
-        contents, version = table.read(copy)
+        contents, stamp = table.read(copy)
+        metadata = {UPDATE_SEQ_KEY: str(stamp.update_seq)}
+        if table.shard is not None:
+            metadata.update(table.shard.metadata())
         size = self.files.write_snapshot(
             target,
             partial(write_table, suffix=target.suffix, name=table.name, contents=contents,
-                    metadata=None if table.shard is None else table.shard.metadata()),
+                    metadata=metadata),
             overwrite=overwrite,
         )  # fmt: skip
-        return table, version, target, size
+        return table, stamp, target, size
 
     def resolve_name(self, name: str) -> str | None:
         """The name of the table an empty or given `name` selects, None if there is none."""

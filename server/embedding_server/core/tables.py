@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,15 @@ if TYPE_CHECKING:  # sharding imports this module (check_ids)
     from embedding_server.core.sharding import ShardRows
 
 T = TypeVar("T")
+
+
+class Stamp(NamedTuple):
+    """What a read saw of a table: its loaded version, and the row updates applied to it
+    (the update log's position, with a log). Read with the rows, under the same lock."""
+
+    version: int
+    update_seq: int
+
 
 # Storage dtypes a table keeps; float64 files are stored as float32.
 STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -115,9 +124,11 @@ class Table:
     # whole table (global ids on the wire); None for a whole table.
     shard: ShardRows | None = None
     lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
-    # [sequence number, version] in shared memory, for tables several processes read.
+    # [sequence number, version, update_seq] in shared memory, for tables several
+    # processes read.
     shared_state: torch.Tensor | None = field(default=None, repr=False)
     _version: int = field(default=1, repr=False)
+    _update_seq: int = field(default=0, repr=False)
     # Views made once per table version, never pickled (a worker makes its own): the
     # weights' wire bits and the shared state as numpy arrays, so that the hot path reads
     # them without a torch call (each one releases and retakes the GIL).
@@ -128,7 +139,7 @@ class Table:
 
     @property
     def version(self) -> int:
-        """Version of the contents: 1 at load, +1 per reload or row update."""
+        """The loaded version: 1 at load, +1 per reload (row updates leave it)."""
         return self._version if self.shared_state is None else int(self.shared_state[1])
 
     @version.setter
@@ -137,18 +148,35 @@ class Table:
         if self.shared_state is not None:
             self.shared_state[1] = value
 
-    def read(self, kernel: Callable[[], T]) -> tuple[T, int]:
+    @property
+    def update_seq(self) -> int:
+        """Row updates applied to this version: the update log's position with a log,
+        else a count of this server's updates; 0 at load."""
+        return self._update_seq if self.shared_state is None else int(self.shared_state[2])
+
+    @update_seq.setter
+    def update_seq(self, value: int) -> None:
+        self._update_seq = value
+        if self.shared_state is not None:
+            self.shared_state[2] = value
+
+    @property
+    def stamp(self) -> Stamp:
+        """The version and update_seq now (not tied to any read of the rows)."""
+        return Stamp(self.version, self.update_seq)
+
+    def read(self, kernel: Callable[[], T]) -> tuple[T, Stamp]:
         """`kernel()` (which reads the weights, and has finished on the device when it
-        returns) run so that no row it reads is half-updated; with the version it saw."""
+        returns) run so that no row it reads is half-updated; with what it saw."""
         self.lock.acquire_read()
         try:
             return self._read_locked(kernel)
         finally:
             self.lock.release_read()
 
-    def _read_locked(self, kernel: Callable[[], T]) -> tuple[T, int]:
+    def _read_locked(self, kernel: Callable[[], T]) -> tuple[T, Stamp]:
         if self.shared_state is None:
-            return kernel(), self._version
+            return kernel(), Stamp(self._version, self._update_seq)
         state = self._view("state", self.shared_state)
         while True:  # seqlock: read again if a write overlapped
             before = int(state[0])
@@ -156,13 +184,13 @@ class Table:
                 os.sched_yield()  # a write is under way: it takes microseconds
                 continue
             result = kernel()
-            version = int(state[1])
+            stamp = Stamp(int(state[1]), int(state[2]))
             if int(state[0]) == before:
-                return result, version
+                return result, stamp
 
-    def take(self, ids: np.ndarray) -> tuple[np.ndarray, float, int] | None:
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, float, Stamp] | None:
         """numpy's take of rows `ids` of the host array (`host_array`), read as `read`
-        reads; with the seconds the take ran and the version it saw. The plain lookup's
+        reads; with the seconds the take ran and what it saw. The plain lookup's
         short way (`Lookups.plain`), on the server's event loop, so it never waits for a
         writer: None, at once, while one writes or waits to (the caller then reads by
         `read`, off the loop)."""
@@ -173,11 +201,11 @@ class Table:
             if self.shared_state is not None:
                 take = functools.partial(self.host_array().take, ids, 0)
                 timed = functools.partial(devices.timed, _CPU, take)
-                (rows, seconds), version = self._read_locked(timed)
-                return rows, seconds, version
+                (rows, seconds), stamp = self._read_locked(timed)
+                return rows, seconds, stamp
             began = time.perf_counter()
             rows = self.host_array().take(ids, 0)
-            return rows, time.perf_counter() - began, self._version
+            return rows, time.perf_counter() - began, Stamp(self._version, self._update_seq)
         finally:
             lock.release_read()
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import torch
@@ -29,7 +31,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
-from embedding_server.config import ServerConfig
+from embedding_server.config import ServerConfig, redacted_url
 from embedding_server.core.batcher import Batcher
 from embedding_server.core.devices import PinnedBlocks
 from embedding_server.core.filesystem import FileAccess
@@ -53,6 +55,9 @@ from embedding_server.transport.interceptor import (
     StatusInterceptor,
 )
 from embedding_server.transport.servicer import EmbeddingServicer
+
+if TYPE_CHECKING:  # imported where a log is configured: redis stays out otherwise
+    from embedding_server.core.updatelog import UpdateLog
 
 log = logging.getLogger("embedding_server")
 
@@ -240,6 +245,48 @@ def stop_metrics(httpd: metrics_http.MetricsServer) -> None:
     metrics_http.stop(httpd)
 
 
+# How long an update written through the log may take to be applied here before the
+# writer is told it is in the log but not yet applied (UNAVAILABLE).
+APPLY_TIMEOUT_S = 10.0
+# How often a replica catching up with the log says how far it is.
+CATCH_UP_REPORT_S = 5.0
+
+
+def open_update_log(config: ServerConfig, store: TableStore) -> UpdateLog | None:
+    """The update log of `--update-log`, started (applying in a thread of its own); None
+    without one. redis is imported only then: a server without a log never loads it."""
+    if not config.update_log:
+        return None
+    from embedding_server.core.updatelog import UpdateLog
+
+    writer = f"{socket.gethostname()} pid {os.getpid()}"
+    update_log = UpdateLog(config.update_log, store, writer)
+    store.update_log = update_log
+    update_log.start()
+    log.info("update log: %s (tables start at update_seq %s)", redacted_url(config.update_log),
+             ", ".join(f"{t.name}={t.update_seq}" for t in store))  # fmt: skip
+    return update_log
+
+
+def wait_caught_up(update_log: UpdateLog, lag: int, stopping: Callable[[], bool]) -> None:
+    """Block until the log's every table is within `lag` entries of its head (or a stop
+    begins), saying how far it is every few seconds."""
+    said = time.monotonic()
+    while not stopping() and not update_log.caught_up(lag):
+        time.sleep(0.05)
+        if time.monotonic() - said >= CATCH_UP_REPORT_S:
+            said = time.monotonic()
+            if update_log.connected.is_set():
+                behind = ", ".join(f"{t.name} at {t.update_seq}" for t in update_log.store)
+                log.info("catching up with the update log: %s", behind)
+            else:
+                log.warning("the update log is unreachable (%s): not serving until it is "
+                            "applied", update_log.last_error)  # fmt: skip
+    if not stopping():
+        log.info("update log applied: %s",
+                 ", ".join(f"{t.name} at {t.update_seq}" for t in update_log.store))  # fmt: skip
+
+
 class EmbeddingServer:
     """A running gRPC server plus its metrics endpoint, over a loaded TableStore.
 
@@ -292,6 +339,11 @@ class EmbeddingServer:
         )
         # The Open Inference Protocol on the same port, over the same lookups.
         self.inference = inference.InferenceServicer(self.lookups, lambda: not self.stopping)
+        # The update log, in the process that writes the tables (a worker of several sends
+        # its updates to the supervisor, which holds the log).
+        self.update_log = open_update_log(config, store) if update is None else None
+        if self.update_log is not None:
+            update = partial(self.update_log.write, timeout=APPLY_TIMEOUT_S)
         self.admin = EmbeddingAdminServicer(store, reload, update)
         self.port = 0
         self.metrics_port = 0
@@ -391,8 +443,26 @@ class EmbeddingServer:
     async def _serve(self) -> None:
         assert self._grpc is not None
         await self._grpc.start()
+        if self.update_log is not None and not self.update_log.caught_up(
+            self.config.max_update_lag
+        ):
+            # Readiness waits for the log: a replica behind its peers serves no one yet.
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            threading.Thread(target=self._serve_once_caught_up, name="catch-up",
+                             daemon=True).start()  # fmt: skip
+            return
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _serve_once_caught_up(self) -> None:
+        """Health SERVING once the update log is applied to within --max-update-lag."""
+        assert self.update_log is not None
+        wait_caught_up(self.update_log, self.config.max_update_lag, lambda: self._stopping)
+        if self._stopping or self._loop is None or self._loop.is_closed():
+            return
+        for service in ("", SERVICE_NAME):
+            self._on_loop(self.health.set(service, health_pb2.HealthCheckResponse.SERVING))
 
     def _close_loop(self) -> None:
         if self._loop is None or self._loop_thread is None:
@@ -489,6 +559,8 @@ class EmbeddingServer:
             self._connections.stop()
         if self._memory_sampler is not None:
             self._memory_sampler.stop()
+        if self.update_log is not None:
+            self.update_log.stop()
         self.pool.shutdown(wait=False)
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)

@@ -50,13 +50,16 @@ from embedding_server.core.devices import release_unused
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
 from embedding_server.process.server import (
+    APPLY_TIMEOUT_S,
     EmbeddingServer,
     StartupError,
     StopSignals,
     file_access,
+    open_update_log,
     prepare_process,
     start_metrics,
     stop_metrics,
+    wait_caught_up,
 )
 from embedding_server.transport.admin import reload_table
 from embedding_server.transport.metrics_endpoint import MetricsServer
@@ -129,6 +132,8 @@ class Supervisor:
         # The host tables and this process's share of the device memory (the workers
         # sample their own).
         self._memory = metrics.DeviceMemory(store.memory)
+        # The update log, applied here to the shared tables (the workers send updates here).
+        self.update_log = open_update_log(config, store)
 
     def start(self) -> None:
         """Serve /metrics, start every worker and wait until each serves; then watch them.
@@ -154,6 +159,8 @@ class Supervisor:
             metrics.publish_table(table)
             for result in ("ok", "failed"):
                 metrics.TABLE_RELOADS.labels(table.name, result)
+        if self.update_log is not None:  # workers start once the log is applied
+            wait_caught_up(self.update_log, self.config.max_update_lag, self._stopping.is_set)
         reservation = None
         if self.config.port == 0:
             reservation, self.port = reserve_port(self.config.host, 0)
@@ -263,8 +270,12 @@ class Supervisor:
             worker.send(("done", request_id, error))
 
     def update_rows(self, name: str, ids: np.ndarray, vectors: np.ndarray) -> Table:
-        """Write rows of a shared table in place (every worker reads them at once)."""
-        table = self.store.update_rows(name, ids, vectors)
+        """Write rows of a shared table in place (every worker reads them at once), through
+        the update log where there is one."""
+        if self.update_log is not None:
+            table = self.update_log.write(name, ids, vectors, APPLY_TIMEOUT_S)
+        else:
+            table = self.store.update_rows(name, ids, vectors)
         metrics.publish_table(table)
         return table
 
@@ -416,6 +427,8 @@ class Supervisor:
         if self._monitor is not None:
             self._monitor.join(timeout=5)
         self._writes.shutdown(wait=False, cancel_futures=True)
+        if self.update_log is not None:
+            self.update_log.stop()
         if self._metrics_httpd is not None:
             stop_metrics(self._metrics_httpd)
         return True
@@ -497,6 +510,8 @@ def run_worker(config: ServerConfig, index: int, tables: list[Table], conn: Conn
     store = TableStore(shared=True)
     for table in tables:
         store.add(table)
+    if config.update_log:
+        store.update_log = "applied by the supervisor"  # ListTables says the table has one
     link = SupervisorLink(conn, store)
     server = EmbeddingServer(
         config,

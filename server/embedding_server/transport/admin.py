@@ -54,20 +54,21 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
         ids, vectors = codec.decode_update_rows(request, table.dim)
         table = self.update(request.table, ids, vectors)
         metrics.child(metrics.ROWS_UPDATED, table.name).inc(ids.size)
-        metrics.TABLE_VERSION.labels(table.name).set(table.version)
+        metrics.TABLE_UPDATE_SEQ.labels(table.name).set(table.update_seq)
         return pb.UpdateRowsResponse(table=table_info(table, self.store))
 
     def SnapshotTable(
         self, request: pb.SnapshotTableRequest, context: grpc.ServicerContext
     ) -> pb.SnapshotTableResponse:
-        table, version, path, size = self.store.snapshot(
+        table, stamp, path, size = self.store.snapshot(
             request.table, request.path, overwrite=request.overwrite
         )
-        log.info("table %r version %d written to %s (%d bytes)", table.name, version,
-                 quoted(str(path)), size)  # fmt: skip
+        log.info("table %r version %d update_seq %d written to %s (%d bytes)", table.name,
+                 stamp.version, stamp.update_seq, quoted(str(path)), size)  # fmt: skip
         return pb.SnapshotTableResponse(
-            table=table_info(table, self.store), version=version, bytes=size, path=str(path)
-        )
+            table=table_info(table, self.store), version=stamp.version, bytes=size,
+            path=str(path), update_seq=stamp.update_seq,
+        )  # fmt: skip
 
 
 def reload_table(store: TableStore, name: str, source: str = "") -> Table:

@@ -49,6 +49,7 @@ from embedding_server.errors import (
     RequestError,
     TableNotFound,
     Unauthenticated,
+    Unavailable,
 )
 from embedding_server.transport.auth import Authenticator
 
@@ -80,6 +81,7 @@ _STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     TableNotFound: grpc.StatusCode.NOT_FOUND,
     OverLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

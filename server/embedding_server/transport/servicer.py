@@ -12,6 +12,7 @@ so the loop never waits for one.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections import Counter
@@ -27,7 +28,13 @@ from embedding_server import metrics
 from embedding_server.core.lookup import Lookups
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
-from embedding_server.errors import DeadlineExceeded, InvalidRequest, OverLimit, quoted
+from embedding_server.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    OverLimit,
+    Unavailable,
+    quoted,
+)
 from embedding_server.transport.interceptor import (
     MAPPED_ERRORS,
     Malformed,
@@ -35,6 +42,10 @@ from embedding_server.transport.interceptor import (
 )
 
 DENSE_METHODS = ("LookupDense", "LookupManyDense")
+
+# How long a lookup with a min_update_seq waits for this replica to apply that update
+# when the call has no deadline of its own.
+UPDATE_WAIT_S = 5.0
 
 # The most values a plain lookup takes on the event loop (1 MiB of float32: B = 2,048 at
 # dim 128); a larger one goes to the handler pool, where several run at once (numpy's
@@ -225,6 +236,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             self.lookups.check_count(codec.bag_count(request), "bags")
             bags = codec.decode_bags(request, ids)
             deadline = _deadline(context)
+            if request.min_update_seq:
+                await self._wait_for_update(request.table, request.min_update_seq, deadline)
             plain = not (
                 dense
                 or bags is not None
@@ -257,7 +270,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 out.kernel_seconds
             )
             return codec.EncodedLookupResponse(
-                out.vectors, out.dtype, out.shape, out.table.name, out.version
+                out.vectors, out.dtype, out.shape, out.table.name, *out.stamp
             )
         except Exception as exc:
             code = status_code(exc)
@@ -266,6 +279,27 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             metrics.child(metrics.REQUEST_SECONDS, method, table, code.name).observe(
                 time.perf_counter() - started
             )
+
+    async def _wait_for_update(self, name: str, wanted: int, deadline: float | None) -> None:
+        """Read your writes: wait (on the loop, without holding it) until table `name`
+        holds update `wanted`, within the call's deadline (or UPDATE_WAIT_S); then
+        UNAVAILABLE, which a sharded client answers by asking another replica."""
+        store = self.lookups.store
+        # Given up a little before the deadline, so that the refusal reaches the caller
+        # before the deadline does (DEADLINE_EXCEEDED would not say why, nor move a
+        # sharded client to another replica).
+        until = time.monotonic() + UPDATE_WAIT_S if deadline is None else deadline - 0.05
+        pause = 0.001
+        while (held := store.get(name).update_seq) < wanted:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise Unavailable(
+                    f"table {store.get(name).name!r} here holds updates up to {held}; the call "
+                    f"asked for {wanted} (min_update_seq), which has not reached this replica "
+                    "yet: ask another, or wait"
+                )
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
 
 
 def table_info(table: Table, store: TableStore) -> pb.TableInfo:
@@ -281,6 +315,8 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
         dtype=codec.storage_dtype_to_wire(table.dtype),
         device=table.device,
         version=table.version,
+        update_seq=table.update_seq,
+        update_log=store.update_log is not None,
         bytes=table.nbytes,
         is_default=table.name == store.default_name,
     )

@@ -1,0 +1,292 @@
+"""The update log: row updates through a durable, ordered log on Redis Streams, applied by
+every replica in log order (`--update-log redis://HOST:PORT/DB`).
+
+One stream per table and shard (`embedding:updates:TABLE`, `...:TABLE:I/N`). An update is
+checked here first (`TableStore.prepare_update`: every replica can apply it), then
+appended by a Lua script that gives it the next position (`SEQ-0`, one more than the
+last: the scripts of concurrent writers run one at a time), and is answered once this
+replica has applied it. Every replica, the writer included, reads its streams from the
+position its tables hold (`Table.update_seq`: 0 at load, or what a snapshot recorded) and
+applies each entry in order with that position as its update_seq: the same number for
+the same rows on every replica. The only module that imports redis: a server without a
+log never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from embedding_server import metrics
+from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
+from embedding_server.errors import InvalidRequest, Unavailable
+
+log = logging.getLogger(__name__)
+
+STREAM_PREFIX = "embedding:updates:"
+# How long a read of the streams blocks waiting for an entry, and the pause after Redis
+# failed (doubling up to RETRY_MAX_S): a replica that lost Redis retries on its own.
+BLOCK_MS = 500
+RETRY_S, RETRY_MAX_S = 0.1, 5.0
+# Entries read per stream at once: bounded memory while catching up.
+READ_COUNT = 256
+SOCKET_TIMEOUT_S = 10.0
+ERROR_KINDS = ("append", "read", "gap", "apply")
+
+# The next position of a stream, and the entry at it, in one step (Redis runs a script
+# alone: two writers never get the same position). Positions are the IDs' first part.
+_APPEND = """
+local last = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last = tonumber(string.match(info[i + 1], '^(%d+)'))
+    end
+  end
+end
+local seq = last + 1
+redis.call('XADD', KEYS[1], seq .. '-0', 'ids', ARGV[1], 'vectors', ARGV[2],
+           'dim', ARGV[3], 'writer', ARGV[4], 'time', ARGV[5])
+return seq
+"""
+
+
+def stream_key(table: Table) -> str:
+    """The stream of `table`: its name, and its shard when it is one."""
+    shard = table.shard
+    part = "" if shard is None else f":{shard.shard}"
+    return f"{STREAM_PREFIX}{table.name}{part}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One update read from a stream."""
+
+    seq: int
+    ids: np.ndarray
+    vectors: np.ndarray
+    written_at: float
+    writer: str
+
+
+def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+    dim = int(fields[b"dim"])
+    ids = np.frombuffer(fields[b"ids"], dtype="<i8")
+    vectors = np.frombuffer(fields[b"vectors"], dtype="<f4").reshape(ids.size, dim)
+    return Entry(
+        int(entry_id.split(b"-")[0]), ids, vectors, float(fields.get(b"time", b"0")),
+        fields.get(b"writer", b"").decode(errors="replace"),
+    )  # fmt: skip
+
+
+class UpdateLog:
+    """Appends updates to Redis and applies every table's stream to `store` in order, in
+    a thread of its own (`start`/`stop`).
+
+    Parameters
+    ----------
+    url : redis://HOST:PORT/DB (or rediss:// for TLS).
+    store : the tables; updates are written through `store.write_update`.
+    writer : who this replica is, recorded in each entry it appends.
+    """
+
+    def __init__(self, url: str, store: TableStore, writer: str) -> None:
+        self.url = url
+        self.store = store
+        self.writer = writer
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+        )
+        self._append = self._redis.register_script(_APPEND)
+        self._stop = threading.Event()
+        self._applied = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="update-log", daemon=True)
+        self.connected = threading.Event()  # set once a read of the streams succeeded
+        self.failures = 0  # consecutive failed reads (Redis unreachable)
+        self.last_error = ""
+        # Tables whose stream was trimmed past what they hold, by the update_seq they were
+        # stuck at: left out of reads until a reload moves them (said once, and counted).
+        self.stalled: dict[str, int] = {}
+        for table in store:
+            self._publish(table)
+            for kind in ERROR_KINDS:  # pre-registered: a dashboard shows 0, not nothing
+                metrics.child(metrics.UPDATE_LOG_ERRORS, table.name, kind)
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, name: str, ids: np.ndarray, vectors: np.ndarray, timeout: float) -> Table:
+        """Check the update, append it to the table's stream, and return the table once
+        this replica has applied it (its update_seq is then the entry's position).
+
+        Raises
+        ------
+        TableNotFound, InvalidRequest, FailedPrecondition
+            As `TableStore.prepare_update` (nothing is appended).
+        Unavailable
+            Redis could not be reached, or the entry was not applied here in `timeout` s.
+        """
+        prepared = self.store.prepare_update(name, ids, vectors)
+        table = prepared.table
+        ids = np.ascontiguousarray(ids, dtype="<i8")
+        values = np.ascontiguousarray(vectors, dtype="<f4")
+        fields: list[bytes | str] = [
+            ids.tobytes(),
+            values.tobytes(),
+            str(table.dim),
+            self.writer,
+            repr(time.time()),
+        ]
+        try:
+            seq = int(self._append(keys=[stream_key(table)], args=fields))
+        except redis.RedisError as exc:
+            metrics.child(metrics.UPDATE_LOG_ERRORS, table.name, "append").inc()
+            raise Unavailable(
+                f"the update log ({self._where()}) could not take the update: {exc}; the "
+                "table is unchanged"
+            ) from None
+        if not self.wait_applied(table.name, seq, timeout):
+            raise Unavailable(
+                f"update {seq} of table {table.name!r} is in the log ({self._where()}) but "
+                f"this replica has not applied it within {timeout:g} s; every replica will"
+            )
+        return self.store.get(table.name)
+
+    def wait_applied(self, name: str, seq: int, timeout: float) -> bool:
+        """Wait until table `name` holds update `seq` (True), or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        with self._applied:
+            while self.store.get(name).update_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._applied.wait(left)
+        return True
+
+    def _where(self) -> str:
+        kwargs = self._redis.connection_pool.connection_kwargs
+        return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+    # ------------------------------------------------------------------ applying
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=BLOCK_MS / 1000 + SOCKET_TIMEOUT_S)
+        self._redis.close()
+
+    def caught_up(self, lag: int = 0) -> bool:
+        """Whether every table is within `lag` entries of its stream's head (False while
+        Redis cannot be asked)."""
+        if not self.connected.is_set():
+            return False
+        try:
+            return all(self.head(t) - t.update_seq <= lag for t in self.store)
+        except redis.RedisError:
+            return False
+
+    def head(self, table: Table) -> int:
+        """The last position of `table`'s stream (0: none yet); Redis errors propagate."""
+        try:
+            info = self._redis.xinfo_stream(stream_key(table))
+        except redis.ResponseError:  # no such stream: nothing written yet
+            return 0
+        last = info["last-generated-id"]
+        return int((last.decode() if isinstance(last, bytes) else last).split("-")[0])
+
+    def _run(self) -> None:
+        pause = RETRY_S
+        while not self._stop.is_set():
+            try:
+                self._read_once()
+                self.connected.set()
+                if self.failures:
+                    log.info("update log %s reachable again: applying from where it stopped",
+                             self._where())  # fmt: skip
+                self.failures, pause = 0, RETRY_S
+            except redis.RedisError as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+                for table in self.store:
+                    metrics.child(metrics.UPDATE_LOG_ERRORS, table.name, "read").inc()
+                if self.failures == 1:
+                    log.warning("update log %s unreachable (%s): lookups go on at the updates "
+                                "applied; retrying", self._where(), exc)  # fmt: skip
+                self._stop.wait(pause)
+                pause = min(pause * 2, RETRY_MAX_S)
+
+    def _read_once(self) -> None:
+        tables = {stream_key(t): t for t in self.store if self.stalled.get(t.name) != t.update_seq}
+        if not tables:
+            self._stop.wait(BLOCK_MS / 1000)
+            return
+        positions: dict[Any, Any] = {key: f"{t.update_seq}-0" for key, t in tables.items()}
+        answer: Any = self._redis.xread(positions, count=READ_COUNT, block=BLOCK_MS)
+        for key, entries in answer or []:
+            name = key.decode() if isinstance(key, bytes) else key
+            for entry in self._entries(entries):
+                if not self._apply(tables[name].name, entry):
+                    break
+        for table in self.store:
+            self._publish(table)
+
+    @staticmethod
+    def _entries(entries: list[Any]) -> Iterator[Entry]:
+        for entry_id, fields in entries:
+            yield _entry(entry_id, fields)
+
+    def _apply(self, name: str, entry: Entry) -> bool:
+        """Apply one entry; False when the stream has a gap before it (not applied)."""
+        table = self.store.get(name)
+        if entry.seq <= table.update_seq:
+            return True  # already held (a snapshot recorded it)
+        if entry.seq != table.update_seq + 1:
+            # Trimmed past this replica's position: the entries between are gone.
+            metrics.child(metrics.UPDATE_LOG_ERRORS, name, "gap").inc()
+            log.error("table %r holds update %d but the log's next entry is %d: the log was "
+                      "trimmed past it; reload a snapshot that holds %d or later (ReloadTable, "
+                      "or a restart, which loads the newest)", name, table.update_seq,
+                      entry.seq, entry.seq - 1)  # fmt: skip
+            self.stalled[name] = table.update_seq
+            return False
+        started = time.perf_counter()
+        try:
+            self.store.write_update(
+                self.store.prepare_update(name, entry.ids, entry.vectors), entry.seq
+            )
+        except InvalidRequest as exc:
+            # Checked before it was appended; refused here only if this replica's table
+            # differs (another file): skipped, so the log does not stall, and said.
+            metrics.child(metrics.UPDATE_LOG_ERRORS, name, "apply").inc()
+            log.error("table %r: update %d from %s does not apply here (%s): skipped", name,
+                      entry.seq, entry.writer, exc)  # fmt: skip
+            table.update_seq = entry.seq
+        metrics.child(metrics.UPDATE_LOG_APPLY_SECONDS, name).observe(time.perf_counter() - started)
+        metrics.child(metrics.UPDATE_LOG_LAG_SECONDS, name).set(
+            max(0.0, time.time() - entry.written_at)
+        )
+        with self._applied:
+            self._applied.notify_all()
+        return True
+
+    def _publish(self, table: Table) -> None:
+        metrics.TABLE_UPDATE_SEQ.labels(table.name).set(table.update_seq)
+        try:
+            head = self.head(table) if self.connected.is_set() else None
+        except redis.RedisError:
+            head = None
+        if head is not None:
+            metrics.child(metrics.UPDATE_LOG_HEAD, table.name).set(head)
+            metrics.child(metrics.UPDATE_LOG_LAG, table.name).set(head - table.update_seq)
+            if head == table.update_seq:
+                metrics.child(metrics.UPDATE_LOG_LAG_SECONDS, table.name).set(0.0)

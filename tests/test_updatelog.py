@@ -1,0 +1,266 @@
+"""The update log (`--update-log`) with a real redis-server started here on a free port:
+updates appended once and applied by every replica in log order, the same update_seq for
+the same rows everywhere, read-your-writes by `min_update_seq`, catch-up at start, and
+Redis going away and coming back."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from embedding_client import EmbeddingClient, EmbeddingError
+
+from .conftest import (
+    Redis,
+    ServerFactory,
+    admin_settings,
+    free_port,
+    random_table,
+    until,
+)
+
+WEIGHTS = random_table(500, 8, seed=91)
+
+
+def _replicas(start_server: ServerFactory, url: str, count: int = 2) -> list[str]:
+    return [
+        f"127.0.0.1:{start_server({'t': WEIGHTS}, update_log=url, **admin_settings()).port}"
+        for _ in range(count)
+    ]
+
+
+def test_updates_go_through_the_log_to_every_replica_in_its_order(
+    start_server: ServerFactory, redis_server: Redis
+) -> None:
+    """40 updates written through two replicas in turn, each appended once: every replica
+    applies all of them in the log's order, ends with the same rows and update_seq as a
+    numpy model that applied them in that order, and a write is read back on the other
+    replica by its update_seq."""
+    first, second = _replicas(start_server, redis_server.url)
+    model = WEIGHTS.copy()
+    rng = np.random.default_rng(3)
+    with EmbeddingClient(first, max_attempts=1) as a, EmbeddingClient(second, max_attempts=1) as b:
+        assert [t.update_seq for t in (*a.tables(), *b.tables())] == [0, 0]
+        for k in range(40):
+            ids = rng.choice(len(WEIGHTS), size=int(rng.integers(1, 20)), replace=False)
+            rows = rng.standard_normal((ids.size, 8)).astype(np.float32)
+            writer, reader = (a, b) if k % 2 == 0 else (b, a)
+            info = writer.update_rows(ids, rows, "t")
+            assert info.update_seq == k + 1  # its place in the log
+            model[ids] = rows
+            mine = reader.lookup_result(ids, "t", min_update_seq=info.update_seq, timeout=10)
+            np.testing.assert_array_equal(mine.vectors, rows)
+            assert mine.update_seq >= k + 1 and mine.version == 1
+        for client in (a, b):
+            until(lambda client=client: client.tables()[0].update_seq == 40)  # type: ignore[misc]
+            whole = client.lookup_result(np.arange(len(WEIGHTS)), "t")
+            assert whole.update_seq == 40
+            assert whole.vectors.tobytes() == model.tobytes()
+
+
+def test_a_read_your_write_waits_within_its_deadline_then_says_unavailable(
+    start_server: ServerFactory, redis_server: Redis
+) -> None:
+    """min_update_seq past what a replica holds: it waits for the update (here written
+    meanwhile through the other replica), and past the deadline refuses with UNAVAILABLE
+    saying what it holds and what was asked, so a sharded client asks another replica."""
+    first, second = _replicas(start_server, redis_server.url)
+    with EmbeddingClient(first, max_attempts=1) as a, EmbeddingClient(second, max_attempts=1) as b:
+        waited: list[np.ndarray] = []
+
+        def reader() -> None:
+            waited.append(b.lookup_result([7], "t", min_update_seq=1, timeout=20).vectors)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        time.sleep(0.3)  # the reader waits for update 1
+        assert thread.is_alive()
+        a.update_rows([7], np.full((1, 8), 4.0, np.float32), "t")
+        thread.join(timeout=20)
+        np.testing.assert_array_equal(waited[0], np.full((1, 8), 4.0))
+        started = time.monotonic()
+        with pytest.raises(EmbeddingError) as refused:
+            b.lookup_result([7], "t", min_update_seq=5, timeout=0.5)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "holds updates up to 1; the call asked for 5" in refused.value.details
+        assert time.monotonic() - started < 5
+        assert b.lookup_result([7], "t").update_seq == 1  # without it: no wait
+
+
+def test_a_starting_replica_catches_up_before_it_serves(
+    start_server: ServerFactory, redis_server: Redis
+) -> None:
+    """A replica started after 30 updates reads its file (update_seq 0), applies the log,
+    and says SERVING only then, with the rows the others have."""
+    (first,) = _replicas(start_server, redis_server.url, 1)
+    model = WEIGHTS.copy()
+    with EmbeddingClient(first, max_attempts=1) as a:
+        for k in range(30):
+            model[[k, k + 100]] = float(k)
+            a.update_rows([k, k + 100], np.full((2, 8), float(k), np.float32), "t")
+    (late,) = _replicas(start_server, redis_server.url, 1)
+    with EmbeddingClient(late, max_attempts=1) as c:
+        until(lambda: c.health() == "SERVING")
+        result = c.lookup_result(np.arange(len(WEIGHTS)), "t")
+    assert result.update_seq == 30
+    assert result.vectors.tobytes() == model.tobytes()
+
+
+def test_redis_going_away_refuses_updates_and_lookups_go_on(
+    start_server: ServerFactory, redis_server: Redis
+) -> None:
+    """Redis stopped: an update is refused with UNAVAILABLE naming the log, and changes
+    nothing; lookups go on at the updates applied. Redis back (its AOF kept every
+    acknowledged entry): updates go through again, and both replicas resume where they
+    stopped."""
+    first, second = _replicas(start_server, redis_server.url)
+    with EmbeddingClient(first, max_attempts=1) as a, EmbeddingClient(second, max_attempts=1) as b:
+        a.update_rows([1], np.full((1, 8), 1.0, np.float32), "t")
+        redis_server.stop()
+        with pytest.raises(EmbeddingError) as refused:
+            a.update_rows([2], np.full((1, 8), 2.0, np.float32), "t", timeout=30)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "could not take the update" in refused.value.details
+        assert "the table is unchanged" in refused.value.details
+        for client in (a, b):
+            result = client.lookup_result([1, 2], "t", min_update_seq=1, timeout=10)
+            np.testing.assert_array_equal(result.vectors[0], np.full(8, 1.0))
+            np.testing.assert_array_equal(result.vectors[1], WEIGHTS[2])
+        redis_server.start()
+        info = b.update_rows([3], np.full((1, 8), 3.0, np.float32), "t", timeout=30)
+        assert info.update_seq == 2  # the AOF kept entry 1; the refused one never was
+        got = a.lookup_result([1, 3], "t", min_update_seq=2, timeout=20)
+        np.testing.assert_array_equal(got.vectors, np.array([[1.0] * 8, [3.0] * 8]))
+
+
+def test_a_snapshot_records_its_position_and_a_reload_from_it_replays_the_rest(
+    start_server: ServerFactory, redis_server: Redis, tmp_path: Path
+) -> None:
+    """A .safetensors snapshot holds update_seq 5; three updates later a replica reloads
+    it: it goes back to 5 and applies 6-8 from the log again, to the same rows."""
+    server = start_server({"t": WEIGHTS}, update_log=redis_server.url, **admin_settings(tmp_path))
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+        for k in range(5):
+            client.update_rows([k], np.full((1, 8), float(k), np.float32), "t")
+        info, _ = client.snapshot_table("t.safetensors", "t")
+        assert info.update_seq == 5
+        for k in range(5, 8):
+            client.update_rows([k], np.full((1, 8), float(k), np.float32), "t")
+        expected = client.lookup_result(np.arange(10), "t").vectors
+        reloaded = client.reload_table("t", str(tmp_path / "t.safetensors"))
+        assert reloaded.update_seq in range(5, 9)  # the file's 5, or already replayed past
+        again = client.lookup_result(np.arange(10), "t", min_update_seq=8, timeout=10)
+    assert again.update_seq == 8
+    assert again.vectors.tobytes() == expected.tobytes()
+
+
+# ------------------------------------------------------------------ a fleet
+
+
+def test_a_fleet_of_2_shards_x_2_replicas_stays_identical_through_a_kill_and_a_redis_restart(
+    tmp_path: Path, redis_server: Redis
+) -> None:
+    """Four server processes (2 shards x 2 replicas) on one log; a sharded client streams
+    updates (each to one replica per shard: the log carries it to the other) while
+    lookups run; one replica is SIGKILLed mid-stream and started again (from its file:
+    it replays its shard's log), then Redis is restarted (its AOF keeps what it
+    acknowledged). Every write is read back by its update_seq, on whichever replica
+    answers. At the end every replica of a shard holds the same update_seq and the same
+    bytes, those of a numpy model that applied every update in order; no update is lost."""
+    from embedding_client.sharded import ShardedClient
+    from embedding_client.shards import shard_of
+
+    from .conftest import BIN, server_env, wait_serving
+
+    table = random_table(2000, 8, seed=5)
+    np.save(tmp_path / "t.npy", table)
+    ports = [[free_port(), free_port()], [free_port(), free_port()]]
+
+    def spawn(shard: int, port: int) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
+             "--metrics-port", "0", "--table", f"t={tmp_path / 't.npy'}", "--shard",
+             f"{shard}/2", "--update-log", redis_server.url, "--allow-loopback-admin", "true",
+             "--connection-max-age", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=server_env(),
+        )  # fmt: skip
+        wait_serving(f"127.0.0.1:{port}", process)
+        return process
+
+    servers = {(s, i): spawn(s, ports[s][i]) for s in range(2) for i in range(2)}
+    model = table.copy()
+    rng = np.random.default_rng(11)
+    stop = threading.Event()
+    wrong: list[str] = []
+
+    def reads() -> None:
+        with ShardedClient([[f"127.0.0.1:{p}" for p in shard] for shard in ports],
+                           timeout=20) as client:  # fmt: skip
+            while not stop.is_set():
+                ids = np.random.default_rng().integers(0, len(table), 64)
+                try:
+                    client.lookup(ids, "t")
+                except EmbeddingError as exc:
+                    if exc.code != grpc.StatusCode.UNAVAILABLE:
+                        wrong.append(str(exc))
+
+    reader = threading.Thread(target=reads)
+    try:
+        reader.start()
+        with ShardedClient([[f"127.0.0.1:{p}" for p in shard] for shard in ports],
+                           timeout=30) as client:  # fmt: skip
+            for k in range(60):
+                if k == 20:  # a replica killed mid-stream, started again
+                    servers[(0, 1)].kill()
+                    servers[(0, 1)].wait(timeout=30)
+                    servers[(0, 1)] = spawn(0, ports[0][1])
+                if k == 40:  # Redis restarted
+                    redis_server.stop()
+                    redis_server.start()
+                ids = rng.choice(len(table), size=int(rng.integers(1, 30)), replace=False)
+                rows = rng.standard_normal((ids.size, 8)).astype(np.float32)
+                for _ in range(100):  # an update refused while Redis restarts: sent again
+                    try:
+                        answers = client.update_rows(ids, rows, "t")
+                        break
+                    except EmbeddingError as exc:
+                        assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
+                        time.sleep(0.1)
+                else:
+                    raise AssertionError(f"update {k} never went through")
+                model[ids] = rows
+                seqs = {a.shard[0]: a.update_seq for a in answers if a.shard is not None}
+                assert len(answers) == len(set(shard_of(ids, 2)))  # one answer per shard
+                mine = client.lookup_result(ids, "t", min_update_seq=seqs)
+                assert mine.vectors.tobytes() == rows.tobytes(), f"update {k} not read back"
+        stop.set()
+        reader.join(timeout=60)
+        finals = {}
+        for s, i in servers:
+            with EmbeddingClient(f"127.0.0.1:{ports[s][i]}", max_attempts=1) as direct:
+                finals[(s, i)] = direct.tables()[0].update_seq
+        for s in range(2):
+            held = shard_of(np.arange(len(table)), 2) == s
+            ids = np.flatnonzero(held)
+            want = max(finals[(s, 0)], finals[(s, 1)])
+            results = []
+            for i in range(2):
+                with EmbeddingClient(f"127.0.0.1:{ports[s][i]}", max_attempts=1) as direct:
+                    results.append(direct.lookup_result(ids, "t", min_update_seq=want, timeout=20))
+            assert results[0].update_seq == results[1].update_seq == want
+            assert results[0].vectors.tobytes() == results[1].vectors.tobytes()
+            assert results[0].vectors.tobytes() == model[ids].tobytes()
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+        for process in servers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    assert not wrong, wrong[:3]
