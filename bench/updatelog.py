@@ -1,0 +1,225 @@
+"""The update log (issue 30) measured: how fast a replica applies the log, how long a new
+replica takes to catch up, and what a stream of updates does to lookup latency. A real
+redis-server (AOF on, every-second fsync) and real server processes on loopback.
+
+    .venv/bin/python bench/updatelog.py [--entries 100000] [--seconds 10]
+
+Prints a markdown table and writes bench/results/updatelog.png (lookup latency percentiles
+without and with 1,000 updated rows/s). The load generator (Python threads, in this
+process) shares the machine's cores with the server: its CPU is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from embedding_client import EmbeddingClient, EmbeddingError
+
+BIN = Path(sys.executable).parent
+ROWS, DIM = 100_000, 128
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is not installed (apt-get install redis-server)")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+         "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return process, url
+
+
+def start_server(table: Path, url: str) -> tuple[subprocess.Popen[str], str, float]:
+    """A server of `table` on the log; returns it, its address and the seconds from start
+    to SERVING (its catch-up included)."""
+    port = free_port()
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [str(BIN / "embedding-server"), "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", "0", "--table", f"t={table}", "--update-log", url,
+         "--allow-loopback-admin", "true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    target = f"127.0.0.1:{port}"
+    with EmbeddingClient(target, timeout=1, max_attempts=1) as probe:
+        while True:
+            if process.poll() is not None:
+                sys.exit("the server exited at start")
+            try:
+                if probe.health() == "SERVING":
+                    break
+            except EmbeddingError:
+                pass
+            time.sleep(0.02)
+    return process, target, time.monotonic() - started
+
+
+def fill_log(url: str, entries: int, rows_each: int) -> None:
+    """`entries` updates of `rows_each` rows written to table t's stream the way the server
+    writes them (positions 1..entries), in pipelined batches, with progress."""
+    client = redis.Redis.from_url(url)
+    rng = np.random.default_rng(1)
+    said = time.monotonic()
+    for start in range(0, entries, 1000):
+        pipe = client.pipeline(transaction=False)
+        for seq in range(start + 1, min(entries, start + 1000) + 1):
+            ids = rng.choice(ROWS, size=rows_each, replace=False).astype("<i8")
+            vectors = rng.standard_normal((rows_each, DIM), dtype=np.float32)
+            pipe.xadd("embedding:updates:t", {"ids": ids.tobytes(), "vectors": vectors.tobytes(),
+                      "dim": str(DIM), "writer": "bench", "time": repr(time.time())},
+                      id=f"{seq}-0")  # fmt: skip
+        pipe.execute()
+        if time.monotonic() - said > 5:
+            said = time.monotonic()
+            print(f"  filled {start + 1000:,} of {entries:,} entries", flush=True)
+
+
+def lookups(target: str, seconds: float, threads: int = 4, batch: int = 64) -> np.ndarray:
+    latencies: list[float] = []
+    stop = time.monotonic() + seconds
+
+    def run(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+            while time.monotonic() < stop:
+                ids = rng.integers(0, ROWS, batch)
+                began = time.perf_counter()
+                client.lookup(ids, "t")
+                latencies.append(time.perf_counter() - began)
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return np.array(latencies)
+
+
+def updating(target: str, rows_per_s: int, stop: threading.Event) -> int:
+    """Updates of 50 rows at `rows_per_s` until `stop`; returns the rows written."""
+    rng = np.random.default_rng(7)
+    written = 0
+    with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+        interval = 50 / rows_per_s
+        next_at = time.monotonic()
+        while not stop.is_set():
+            ids = rng.choice(ROWS, size=50, replace=False)
+            client.update_rows(ids, rng.standard_normal((50, DIM), dtype=np.float32), "t")
+            written += 50
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=100_000, help="log entries to catch up")
+    parser.add_argument("--rows-each", type=int, default=4, help="rows per entry")
+    parser.add_argument("--seconds", type=float, default=10.0, help="each latency phase")
+    parser.add_argument("--rate", type=int, default=1000, help="updated rows per second")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-updatelog-"))
+    table = work / "t.npy"
+    np.save(table, np.random.default_rng(0).standard_normal((ROWS, DIM), dtype=np.float32))
+    redis_process, url = start_redis(work)
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        print(f"filling the log: {args.entries:,} entries of {args.rows_each} rows x {DIM}")
+        fill_log(url, args.entries, args.rows_each)
+        print("starting a replica: it replays the whole log before SERVING")
+        process, target, catch_up_s = start_server(table, url)
+        servers.append(process)
+        with EmbeddingClient(target, max_attempts=1) as client:
+            assert client.tables()[0].update_seq == args.entries
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        wall = time.monotonic()
+        quiet = lookups(target, args.seconds)
+        stop = threading.Event()
+        counted: list[int] = []
+        writer = threading.Thread(target=lambda: counted.append(updating(target, args.rate, stop)))
+        writer.start()
+        busy = lookups(target, args.seconds)
+        stop.set()
+        writer.join()
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        load_cpu = (cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime
+                    - cpu_before.ru_stime) / (time.monotonic() - wall)  # fmt: skip
+        rows_per_s = counted[0] / args.seconds
+        p = {name: np.percentile(lat, [50, 99]) * 1e3 for name, lat in
+             (("without updates", quiet), ("with updates", busy))}  # fmt: skip
+        print()
+        print(f"machine: {os.cpu_count()} cores; load generator CPU {load_cpu:.2f} cores "
+              "(Python threads in this process)")  # fmt: skip
+        print()
+        print("| measurement | value |")
+        print("| --- | --- |")
+        print(
+            f"| catch-up: {args.entries:,} entries ({args.entries * args.rows_each:,} rows) "
+            f"from start to SERVING | {catch_up_s:.2f} s ({args.entries / catch_up_s:,.0f} "
+            f"entries/s, {args.entries * args.rows_each / catch_up_s:,.0f} rows/s) |"
+        )
+        for name, (p50, p99) in p.items():
+            print(f"| Lookup B=64, 4 threads, {name} | p50 {p50:.3f} ms, p99 {p99:.3f} ms |")
+        ratio = p["with updates"][1] / p["without updates"][1]
+        print(f"| updated rows/s during the second phase | {rows_per_s:,.0f} |")
+        print(f"| p99 with / without updates | {ratio:.2f}x |")
+        RESULTS.mkdir(exist_ok=True)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        names = list(p)
+        for k, quantile in enumerate(("p50", "p99")):
+            axes.bar([x + 0.35 * k for x in range(len(names))], [p[n][k] for n in names],
+                     width=0.35, label=quantile)  # fmt: skip
+        axes.set_xticks([x + 0.175 for x in range(len(names))], names)
+        axes.set_ylabel("Lookup latency (ms)")
+        axes.set_title(f"Lookup B=64 without and with {rows_per_s:,.0f} updated rows/s")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(RESULTS / "updatelog.png", dpi=120)
+        print(f"\nplot: {RESULTS / 'updatelog.png'}")
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=60)
+        redis_process.terminate()
+        redis_process.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
