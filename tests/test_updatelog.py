@@ -264,3 +264,45 @@ def test_a_fleet_of_2_shards_x_2_replicas_stays_identical_through_a_kill_and_a_r
                 process.kill()
                 process.wait(timeout=30)
     assert not wrong, wrong[:3]
+
+
+def test_entries_read_together_are_written_as_one_and_a_bad_one_is_skipped(
+    start_server: ServerFactory, redis_server: Redis
+) -> None:
+    """A replica that finds several entries waiting writes them as one (a later entry's
+    row over an earlier one's), and an entry it cannot apply (an id past its rows,
+    written straight into the stream) is skipped and counted without losing the others."""
+    import redis as redis_client
+    from prometheus_client import REGISTRY
+
+    from embedding_server.core.updatelog import _entry, _last_writes
+
+    def entry(seq: int, ids: list[int], value: float) -> object:
+        fields = {b"ids": np.array(ids, "<i8").tobytes(), b"dim": b"8",
+                  b"vectors": np.full((len(ids), 8), value, "<f4").tobytes()}  # fmt: skip
+        return _entry(f"{seq}-0".encode(), fields)
+
+    ids, rows = _last_writes([entry(1, [3, 5, 7], 1.0), entry(2, [9, 5], 2.0)], 8)  # type: ignore[list-item]
+    assert ids.tolist() == [3, 7, 9, 5] and rows[:, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
+    stream = redis_client.Redis.from_url(redis_server.url)
+    for seq, (rows_ids, value) in enumerate(([[1, 2], 1.0], [[2, 600], 9.0], [[2, 3], 3.0]), 1):
+        stream.xadd("embedding:updates:t", {"ids": np.array(rows_ids, "<i8").tobytes(),
+                    "vectors": np.full((2, 8), value, "<f4").tobytes(), "dim": "8",
+                    "writer": "test", "time": "0"}, id=f"{seq}-0")  # fmt: skip
+    skipped = (
+        REGISTRY.get_sample_value(
+            "embedding_update_log_errors_total", {"table": "t", "kind": "apply"}
+        )
+        or 0.0
+    )
+    (server,) = _replicas(start_server, redis_server.url, 1)
+    with EmbeddingClient(server, max_attempts=1) as client:
+        result = client.lookup_result([1, 2, 3], "t", min_update_seq=3, timeout=10)
+    assert result.update_seq == 3
+    assert result.vectors[:, 0].tolist() == [1.0, 3.0, 3.0]  # entry 2 (id 600 of 500) skipped
+    assert (
+        REGISTRY.get_sample_value(
+            "embedding_update_log_errors_total", {"table": "t", "kind": "apply"}
+        )
+        == skipped + 1
+    )

@@ -161,7 +161,9 @@ UPDATE_LOG_LAG_SECONDS = Gauge(
 )
 UPDATE_LOG_APPLY_SECONDS = Histogram(
     "embedding_update_log_apply_seconds",
-    "Time to apply one update log entry (check, convert, write under the table's lock).",
+    "Time to apply what one read of a table's update log brought (one entry when caught "
+    "up, up to 256 while catching up: checked, converted, written as one, under the "
+    "table's lock).",
     ["table"],
     buckets=LATENCY_BUCKETS,
 )
