@@ -84,6 +84,11 @@ def test_env_names_follow_the_flags() -> None:
             {},
             "--workers (8) must not exceed --max-threads (4)",
         ),
+        (
+            ["--trim-update-log", "60", "--update-log", "redis://127.0.0.1:1/0"],
+            {},
+            "--trim-update-log needs --update-log and --snapshot-dir",
+        ),
     ],
 )
 def test_bad_settings_stop_with_a_clear_message(

@@ -5,6 +5,7 @@ Redis going away and coming back."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import time
@@ -158,6 +159,186 @@ def test_a_snapshot_records_its_position_and_a_reload_from_it_replays_the_rest(
         again = client.lookup_result(np.arange(10), "t", min_update_seq=8, timeout=10)
     assert again.update_seq == 8
     assert again.vectors.tobytes() == expected.tobytes()
+
+
+# ------------------------------------------------------------------ snapshots and trims
+
+
+def _spawn_replica(
+    table: Path, redis_url: str, snapshots: Path, *extra: str
+) -> tuple[subprocess.Popen[str], str]:
+    """An `embedding-server` process on the log, with `snapshots` as its snapshot
+    directory; its log on stdout."""
+    from .conftest import spawn_server
+
+    port = free_port()
+    process = spawn_server(table, port, "--update-log", redis_url, "--snapshot-dir",
+                           str(snapshots), "--allow-loopback-admin", "true",
+                           "--connection-max-age", "0", *extra)  # fmt: skip
+    return process, f"127.0.0.1:{port}"
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    """Stop a server process (it may be SIGSTOPped) and return its log."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+    return process.communicate(timeout=30)[0]
+
+
+def _freeze(process: subprocess.Popen[str]) -> None:
+    """SIGSTOP a process and wait until the kernel says it is stopped (the signal is
+    asynchronous: without the wait it may still read one more entry)."""
+    process.send_signal(signal.SIGSTOP)
+    until(lambda: Path(f"/proc/{process.pid}/stat").read_text().split(") ")[1][0] == "T")
+
+
+def _stream(redis_url: str) -> tuple[list[int], int]:
+    """The positions table t's stream holds, and its last one."""
+    import redis as redis_client
+
+    connection = redis_client.Redis.from_url(redis_url)
+    try:
+        held = [int(i.split(b"-")[0]) for i, _ in connection.xrange("embedding:updates:t")]
+        last = connection.xinfo_stream("embedding:updates:t")["last-generated-id"]
+        return held, int(last.split(b"-")[0])
+    finally:
+        connection.close()
+
+
+def test_a_replica_starts_from_the_newest_snapshot_and_the_log_is_trimmed_to_it(
+    tmp_path: Path, redis_server: Redis
+) -> None:
+    """Ten updates, snapshots at 5 and 8 (one in a subdirectory), beside snapshot-like files
+    that must not be taken (a damaged one, one of another shape with a higher update_seq, a
+    hidden one and a link out of the folder with a higher one, an .npy): the writer's
+    --trim-update-log trims the stream to 9-10, and a new replica starts from the snapshot
+    at 8 and replays 9-10, bit-identical to the writer (entries 1-8 are gone: only the
+    snapshot can give them)."""
+    import safetensors.numpy
+
+    path = tmp_path / "t.npy"
+    np.save(path, WEIGHTS)
+    snapshots = tmp_path / "snapshots"
+    (snapshots / "sub").mkdir(parents=True)
+    (snapshots / "junk.safetensors").write_bytes(b"\xff" * 64)
+    safetensors.numpy.save_file({"t": np.zeros((10, 8), np.float32)},
+                                str(snapshots / "other.safetensors"),
+                                metadata={"embedding.update_seq": "99"})  # fmt: skip
+    # Of the right shape and newer, but hidden (a dot first) or a link out of the folder.
+    newer = {"embedding.update_seq": "50"}
+    safetensors.numpy.save_file({"t": WEIGHTS}, str(snapshots / ".hidden.safetensors"), newer)
+    safetensors.numpy.save_file({"t": WEIGHTS}, str(tmp_path / "outside.safetensors"), newer)
+    (snapshots / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    writer, target = _spawn_replica(path, redis_server.url, snapshots, "--trim-update-log", "0.2")
+    started: list[subprocess.Popen[str]] = [writer]
+    try:
+        with EmbeddingClient(target, max_attempts=1) as a:
+            for k in range(1, 11):
+                a.update_rows([k], np.full((1, 8), float(k), np.float32), "t")
+                if k == 5:
+                    assert a.snapshot_table("old.safetensors", "t")[0].update_seq == 5
+                    a.snapshot_table("old.npy", "t")
+                if k == 8:
+                    assert a.snapshot_table("sub/new.safetensors", "t")[0].update_seq == 8
+            expected = a.lookup_result(np.arange(len(WEIGHTS)), "t")
+        until(lambda: _stream(redis_server.url) == ([9, 10], 10))
+        late, late_target = _spawn_replica(path, redis_server.url, snapshots)
+        started.append(late)
+        with EmbeddingClient(late_target, max_attempts=1) as b:
+            got = b.lookup_result(np.arange(len(WEIGHTS)), "t", min_update_seq=10, timeout=10)
+        assert got.update_seq == 10
+        assert got.vectors.tobytes() == expected.vectors.tobytes()
+    finally:
+        logs = [_stop(process) for process in started]
+    assert "entries up to update 8 trimmed" in logs[0]
+    assert "starting from snapshot" in logs[1] and "sub/new.safetensors" in logs[1]
+    assert "other.safetensors of table 't' has 10 x 8 rows" in logs[1]
+
+
+def test_a_replica_the_log_was_trimmed_past_reloads_the_newest_snapshot(
+    tmp_path: Path, redis_server: Redis
+) -> None:
+    """A replica frozen (SIGSTOP) at update 1 while the writer goes on to 8, snapshots at
+    6 and trims the stream to 7-8: thawed, it applies entry 2 (Redis answered its
+    blocked read with it before the freeze took hold of the reading thread), finds 3-6
+    gone, reloads the snapshot at 6 by itself, applies 7-8, and ends bit-identical to
+    the writer."""
+    path = tmp_path / "t.npy"
+    np.save(path, WEIGHTS)
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    writer, target = _spawn_replica(path, redis_server.url, snapshots, "--trim-update-log", "0.2")
+    started = [writer]
+    try:
+        frozen, frozen_target = _spawn_replica(
+            path, redis_server.url, snapshots, "--processes", "2"
+        )
+        started.append(frozen)
+        with EmbeddingClient(target, max_attempts=1) as a:
+            a.update_rows([1], np.full((1, 8), 1.0, np.float32), "t")
+            with EmbeddingClient(frozen_target, max_attempts=1) as b:
+                b.lookup_result([1], "t", min_update_seq=1, timeout=10)
+            _freeze(frozen)
+            for k in range(2, 9):
+                a.update_rows([k, 1], np.full((2, 8), float(k), np.float32), "t")
+                if k == 6:
+                    a.snapshot_table("at6.safetensors", "t")
+            expected = a.lookup_result(np.arange(len(WEIGHTS)), "t")
+        until(lambda: _stream(redis_server.url) == ([7, 8], 8))
+        frozen.send_signal(signal.SIGCONT)
+        with EmbeddingClient(frozen_target, max_attempts=1) as b:
+            got = b.lookup_result(np.arange(len(WEIGHTS)), "t", min_update_seq=8, timeout=20)
+        assert got.update_seq == 8
+        assert got.vectors.tobytes() == expected.vectors.tobytes()
+    finally:
+        logs = [_stop(process) for process in started]
+    assert "holds update 2 but the log's next entry is 7" in logs[1]
+    assert "reloaded snapshot" in logs[1] and "at6.safetensors (update 6)" in logs[1]
+
+
+def test_a_gap_no_snapshot_covers_stops_the_table_until_one_does(
+    start_server: ServerFactory,
+    redis_server: Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every entry trimmed by hand (XTRIM MAXLEN 0) before a replica read them, and no
+    snapshot: with no entry left to read, the stream's bounds tell it; it says so,
+    counts a gap, stays at what it holds and NOT_SERVING. A snapshot that covers the
+    gap, written later by another replica into the shared directory, is found (within
+    RECOVER_EVERY_S) and reloaded: it catches up and serves."""
+    import redis as redis_client
+    from prometheus_client import REGISTRY
+
+    from embedding_server.core import updatelog
+
+    monkeypatch.setattr(updatelog, "RECOVER_EVERY_S", 1.0)
+    settings = admin_settings(tmp_path)
+    first = start_server({"t": WEIGHTS}, update_log=redis_server.url, **settings)
+    with EmbeddingClient(f"127.0.0.1:{first.port}", max_attempts=1) as a:
+        for k in range(1, 4):
+            a.update_rows([k], np.full((1, 8), float(k), np.float32), "t")
+        connection = redis_client.Redis.from_url(redis_server.url)
+        assert connection.xtrim("embedding:updates:t", maxlen=0, approximate=False) == 3
+        connection.close()
+
+        def gap_count() -> float:
+            labels = {"table": "t", "kind": "gap"}
+            return REGISTRY.get_sample_value("embedding_update_log_errors_total", labels) or 0.0
+
+        gaps = gap_count()
+        late = start_server({"t": WEIGHTS}, update_log=redis_server.url, **settings)
+        with EmbeddingClient(f"127.0.0.1:{late.port}", max_attempts=1) as b:
+            until(lambda: gap_count() == gaps + 1)
+            assert REGISTRY.get_sample_value("embedding_update_log_stalled", {"table": "t"}) == 1
+            assert b.health() == "NOT_SERVING"
+            assert b.lookup_result([1], "t").update_seq == 0  # serves what it holds
+            a.snapshot_table("mend.safetensors", "t")
+            until(lambda: b.health() == "SERVING", timeout=10)
+            assert REGISTRY.get_sample_value("embedding_update_log_stalled", {"table": "t"}) == 0
+            got = b.lookup_result(np.arange(5), "t", min_update_seq=3, timeout=5)
+            assert got.vectors.tobytes() == a.lookup_result(np.arange(5), "t").vectors.tobytes()
 
 
 # ------------------------------------------------------------------ a fleet

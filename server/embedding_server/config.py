@@ -239,6 +239,7 @@ class ServerConfig:
     snapshot_dir: str = ""
     update_log: str = ""
     max_update_lag: int = 0
+    trim_update_log_s: float = 0.0
     max_connections: int = 1000
     handshake_timeout_s: float = 10.0
     connection_idle_s: float = 300.0
@@ -468,6 +469,11 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--max-update-lag", "max_update_lag", _non_negative_int,
      "with --update-log: a starting server reports SERVING once this many entries or fewer "
      "of the log are left to apply (0: caught up)"),
+    ("--trim-update-log", "trim_update_log_s", _non_negative_float,
+     "with --update-log and --snapshot-dir: every this many seconds, trim each table's "
+     "stream up to the update_seq of its newest snapshot there (0: never). Only where "
+     "every replica reads that directory (a shared volume): a replica the trim leaves "
+     "behind reloads that snapshot"),
     ("--max-connections", "max_connections", _positive_int,
      "most open client connections; past it new ones are closed at once"),
     ("--handshake-timeout", "handshake_timeout_s", _positive_float,
@@ -600,6 +606,11 @@ def load_config(
         parser.error("--tls-cert and --tls-key go together")
     if values["tls_client_ca"] and not values["tls_cert"]:
         parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if values["trim_update_log_s"] and not (values["update_log"] and values["snapshot_dir"]):
+        parser.error(
+            "--trim-update-log needs --update-log and --snapshot-dir: the log is trimmed "
+            "only up to a snapshot every replica can reload"
+        )
     values["tables"] = tuple(
         t if t.shard_given else replace(t, shard=values["shard"]) for t in values["tables"]
     )

@@ -146,6 +146,20 @@ UPDATE_LOG_HEAD = Gauge(
     ["table"],
     multiprocess_mode="mostrecent",
 )
+UPDATE_LOG_LENGTH = Gauge(
+    "embedding_update_log_entries",
+    "Entries each table's update log stream holds (trimmed up to the newest snapshot "
+    "with --trim-update-log).",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
+UPDATE_LOG_STALLED = Gauge(
+    "embedding_update_log_stalled",
+    "1 while this replica has stopped applying a table's update log at a gap (entries it "
+    "needs were trimmed, or the log ends before what it holds), until a snapshot reload.",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
 UPDATE_LOG_LAG = Gauge(
     "embedding_update_log_lag_entries",
     "Entries of each table's update log this replica has not applied yet.",

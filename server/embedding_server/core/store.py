@@ -79,9 +79,10 @@ class TableStore:
             self.tables[table.name] = table
             self.default_name = self.default_name or table.name
 
-    def reload(self, name: str, source: str = "") -> Table:
-        """Load a new version of table `name` (from `source`, PATH[:KEY], or its own file)
-        and swap it in; calls already running finish on the version they started with.
+    def reload(self, name: str, source: str = "", *, snapshot: Path | None = None) -> Table:
+        """Load a new version of table `name` (from `source`, PATH[:KEY], or its own file;
+        or from `snapshot`, one the server found in its snapshot directory) and swap it
+        in; calls already running finish on the version they started with.
 
         Raises
         ------
@@ -95,10 +96,12 @@ class TableStore:
         """
         with self._reload_lock:
             old = self.get(name)
-            if source:  # a caller's file, inside the table directories
+            dtype = old.spec.dtype if old.spec is not None else None  # stored as now
+            shard = None if old.shard is None else old.shard.shard  # the part it holds now
+            if snapshot is not None:  # the server's own choice, in the operator's directory
+                spec = TableSpec(old.name, snapshot, old.name, dtype, shard=shard)
+            elif source:  # a caller's file, inside the table directories
                 path, key = self.files.table_source(source)
-                dtype = old.spec.dtype if old.spec is not None else None  # stored as now
-                shard = None if old.shard is None else old.shard.shard  # the part it holds now
                 spec = TableSpec(old.name, path, key, dtype, confined=True, shard=shard)
             elif old.spec is not None:
                 spec = old.spec

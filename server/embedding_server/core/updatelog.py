@@ -17,13 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis
 
 from embedding_server import metrics
+from embedding_server.core.snapshots import Snapshot, newest_snapshot
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
 from embedding_server.errors import InvalidRequest, Unavailable
@@ -39,8 +42,10 @@ RETRY_S, RETRY_MAX_S = 0.1, 5.0
 READ_COUNT = 256
 SOCKET_TIMEOUT_S = 10.0
 ERROR_KINDS = ("append", "read", "gap", "apply")
-# How often the streams' heads (one XINFO each) are read for the lag gauges.
+# How often the streams' heads are read for the lag gauges (and gaps looked for), and
+# how often a table stalled at a gap looks for a snapshot to reload.
 PUBLISH_EVERY_S = 1.0
+RECOVER_EVERY_S = 10.0
 
 # The next position of a stream, and the entry at it, in one step (Redis runs a script
 # alone: two writers never get the same position). Positions are the IDs' first part.
@@ -58,6 +63,26 @@ local seq = last + 1
 redis.call('XADD', KEYS[1], seq .. '-0', 'ids', ARGV[1], 'vectors', ARGV[2],
            'dim', ARGV[3], 'writer', ARGV[4], 'time', ARGV[5])
 return seq
+"""
+
+# A stream's first and last positions (0 for none) and length, read at one instant.
+_BOUNDS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {0, 0, 0}
+end
+local last = 0
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then
+    last = tonumber(string.match(info[i + 1], '^(%d+)'))
+  end
+end
+local first = 0
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #oldest > 0 then
+  first = tonumber(string.match(oldest[1][1], '^(%d+)'))
+end
+return {first, last, redis.call('XLEN', KEYS[1])}
 """
 
 
@@ -113,16 +138,34 @@ class UpdateLog:
     url : redis://HOST:PORT/DB (or rediss:// for TLS).
     store : the tables; updates are written through `store.write_update`.
     writer : who this replica is, recorded in each entry it appends.
+    snapshots : the snapshot directory (None: none): where a table the log was trimmed
+        past finds a snapshot to reload, and what `trim_every_s` trims to.
+    reload : `reload(name, path)` loads a snapshot as table `name`'s next version.
+    trim_every_s : every so many seconds, trim each stream up to the update_seq of its
+        table's newest snapshot (0: never).
     """
 
-    def __init__(self, url: str, store: TableStore, writer: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        store: TableStore,
+        writer: str,
+        *,
+        snapshots: Path | None = None,
+        reload: Callable[[str, Path], Table] | None = None,
+        trim_every_s: float = 0.0,
+    ) -> None:
         self.url = url
         self.store = store
         self.writer = writer
+        self.snapshots = snapshots
+        self._reload = reload
+        self.trim_every_s = trim_every_s
         self._redis = redis.Redis.from_url(
             url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
         )
         self._append = self._redis.register_script(_APPEND)
+        self._bounds = self._redis.register_script(_BOUNDS)
         self._stop = threading.Event()
         self._applied = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="update-log", daemon=True)
@@ -132,8 +175,13 @@ class UpdateLog:
         # Tables whose stream was trimmed past what they hold, by the update_seq they were
         # stuck at: left out of reads until a reload moves them (said once, and counted).
         self.stalled: dict[str, int] = {}
+        # Of those, the ones a snapshot can mend, by the update_seq it must hold.
+        self._gaps: dict[str, int] = {}
         self._published = 0.0  # when the heads were last read
+        self._recovering = 0.0  # when stalled tables last looked for a snapshot
+        self._trimmed = 0.0  # when the streams were last trimmed
         for table in store:
+            metrics.child(metrics.UPDATE_LOG_STALLED, table.name).set(0)
             self._publish(table)
             for kind in ERROR_KINDS:  # pre-registered: a dashboard shows 0, not nothing
                 metrics.child(metrics.UPDATE_LOG_ERRORS, table.name, kind)
@@ -214,12 +262,13 @@ class UpdateLog:
 
     def head(self, table: Table) -> int:
         """The last position of `table`'s stream (0: none yet); Redis errors propagate."""
-        try:
-            info = self._redis.xinfo_stream(stream_key(table))
-        except redis.ResponseError:  # no such stream: nothing written yet
-            return 0
-        last = info["last-generated-id"]
-        return int((last.decode() if isinstance(last, bytes) else last).split("-")[0])
+        return self.bounds(table)[1]
+
+    def bounds(self, table: Table) -> tuple[int, int, int]:
+        """`table`'s stream's first and last positions (0: none) and how many entries it
+        holds, at one instant; Redis errors propagate."""
+        first, last, length = self._bounds(keys=[stream_key(table)])
+        return int(first), int(last), int(length)
 
     def _run(self) -> None:
         pause = RETRY_S
@@ -243,19 +292,30 @@ class UpdateLog:
                 pause = min(pause * 2, RETRY_MAX_S)
 
     def _read_once(self) -> None:
-        tables = {stream_key(t): t for t in self.store if self.stalled.get(t.name) != t.update_seq}
-        if not tables:
+        """Read and apply what the streams hold past each table (waiting up to BLOCK_MS
+        for it), then the periodic work: gauges, stalled tables' snapshots, trims."""
+        tables = {stream_key(t): t for t in self.store if not self._is_stalled(t)}
+        if tables:
+            positions: dict[Any, Any] = {key: f"{t.update_seq}-0" for key, t in tables.items()}
+            answer: Any = self._redis.xread(positions, count=READ_COUNT, block=BLOCK_MS)
+            for key, entries in answer or []:
+                name = key.decode() if isinstance(key, bytes) else key
+                self._apply(tables[name].name, [_entry(i, fields) for i, fields in entries])
+        else:  # every table stalled: nothing to read, the periodic work goes on
             self._stop.wait(BLOCK_MS / 1000)
-            return
-        positions: dict[Any, Any] = {key: f"{t.update_seq}-0" for key, t in tables.items()}
-        answer: Any = self._redis.xread(positions, count=READ_COUNT, block=BLOCK_MS)
-        for key, entries in answer or []:
-            name = key.decode() if isinstance(key, bytes) else key
-            self._apply(tables[name].name, [_entry(i, fields) for i, fields in entries])
-        if time.monotonic() - self._published >= PUBLISH_EVERY_S:  # heads cost a round trip
-            self._published = time.monotonic()
+        now = time.monotonic()
+        if now - self._published >= PUBLISH_EVERY_S:  # heads cost a round trip
+            self._published = now
             for table in self.store:
                 self._publish(table)
+        if self._gaps and now - self._recovering >= RECOVER_EVERY_S:
+            self._recovering = now
+            for name in list(self._gaps):
+                self._recover(name)
+        if self.trim_every_s and now - self._trimmed >= self.trim_every_s:
+            self._trimmed = now
+            for table in self.store:
+                self._trim(table)
 
     def _apply(self, name: str, entries: list[Entry]) -> None:
         """Apply entries read from one stream, in order. Where they allow, as one write:
@@ -270,12 +330,7 @@ class UpdateLog:
         if not fresh:
             return  # already held (a snapshot recorded them)
         if fresh[0].seq != table.update_seq + 1:
-            # Trimmed past this replica's position: the entries between are gone.
-            metrics.child(metrics.UPDATE_LOG_ERRORS, name, "gap").inc()
-            log.error("table %r holds update %d but the log's next entry is %d: the log was "
-                      "trimmed past it; reload a snapshot that holds %d or later (ReloadTable)",
-                      name, table.update_seq, fresh[0].seq, fresh[0].seq - 1)  # fmt: skip
-            self.stalled[name] = table.update_seq
+            self._stall(table, fresh[0].seq)  # trimmed past this replica's position
             return
         started = time.perf_counter()
         try:
@@ -305,14 +360,104 @@ class UpdateLog:
                       entry.seq, entry.writer, exc)  # fmt: skip
             self.store.get(name).update_seq = entry.seq
 
+    # ------------------------------------------------------------------ gaps and trims
+
+    def _stall(self, table: Table, next_seq: int) -> None:
+        """Stop applying `table`: the entries between what it holds and `next_seq` (the
+        log's next entry past it) are gone; then look for a snapshot that covers them."""
+        metrics.child(metrics.UPDATE_LOG_ERRORS, table.name, "gap").inc()
+        held = table.update_seq
+        if next_seq <= held:
+            log.error("table %r holds update %d but the log ends at %d: the log was deleted "
+                      "or replaced; reload the table (ReloadTable) to follow the new log",
+                      table.name, held, next_seq - 1)  # fmt: skip
+        else:
+            log.error("table %r holds update %d but the log's next entry is %d: the log was "
+                      "trimmed past it; looking for a snapshot that holds %d or later",
+                      table.name, held, next_seq, next_seq - 1)  # fmt: skip
+        self.stalled[table.name] = held
+        metrics.child(metrics.UPDATE_LOG_STALLED, table.name).set(1)
+        if next_seq > held:  # a snapshot past the gap mends it
+            self._gaps[table.name] = next_seq - 1
+            self._recover(table.name, say=True)
+
+    def _is_stalled(self, table: Table) -> bool:
+        """Whether `table` is stopped at a gap (a reload since, ReloadTable's or ours,
+        moved it on)."""
+        if table.name in self.stalled and self.stalled[table.name] != table.update_seq:
+            del self.stalled[table.name]
+            self._gaps.pop(table.name, None)
+            metrics.child(metrics.UPDATE_LOG_STALLED, table.name).set(0)
+        return table.name in self.stalled
+
+    def _recover(self, name: str, *, say: bool = False) -> None:
+        """Reload table `name`, stalled at a gap, from its newest snapshot if that holds
+        the entries the gap took (`say`: tell the log when none does)."""
+        table = self.store.get(name)
+        if not self._is_stalled(table):
+            return
+        needed = self._gaps[name]
+        found = self._newest_snapshot(table)
+        if found is None or found.update_seq < needed or self._reload is None:
+            if say:
+                where = self.snapshots or "none: start with --snapshot-dir"
+                log.warning("table %r: no snapshot holding update %d or later in the snapshot "
+                            "directory (%s); serving update %d until one is there or the "
+                            "table is reloaded (ReloadTable)", name, needed, where,
+                            table.update_seq)  # fmt: skip
+            return
+        try:
+            self._reload(name, found.path)
+        except Exception as exc:
+            log.error("table %r: reloading snapshot %s failed (%s); serving update %d",
+                      name, found.path, exc, table.update_seq)  # fmt: skip
+            return
+        log.info("table %r: reloaded snapshot %s (update %d); applying the log from there",
+                 name, found.path, found.update_seq)  # fmt: skip
+        self.stalled.pop(name, None)
+        self._gaps.pop(name, None)
+        metrics.child(metrics.UPDATE_LOG_STALLED, name).set(0)
+
+    def _newest_snapshot(self, table: Table) -> Snapshot | None:
+        if self.snapshots is None:
+            return None
+        rows = table.rows if table.shard is None else table.shard.rows
+        shard = None if table.shard is None else table.shard.shard
+        return newest_snapshot(self.snapshots, table.name, shard, (rows, table.dim))
+
+    def _trim(self, table: Table) -> None:
+        """Trim `table`'s stream up to its newest snapshot's update_seq: a replica that
+        needed a trimmed entry reloads that snapshot instead."""
+        found = self._newest_snapshot(table)
+        if found is None:
+            return
+        trimmed = self._redis.xtrim(
+            stream_key(table), minid=f"{found.update_seq + 1}-0", approximate=False
+        )
+        if trimmed:
+            log.info("table %r: %d entries up to update %d trimmed from the log (snapshot %s)",
+                     table.name, trimmed, found.update_seq, found.path)  # fmt: skip
+
     def _publish(self, table: Table) -> None:
+        """The gauges of `table`; and a stall when its next entry is gone from the log
+        (found here when no entry past it is left to read)."""
         metrics.TABLE_UPDATE_SEQ.labels(table.name).set(table.update_seq)
         try:
-            head = self.head(table) if self.connected.is_set() else None
+            bounds = self.bounds(table) if self.connected.is_set() else None
         except redis.RedisError:
-            head = None
-        if head is not None:
-            metrics.child(metrics.UPDATE_LOG_HEAD, table.name).set(head)
-            metrics.child(metrics.UPDATE_LOG_LAG, table.name).set(head - table.update_seq)
-            if head == table.update_seq:
-                metrics.child(metrics.UPDATE_LOG_LAG_SECONDS, table.name).set(0.0)
+            bounds = None
+        if bounds is None:
+            return
+        first, head, length = bounds
+        metrics.child(metrics.UPDATE_LOG_HEAD, table.name).set(head)
+        metrics.child(metrics.UPDATE_LOG_LAG, table.name).set(head - table.update_seq)
+        metrics.child(metrics.UPDATE_LOG_LENGTH, table.name).set(length)
+        if head == table.update_seq:
+            metrics.child(metrics.UPDATE_LOG_LAG_SECONDS, table.name).set(0.0)
+        if self._is_stalled(table):
+            return
+        held = table.update_seq
+        if head < held:
+            self._stall(table, head + 1)
+        elif head > held and not 0 < first <= held + 1:
+            self._stall(table, first or head + 1)

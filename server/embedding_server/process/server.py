@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -31,13 +32,15 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from embedding_client.proto import embedding_pb2_grpc as pb_grpc
 from embedding_server import metrics
-from embedding_server.config import ServerConfig, redacted_url
+from embedding_server.config import ServerConfig, TableSpec, redacted_url
 from embedding_server.core.batcher import Batcher
 from embedding_server.core.devices import PinnedBlocks
 from embedding_server.core.filesystem import FileAccess
 from embedding_server.core.lookup import Limits, Lookups
-from embedding_server.core.sources import demo_table, load_table
+from embedding_server.core.snapshots import global_shape, newest_snapshot
+from embedding_server.core.sources import TableLoadError, demo_table, load_table, open_table
 from embedding_server.core.store import TableStore
+from embedding_server.core.tables import Table
 from embedding_server.process.callpool import CallPool
 from embedding_server.transport import connections, inference
 from embedding_server.transport import metrics_endpoint as metrics_http
@@ -180,12 +183,31 @@ def build_store(config: ServerConfig, device: torch.device) -> TableStore:
         )
     for spec in config.tables:
         where = resolve_device(spec.device) if spec.device else device
+        if config.update_log and config.snapshot_dir:
+            spec = newest_snapshot_of(spec, Path(config.snapshot_dir))
         store.add(
             load_table(
                 spec, where, shared=shared, cache_copies=store.cache_copies, keep_free=keep_free
             )
         )
     return store
+
+
+def newest_snapshot_of(spec: TableSpec, folder: Path) -> TableSpec:
+    """`spec`, or its table's newest snapshot in `folder` when there is one (of the same
+    shape, with an update_seq above 0): a replica on an update log starts from it and
+    replays the log from its update_seq, where the log may be trimmed."""
+    try:
+        opened = open_table(spec)
+    except TableLoadError:
+        return spec  # loading it says what is wrong
+    found = newest_snapshot(folder, spec.name, spec.shard, global_shape(opened.shape,
+                            opened.metadata))  # fmt: skip
+    if found is None:
+        return spec
+    log.info("table %r: starting from snapshot %s (update_seq %d), not %s", spec.name,
+             found.path, found.update_seq, spec.path)  # fmt: skip
+    return replace(spec, path=found.path, key=spec.name)
 
 
 def file_access(config: ServerConfig) -> FileAccess:
@@ -252,15 +274,23 @@ APPLY_TIMEOUT_S = 10.0
 CATCH_UP_REPORT_S = 5.0
 
 
-def open_update_log(config: ServerConfig, store: TableStore) -> UpdateLog | None:
+def open_update_log(
+    config: ServerConfig, store: TableStore, reload: Callable[[str, Path], Table]
+) -> UpdateLog | None:
     """The update log of `--update-log`, started (applying in a thread of its own); None
-    without one. redis is imported only then: a server without a log never loads it."""
+    without one. redis is imported only then: a server without a log never loads it.
+    `reload(name, snapshot)` loads a snapshot the log finds in the snapshot directory
+    (a table the log was trimmed past)."""
     if not config.update_log:
         return None
     from embedding_server.core.updatelog import UpdateLog
 
     writer = f"{socket.gethostname()} pid {os.getpid()}"
-    update_log = UpdateLog(config.update_log, store, writer)
+    snapshots = Path(config.snapshot_dir) if config.snapshot_dir else None
+    update_log = UpdateLog(
+        config.update_log, store, writer, snapshots=snapshots, reload=reload,
+        trim_every_s=config.trim_update_log_s,
+    )  # fmt: skip
     store.update_log = update_log
     update_log.start()
     log.info("update log: %s (tables start at update_seq %s)", redacted_url(config.update_log),
@@ -341,7 +371,11 @@ class EmbeddingServer:
         self.inference = inference.InferenceServicer(self.lookups, lambda: not self.stopping)
         # The update log, in the process that writes the tables (a worker of several sends
         # its updates to the supervisor, which holds the log).
-        self.update_log = open_update_log(config, store) if update is None else None
+        self.update_log = (
+            open_update_log(config, store, lambda name, path: reload_table(store, name, "", path))
+            if update is None
+            else None
+        )
         if self.update_log is not None:
             update = partial(self.update_log.write, timeout=APPLY_TIMEOUT_S)
         self.admin = EmbeddingAdminServicer(store, reload, update)

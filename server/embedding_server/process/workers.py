@@ -38,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,7 +134,9 @@ class Supervisor:
         # sample their own).
         self._memory = metrics.DeviceMemory(store.memory)
         # The update log, applied here to the shared tables (the workers send updates here).
-        self.update_log = open_update_log(config, store)
+        self.update_log = open_update_log(
+            config, store, lambda name, path: self.reload(name, snapshot=path)
+        )
 
     def start(self) -> None:
         """Serve /metrics, start every worker and wait until each serves; then watch them.
@@ -279,10 +282,10 @@ class Supervisor:
         metrics.publish_table(table)
         return table
 
-    def reload(self, name: str, source: str = "") -> Table:
+    def reload(self, name: str, source: str = "", snapshot: Path | None = None) -> Table:
         """Load a new version of a table and return once every live worker serves it."""
         with self._reload_lock:
-            table = reload_table(self.store, name, source)
+            table = reload_table(self.store, name, source, snapshot)
             with self._changed:
                 workers = list(self.workers)
             for worker in workers:

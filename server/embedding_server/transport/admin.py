@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -71,12 +72,15 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
         )  # fmt: skip
 
 
-def reload_table(store: TableStore, name: str, source: str = "") -> Table:
+def reload_table(
+    store: TableStore, name: str, source: str = "", snapshot: Path | None = None
+) -> Table:
     """`store.reload` with its bookkeeping: the reload counter, the table gauges, a log line.
-    The one path for the admin RPC and SIGHUP alike; errors propagate after being counted."""
+    The one path for the admin RPC, SIGHUP and the update log alike; errors propagate
+    after being counted."""
     label = store.resolve_name(name) or ""
     try:
-        table = store.reload(name, source)
+        table = store.reload(name, source, snapshot=snapshot)
     except Exception:
         metrics.TABLE_RELOADS.labels(label, "failed").inc()
         raise
