@@ -31,7 +31,7 @@ help:
 	@echo "make outdated   what is newer on PyPI than the locks (upgrading is a decision)"
 	@echo "make compose-up / compose-up-cpu / compose-down   server + Prometheus + Grafana"
 	@echo "make kubernetes   regenerate deploy/kubernetes/embedding-2x2.yaml (SHARDS=N REPLICAS=R: stdout)"
-	@echo "make compose-smoke   docker-compose.yml itself under podman-compose: server + Prometheus"
+	@echo "make compose-smoke   docker-compose.yml itself under podman-compose: Redis + server + Prometheus"
 	@echo "make kube-play    2 shards x 2 replicas under podman kube play, a pod killed under load"
 	@echo "make smoke   build and run the image with podman, check health, lookup, scrape"
 	@echo "make screenshot   Prometheus p99 graph of both RPCs after traffic (docs/)"

@@ -37,7 +37,7 @@ def _dashboard() -> dict[str, Any]:
 def test_compose_wires_health_gated_services_with_named_volumes() -> None:
     compose = _yaml(DOCKER / "docker-compose.yml")
     services = compose["services"]
-    assert set(services) == {"embedding-server", "prometheus", "grafana"}
+    assert set(services) == {"redis", "embedding-server", "prometheus", "grafana"}
     server = services["embedding-server"]
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
@@ -47,6 +47,13 @@ def test_compose_wires_health_gated_services_with_named_volumes() -> None:
         services["prometheus"]["depends_on"]["embedding-server"]["condition"] == "service_healthy"
     )
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert server["depends_on"]["redis"]["condition"] == "service_healthy"
+    # The update log: append-only file on, on a named volume, no published port.
+    redis = services["redis"]
+    assert ["--appendonly", "yes"] == redis["command"][1:3] and "/data" in redis["command"]
+    assert any(v.startswith("redis-data:/data") for v in redis["volumes"])
+    assert "ports" not in redis
+    assert server["environment"]["EMBEDDING_UPDATE_LOG"].endswith("redis://redis:6379/0}")
     assert all(s["restart"] == "unless-stopped" for s in services.values())
     named = set(compose["volumes"])
     for service in services.values():

@@ -612,7 +612,7 @@ class EmbeddingClient(_ClientBase):
     ) -> TableInfo:
         """Overwrite rows `ids` (1-D, each once) of `table` with `vectors` ([len(ids), dim],
         float32/float16/bfloat16) in place (admin RPC). Readers see each row before or
-        after, never a mix. Returns the table with its new version."""
+        after, never a mix. Returns the table with its new update_seq."""
         request = _update_request(ids, vectors, table)
         response = self._invoke(self._admin.UpdateRows, request, timeout)
         return _table_of(response)
