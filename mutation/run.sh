@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding, inference, connections, metrics_endpoint, server)}
+MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding, inference, connections, metrics_endpoint, server, updatelog, snapshots)}
 CHILDREN=${MUTATE_CHILDREN:-$(nproc)}
 # module -> file (under src/) | the tests that may catch its mutants (mutmut runs, per
 # mutant, only those of them that reach the mutated function). Kept to the module's own
@@ -42,6 +42,10 @@ declare -A MODULES=(
     [connections]="embedding_server/transport/connections.py|test_connections test_faults"
     [metrics_endpoint]="embedding_server/transport/metrics_endpoint.py|test_attacks test_observability"
     [server]="embedding_server/process/server.py|test_faults test_stream test_rolling"
+    # The update log's tests start a redis-server; those that spawn server processes run
+    # the checkout's code, not the mutant: the in-process ones are what kill mutants here.
+    [updatelog]="embedding_server/core/updatelog.py|test_updatelog"
+    [snapshots]="embedding_server/core/snapshots.py|test_updatelog"
 )
 entry=${MODULES[$MODULE]:-}
 [ -n "$entry" ] || { echo "unknown module $MODULE; known: ${!MODULES[*]}" >&2; exit 2; }

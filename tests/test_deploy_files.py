@@ -50,7 +50,7 @@ def test_compose_wires_health_gated_services_with_named_volumes() -> None:
     assert server["depends_on"]["redis"]["condition"] == "service_healthy"
     # The update log: append-only file on, on a named volume, no published port.
     redis = services["redis"]
-    assert ["--appendonly", "yes"] == redis["command"][1:3] and "/data" in redis["command"]
+    assert redis["command"][1:3] == ["--appendonly", "yes"] and "/data" in redis["command"]
     assert any(v.startswith("redis-data:/data") for v in redis["volumes"])
     assert "ports" not in redis
     assert server["environment"]["EMBEDDING_UPDATE_LOG"].endswith("redis://redis:6379/0}")

@@ -90,6 +90,7 @@ def test_model_infer_answers_the_bits_lookup_answers(
     ids = np.random.default_rng(3).integers(0, 300, (4, 6))
     response = stub.ModelInfer(infer(ids, call="call-1"))
     assert (response.model_name, response.model_version, response.id) == ("items", "1", "call-1")
+    assert response.parameters["update_seq"].int64_param == 0
     assert output(response).tobytes() == client.lookup(ids, "items").tobytes()
     # INT32 ids; FP16 and BF16 answers (raw bytes: they have no typed field).
     assert output(stub.ModelInfer(infer(ids, id_type="INT32"))).tobytes() == (
@@ -145,6 +146,13 @@ def test_model_infer_answers_the_bits_lookup_answers(
          "INVALID_ARGUMENT", "out of range"),
         (lambda r: setattr(r.parameters["padding_id"], "int64_param", 10**6), "INVALID_ARGUMENT",
          "padding_id"),
+        (lambda r: setattr(r.parameters["min_update_seq"], "int64_param", -1), "INVALID_ARGUMENT",
+         "'min_update_seq' -1 is not an update_seq"),
+        (lambda r: setattr(r.parameters["min_update_seq"], "bool_param", True),
+         "INVALID_ARGUMENT", "'min_update_seq' must be an update_seq"),
+        # No log and no update here: a replica that never reaches it refuses in time.
+        (lambda r: setattr(r.parameters["min_update_seq"], "int64_param", 5), "UNAVAILABLE",
+         "holds updates up to 0; the call asked for 5"),
     ],
 )  # fmt: skip
 def test_every_bad_request_gets_its_code(
@@ -154,7 +162,7 @@ def test_every_bad_request_gets_its_code(
     request = infer(np.array([1, 2]))
     change(request)
     with pytest.raises(grpc.RpcError) as caught:
-        stub.ModelInfer(request, timeout=10)
+        stub.ModelInfer(request, timeout=3)  # (a min_update_seq never reached waits it out)
     assert caught.value.code().name == code, caught.value.details()
     assert words in str(caught.value.details())
     assert client.health() == "SERVING"  # nothing else harmed

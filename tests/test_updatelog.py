@@ -94,6 +94,39 @@ def test_a_read_your_write_waits_within_its_deadline_then_says_unavailable(
         assert b.lookup_result([7], "t").update_seq == 1  # without it: no wait
 
 
+def test_the_inference_protocol_reads_its_writes_too(
+    start_server: ServerFactory, redis_server: Redis
+) -> None:
+    """ModelInfer's `min_update_seq` parameter waits as Lookup's does (the update written
+    meanwhile through the other replica), and its answer says the update_seq it holds
+    (parameter `update_seq`: the model_version names the loaded table only)."""
+    from embedding_client.proto import grpc_service_pb2 as oip
+    from embedding_client.proto import grpc_service_pb2_grpc as oip_grpc
+
+    first, second = _replicas(start_server, redis_server.url)
+    request = oip.ModelInferRequest(model_name="t")
+    request.inputs.add(name="ids", datatype="INT64", shape=[1])
+    request.raw_input_contents.append(np.array([7], "<i8").tobytes())
+    request.parameters["min_update_seq"].int64_param = 1
+    channel = grpc.insecure_channel(second)
+    try:
+        infer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        waiting = infer.future(request, timeout=20)
+        time.sleep(0.3)
+        assert not waiting.done()  # it waits for update 1
+        with EmbeddingClient(first, max_attempts=1) as a:
+            a.update_rows([7], np.full((1, 8), 4.0, np.float32), "t")
+        answer = waiting.result(timeout=20)
+        assert answer.parameters["update_seq"].int64_param == 1
+        np.testing.assert_array_equal(np.frombuffer(answer.raw_output_contents[0], "<f4"), 4.0)
+        request.parameters["min_update_seq"].int64_param = 2
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(request, timeout=0.5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+
+
 def test_a_starting_replica_catches_up_before_it_serves(
     start_server: ServerFactory, redis_server: Redis
 ) -> None:

@@ -12,6 +12,12 @@ the tables from one read-only volume (a PersistentVolumeClaim), named in a Confi
 `tables.toml`, and is probed through grpc.health.v1. The ConfigMap
 `embedding-shard-map` holds the shard map clients pass to `ShardedClient`.
 
+Row updates go through an update log every replica applies in order (--update-log): by
+default a one-pod Redis StatefulSet `embedding-redis` (append-only file on its own
+PersistentVolumeClaim, reachable only from the shard servers: a NetworkPolicy), or an
+existing Redis named by URL, or none (each replica keeps its own updates in memory).
+Updates need an admin token: --admin-secret names a Secret whose key `tokens` holds them.
+
 A pod told to stop (a rolling update, a drain) turns NOT_SERVING and keeps serving for
 the drain delay while Kubernetes takes it out of its Service's endpoints, then refuses
 new connections and waits for its clients to leave: each connection is asked to go
@@ -33,6 +39,13 @@ import yaml
 APP = "embedding"
 GRPC_PORT = 50051
 METRICS_PORT = 8000
+REDIS_PORT = 6379
+REDIS_NAME = f"{APP}-redis"
+# The Redis image's own user (redis:7 images run as uid 999).
+REDIS_UID = 999
+# Append-only file on, fsync every second, no RDB dumps, data in the claim's /data.
+REDIS_FLAGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+               "--dir", "/data", "--protected-mode", "no")  # fmt: skip
 # The server's stop: --drain-delay, --connection-max-age and --grace (> 1.1 x the age:
 # every connection reaches its age, with its +-10% jitter, before the grace ends).
 DRAIN_DELAY_S = 5
@@ -71,6 +84,7 @@ def deployment(shard: int, shards: int, args: argparse.Namespace) -> dict[str, A
             {"name": "EMBEDDING_DEVICE", "value": args.device},
             # Prometheus scrapes the pod's address (the server's default is loopback only).
             {"name": "EMBEDDING_METRICS_HOST", "value": "0.0.0.0"},
+            *_update_log_env(args),
         ],
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT},
@@ -143,6 +157,108 @@ def deployment(shard: int, shards: int, args: argparse.Namespace) -> dict[str, A
     }
 
 
+def update_log_url(args: argparse.Namespace) -> str:
+    """The servers' --update-log: the StatefulSet's pod by its stable name, a given URL,
+    or "" for none."""
+    if args.update_log == "none":
+        return ""
+    if args.update_log == "statefulset":
+        return f"redis://{REDIS_NAME}-0.{REDIS_NAME}:{REDIS_PORT}/0"
+    return str(args.update_log)
+
+
+def _update_log_env(args: argparse.Namespace) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if url := update_log_url(args):
+        env.append({"name": "EMBEDDING_UPDATE_LOG", "value": url})
+    if args.admin_secret:
+        env.append({"name": "EMBEDDING_ADMIN_TOKENS", "valueFrom": {"secretKeyRef": {
+            "name": args.admin_secret, "key": "tokens"}}})  # fmt: skip
+    return env
+
+
+def redis_objects(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The update log's Redis: a headless Service (its pod's stable DNS name), a
+    NetworkPolicy letting only the shard servers reach it, and a one-pod StatefulSet
+    with the append-only file on a PersistentVolumeClaim of its own."""
+    labels = {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": "update-log"}
+    ping = {"exec": {"command": ["redis-cli", "ping"]}, "timeoutSeconds": 3}
+    container = {
+        "name": "redis",
+        "image": args.redis_image,
+        "command": ["redis-server", *REDIS_FLAGS, "--port", str(REDIS_PORT)],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+        "readinessProbe": {**ping, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**ping, "periodSeconds": 10, "failureThreshold": 6},
+        "resources": {
+            "requests": {"cpu": "500m", "memory": args.redis_memory},
+            "limits": {"memory": args.redis_memory},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": REDIS_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": REDIS_NAME, "labels": labels},
+            "spec": {
+                "clusterIP": "None",
+                "selector": labels,
+                "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}],
+            },
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": REDIS_NAME, "labels": labels},
+            "spec": {
+                "podSelector": {"matchLabels": labels},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [{"podSelector": {"matchLabels": _labels()}}],
+                        "ports": [{"protocol": "TCP", "port": REDIS_PORT}],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": REDIS_NAME, "labels": labels},
+            "spec": {
+                "serviceName": REDIS_NAME,
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "automountServiceAccountToken": False,
+                        "securityContext": {"fsGroup": REDIS_UID},
+                        "containers": [container],
+                    },
+                },
+                "volumeClaimTemplates": [
+                    {
+                        "metadata": {"name": "data"},
+                        "spec": {
+                            "accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": args.redis_storage}},
+                        },
+                    }
+                ],
+            },
+        },
+    ]
+
+
 def service(shard: int) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -194,6 +310,8 @@ def config_maps(shards: int, args: argparse.Namespace) -> list[dict[str, Any]]:
 def manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every object, in the order `kubectl apply` creates them."""
     objects = config_maps(args.shards, args)
+    if args.update_log == "statefulset":
+        objects += redis_objects(args)
     for shard in range(args.shards):
         objects += [service(shard), disruption_budget(shard), deployment(shard, args.shards, args)]
     return objects
@@ -236,9 +354,32 @@ def parser() -> argparse.ArgumentParser:
         help="the server's --connection-max-age, seconds",
     )
     p.add_argument("--grace", type=float, default=GRACE_S, help="the server's --grace, seconds")
+    p.add_argument(
+        "--update-log",
+        default="statefulset",
+        metavar="statefulset|none|URL",
+        help="the update log: a Redis StatefulSet written here (default), none, or an "
+        "existing Redis (redis://HOST:PORT/DB, rediss:// for TLS)",
+    )
+    p.add_argument("--redis-image", default="redis:7.2-bookworm", help="the StatefulSet's image")
+    p.add_argument("--redis-memory", default="2Gi", help="its memory request and limit")
+    p.add_argument("--redis-storage", default="20Gi", help="its append-only file's volume")
+    p.add_argument(
+        "--admin-secret",
+        default="",
+        help="a Secret whose key `tokens` holds the admin tokens (comma-separated) that "
+        "updates and reloads need (none: admin calls are off)",
+    )
     p.add_argument("--cpu", default="4", help="CPU request per pod")
     p.add_argument("--memory", default="16Gi", help="memory request and limit per pod")
     return p  # fmt: skip
+
+
+class _Plain(yaml.SafeDumper):
+    """Writes a dict used twice out twice (no &anchors: people read these files)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,10 +391,14 @@ def main(argv: list[str] | None = None) -> int:
             "--grace must be at least 1.1 x --connection-max-age, or a stop cuts "
             "off clients whose connections have not reached their age"
         )
+    if args.update_log not in ("statefulset", "none") and not args.update_log.startswith(
+        ("redis://", "rediss://")
+    ):
+        parser().error("--update-log must be statefulset, none or a redis:// URL")
     args.table = args.table or ["demo=demo.npy"]
     header = (f"# {args.shards} shards x {args.replicas} replicas of the embedding server; "
               "made by deploy/kubernetes/generate.py (edit that, not this)\n")  # fmt: skip
-    sys.stdout.write(header + yaml.safe_dump_all(manifests(args), sort_keys=False))
+    sys.stdout.write(header + yaml.dump_all(manifests(args), Dumper=_Plain, sort_keys=False))
     return 0
 
 

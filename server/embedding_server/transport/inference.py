@@ -49,7 +49,7 @@ IGNORED_PARAMETERS = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
      "binary_data_output", "binary_data", "headers"}
 )  # fmt: skip
-KNOWN_PARAMETERS = frozenset({"datatype", "dense", "pooling", "padding_id"})
+KNOWN_PARAMETERS = frozenset({"datatype", "dense", "pooling", "padding_id", "min_update_seq"})
 PLATFORM = "embedding_lookup"
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # Typed answers (`fp32_contents`) up to this size are built on the event loop (raw ones
@@ -133,6 +133,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             ids, request.model_name, OUTPUT_DTYPES[options["datatype"]],
             pooling=options["pooling"], padding_id=options["padding_id"],
         )  # fmt: skip
+        if options["min_update_seq"]:  # read your writes, as Lookup's min_update_seq
+            lookup.min_update_seq = options["min_update_seq"]
         result = await self.lookups.lookup_request(
             "ModelInfer", lookup, context, dense=options["dense"]
         )
@@ -230,8 +232,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         padding_id = _typed(parameters, "padding_id", int, "an integer row id")
         if padding_id is not None and not INT64_MIN <= padding_id <= INT64_MAX:
             raise InvalidRequest(f"parameter 'padding_id' {padding_id} is not an int64 row id")
+        min_update_seq = _typed(parameters, "min_update_seq", int, "an update_seq")
+        if min_update_seq is not None and not 0 <= min_update_seq <= INT64_MAX:
+            raise InvalidRequest(
+                f"parameter 'min_update_seq' {min_update_seq} is not an update_seq (0 or more)"
+            )
         return {
             "datatype": datatype,
+            "min_update_seq": min_update_seq,
             "dense": bool(_typed(parameters, "dense", bool, "true or false")),
             "pooling": pooling,
             "padding_id": padding_id,
@@ -249,6 +257,9 @@ def _answer(
     response = oip.ModelInferResponse(
         model_name=result.table, model_version=str(result.version), id=call_id
     )
+    # The updates the rows hold (the version names the loaded table only): what a later
+    # call's min_update_seq asks for.
+    response.parameters["update_seq"].int64_param = result.update_seq
     if typed:
         output.contents.fp32_contents.extend(np.frombuffer(result.vectors, dtype="<f4"))
     else:
