@@ -45,7 +45,7 @@ declare -A MODULES=(
     # The update log's tests start a redis-server; those that spawn server processes run
     # the checkout's code, not the mutant: the in-process ones are what kill mutants here.
     [updatelog]="embedding_server/core/updatelog.py|test_updatelog"
-    [snapshots]="embedding_server/core/snapshots.py|test_updatelog"
+    [snapshots]="embedding_server/core/snapshots.py|test_snapshots test_updatelog"
 )
 entry=${MODULES[$MODULE]:-}
 [ -n "$entry" ] || { echo "unknown module $MODULE; known: ${!MODULES[*]}" >&2; exit 2; }

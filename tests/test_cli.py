@@ -134,6 +134,10 @@ def test_cli_update_and_snapshot(tmp_path: Path) -> None:
         done = _cli("--target", target, "update", "--ids", "0,2", "--vectors",
                     str(tmp_path / "rows.npy"))  # fmt: skip
         assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr  # no token
+        assert done.stderr.splitlines()[1] == (
+            "(send a token with --token or the environment variable EMBEDDING_TOKEN; a server "
+            "given admin tokens only takes them for data calls too)"
+        )
         done = _cli("--target", target, "update", "--ids", "0,2", "--vectors",
                     str(tmp_path / "rows.npy"), env=admin)  # fmt: skip
         assert done.returncode == 0, done.stderr
@@ -145,6 +149,7 @@ def test_cli_update_and_snapshot(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.load(tmp_path / "snap.npy"), expected)
         done = _cli("--target", target, "snapshot", "--path", "snap.npy", env=admin)
         assert done.returncode == 1 and "ALREADY_EXISTS" in done.stderr
+        assert done.stderr.splitlines()[1] == "(pass --overwrite to replace it)"
         done = _cli("--target", target, "snapshot", "--path", "snap.npy", "--overwrite", env=admin)
         assert done.returncode == 0, done.stderr
         done = _cli("--target", target, "update", "--ids", "0", "--vectors", "/nope.npy")
@@ -198,9 +203,20 @@ def test_cli_reports_errors_in_one_line(served: tuple[str, Path]) -> None:
         "error: INVALID_ARGUMENT: id 3 at position 1 is out of range: "
         "table has 3 rows, ids must be in [0, 3)"
     )
-    done = _cli("--target", f"127.0.0.1:{free_port()}", "--timeout", "2", "health")
+    nobody = f"127.0.0.1:{free_port()}"
+    done = _cli("--target", nobody, "--timeout", "2", "health")
     assert done.returncode == 1
     assert done.stderr.startswith("error: UNAVAILABLE")
+    assert done.stderr.splitlines()[1] == (
+        f"(is an embedding-server running at {nobody}? Start one with `embedding-server`, "
+        "or name another with --target)"
+    )
+    # A typo in a list of ids is refused, not read as fewer ids.
+    done = _cli("--target", target, "lookup", "--ids", "0,,1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0].endswith(
+        "expected comma-separated integers (int64): value 2 of '0,,1' is empty"
+    )
 
 
 @pytest.mark.parametrize(
@@ -414,3 +430,28 @@ def test_cli_target_without_a_port_reaches_50051_not_443() -> None:
     assert (done.returncode, "127.0.0.1:50051" in done.stderr) == (1, True) or (
         done.returncode == 0 and "SERVING" in done.stdout
     ), done.stderr
+
+
+def test_ctrl_c_in_the_client_is_one_line(tmp_path: Path) -> None:
+    """SIGINT while a call waits (here on a server that never answers: a listening socket
+    nobody accepts from) prints `interrupted` and exits 130, not grpc's traceback."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        process = subprocess.Popen(
+            [str(BIN / "embedding-client"), "--target", f"127.0.0.1:{port}", "--timeout", "30",
+             "health"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(2)  # imported, and waiting on the call
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert process.returncode == 130, err
+    assert err.strip() == "interrupted"

@@ -153,3 +153,12 @@ def test_a_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         load_config(["--config", "/nonexistent/tables.toml"], env={})
     assert "/nonexistent/tables.toml: No such file or directory" in capsys.readouterr().err
+
+
+def test_a_yes_no_flag_alone_means_yes() -> None:
+    """`--batching` alone was "expected one argument"; a value still works both ways."""
+    assert load_config(["--batching"]).batching is True
+    assert load_config(["--batching", "--port", "5"]).port == 5
+    assert load_config(["--batching", "false"]).batching is False
+    assert load_config(["--reflection", "no"]).reflection is False
+    assert load_config([]).batching is False

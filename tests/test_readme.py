@@ -28,6 +28,8 @@ def test_flag_table_lists_every_flag_with_env_and_default() -> None:
         assert row is not None, f"README's flag table misses {flag}"
         assert f"`{env_name(flag)}`" in row
         default = getattr(defaults, dest)
+        if isinstance(default, bool):  # shown as typed: `true`, `false`
+            default = str(default).lower()
         assert f"`{default}`" in row or (default in ("", ()) and "``" in row), (flag, row)
 
 

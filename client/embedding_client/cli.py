@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any, NoReturn
 
+import grpc
 import numpy as np
 
 from embedding_client.client import (
@@ -57,8 +58,14 @@ def _numbers(convert: Callable[[str], Any], what: str) -> Callable[[str], list[A
     """An argparse type for a comma-separated list of `convert`-able values."""
 
     def parse(text: str) -> list[Any]:
+        parts = text.split(",") if text.strip() else []
+        empty = next((k for k, part in enumerate(parts) if not part.strip()), None)
+        if empty is not None:  # `0,,1` is a typo, not the ids 0 and 1
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}: value {empty + 1} of {text[:100]!r} is empty"
+            )
         try:
-            return [convert(part) for part in text.split(",") if part.strip()]
+            return [convert(part) for part in parts]
         except ValueError as exc:
             reason = str(exc) if isinstance(exc, _OutOfRange) else f"got {text[:100]!r}"
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}: {reason}") from None
@@ -235,6 +242,22 @@ def _tables(client: EmbeddingClient) -> int:
     return 0
 
 
+def _hint(error: EmbeddingError, args: argparse.Namespace) -> str:
+    """The next step for an error a new user meets often ("" for none)."""
+    details = error.details or ""
+    if error.code == grpc.StatusCode.UNAVAILABLE and (
+        "Connection refused" in details or "failed to connect" in details
+    ):
+        return (f"(is an embedding-server running at {args.target}? Start one with "
+                "`embedding-server`, or name another with --target)")  # fmt: skip
+    if error.code == grpc.StatusCode.ALREADY_EXISTS and args.command == "snapshot":
+        return "(pass --overwrite to replace it)"
+    if error.code == grpc.StatusCode.UNAUTHENTICATED and not args.token:
+        return ("(send a token with --token or the environment variable EMBEDDING_TOKEN; "
+                "a server given admin tokens only takes them for data calls too)")  # fmt: skip
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `embedding-client` command; exit 1 on a failed call."""
     args = build_parser().parse_args(argv)
@@ -277,7 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if status == "SERVING" else 1
     except EmbeddingError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        hint = _hint(exc, args)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not grpc's traceback
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports
     except BrokenPipeError:
         # The reader went away (`... | head`): stop quietly, as cat and ls do. Point stdout
         # at /dev/null so the interpreter's final flush does not fail again.

@@ -557,12 +557,18 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 default = convert(text)
             except ValueError as exc:
                 parser.error(f"{env_name(flag)}={text!r}: {exc}")
+        # A yes/no flag alone means yes (`--batching`); `--batching false` turns it off.
+        alone = {"nargs": "?", "const": True} if convert is _bool else {}
+        shown = (
+            str(getattr(defaults, dest)).lower() if convert is _bool else getattr(defaults, dest)
+        )
         parser.add_argument(
             flag,
             dest=dest,
             type=_argtype(convert),
             default=default,
-            help=f"{help_text} (env {env_name(flag)}, default {getattr(defaults, dest)})",
+            help=f"{help_text} (env {env_name(flag)}, default {shown})",
+            **alone,  # type: ignore[arg-type]
         )
     return parser
 

@@ -92,11 +92,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
                     continue
             except OSError:
                 continue
-            found.append(path)
-            if len(found) >= MAX_FILES:
+            if len(found) == MAX_FILES:  # one more than the most looked at
                 log.warning("snapshot search: more than %d files under %s; looked at the "
                             "first %d", MAX_FILES, folder, MAX_FILES)  # fmt: skip
                 return found
+            found.append(path)
     return found
 
 
