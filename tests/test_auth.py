@@ -92,9 +92,25 @@ def test_tokens_name_the_role_and_refusals_say_what_to_send() -> None:
     with pytest.raises(PermissionDenied, match=exactly(message)) as refused:
         auth.check(call, admin=True)
     assert refused.value.caller == "data token #2"
-    missing = "missing or invalid credential: send metadata 'authorization: Bearer <token>'"
+    missing = (
+        "missing or invalid credential: every call here needs a data or an admin token; "
+        "send metadata 'authorization: Bearer <token>' (embedding-client: EMBEDDING_TOKEN or "
+        "--token)"
+    )
     with pytest.raises(Unauthenticated, match=exactly(missing)):
         auth.check(Call(metadata=[("authorization", "Bearer nope")]), admin=False)
+    with pytest.raises(Unauthenticated, match=exactly(missing)):
+        auth.check_arrival([])
+    admin_only = Authenticator(admin_tokens=["admin-1"])
+    missing = (
+        "missing or invalid credential: every call here needs an admin token: this server "
+        "has no data tokens, its admin tokens serve data calls too; send metadata "
+        "'authorization: Bearer <token>' (embedding-client: EMBEDDING_TOKEN or --token)"
+    )
+    with pytest.raises(Unauthenticated, match=exactly(missing)):
+        admin_only.check(Call(), admin=False)
+    with pytest.raises(Unauthenticated, match=exactly(missing)):
+        admin_only.check_arrival([("authorization", "Bearer data-1")])
 
 
 def test_loopback_admin_admits_only_loopback_callers_and_says_so() -> None:

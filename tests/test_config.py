@@ -34,6 +34,31 @@ def test_a_grace_shorter_than_the_connection_age_is_warned_about() -> None:
     assert line.startswith("--grace 30 is below 1.1 x --connection-max-age 30: a stop cannot")
 
 
+def test_tokens_over_plaintext_past_loopback_are_warned_about() -> None:
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost"):
+        assert ServerConfig(host=host, admin_tokens=("a",)).warnings() == []
+    assert ServerConfig(host="0.0.0.0").warnings() == []  # no tokens: nothing to read
+    assert ServerConfig(host="0.0.0.0", admin_tokens=("a",), tls_cert="c").warnings() == []
+    for host in ("0.0.0.0", "::", "10.0.0.7", "embeddings.internal"):
+        (line,) = ServerConfig(host=host, auth_tokens=("d",)).warnings()
+        assert line == (
+            f"bearer tokens over plaintext on {host}: anyone on the network path can read "
+            "them from a call; give --tls-cert and --tls-key (or bind to 127.0.0.1 behind a "
+            "TLS proxy)"
+        )
+
+
+def test_the_serving_line_says_how_callers_connect() -> None:
+    assert ServerConfig().security() == "plaintext, no credential needed"
+    assert ServerConfig(admin_tokens=("a",)).security() == "plaintext, 0 data and 1 admin tokens"
+    assert ServerConfig(tls_cert="c", tls_client_ca="ca").security() == (
+        "mutual TLS, client certificates"
+    )
+    assert ServerConfig(tls_cert="c", auth_tokens=("d", "e")).security() == (
+        "TLS, 2 data and 0 admin tokens"
+    )
+
+
 def test_flags_set_every_field() -> None:
     config = load_config(
         ["--table", "a=/x/a.npy", "--table", "b=/x/b.pt:emb.weight", "--device", "cuda:1",

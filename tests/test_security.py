@@ -72,6 +72,20 @@ def test_tls_serves_trusting_clients_only(
         plaintext.tables()
     assert "if it uses TLS, connect with TLS" in refused.value.details  # not just "Socket closed"
     assert _code(server.port, ca=str(pki.other_ca.cert)) == grpc.StatusCode.UNAVAILABLE
+    # The certificate names localhost and 127.0.0.1; a client checking another name gets
+    # a hint naming server_name.
+    wrong = Security.from_files(ca=str(pki.ca.cert), server_name="db.example")
+    with (
+        EmbeddingClient(
+            f"localhost:{server.port}", timeout=5, max_attempts=1, security=wrong
+        ) as other,
+        pytest.raises(EmbeddingError) as refused,
+    ):
+        other.tables()
+    assert refused.value.details.endswith(
+        "(the server's certificate does not name the host in the target: connect with the "
+        "name it holds: Security(server_name=...); embedding-client --server-name)"
+    ), refused.value.details
 
 
 def test_mutual_tls_needs_a_client_certificate_from_the_ca(
@@ -86,6 +100,13 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(
     ca = str(pki.ca.cert)
     assert _code(server.port, ca=ca, cert=str(pki.client.cert), key=str(pki.client.key)) is None
     assert _code(server.port, ca=ca) == grpc.StatusCode.UNAVAILABLE  # refused at the handshake
+    with _client(server.port, ca=ca) as no_certificate, pytest.raises(EmbeddingError) as refused:
+        no_certificate.tables()
+    assert refused.value.details.endswith(
+        "(the server ended the TLS handshake: if it requires client certificates (mutual "
+        "TLS), give one: Security(client_certificate=..., client_key=...); embedding-client "
+        "--tls-cert and --tls-key)"
+    ), refused.value.details
     stranger = {"cert": str(pki.stranger.cert), "key": str(pki.stranger.key)}
     assert _code(server.port, ca=ca, **stranger) == grpc.StatusCode.UNAVAILABLE
 
@@ -289,3 +310,16 @@ def test_tokens_file_and_env(tmp_path: Path) -> None:
         ["--auth-tokens-file", str(tmp_path / "tokens")], env={"EMBEDDING_AUTH_TOKENS": "a,b"}
     )
     assert config.auth_tokens == ("a", "b", "from-file")
+
+
+def test_tls_to_a_plaintext_server_says_to_connect_without_it(
+    start_server: ServerFactory, pki: SimpleNamespace
+) -> None:
+    server = start_server({"t": TABLE})
+    with _client(server.port, ca=str(pki.ca.cert)) as tls, pytest.raises(EmbeddingError) as refused:
+        tls.tables()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.details.endswith(
+        "(the server answered without TLS: connect without it (no Security(tls=...) or CA; "
+        "embedding-client without --tls / --tls-ca))"
+    ), refused.value.details

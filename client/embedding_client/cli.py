@@ -244,17 +244,8 @@ def _tables(client: EmbeddingClient) -> int:
 
 def _hint(error: EmbeddingError, args: argparse.Namespace) -> str:
     """The next step for an error a new user meets often ("" for none)."""
-    details = error.details or ""
-    if error.code == grpc.StatusCode.UNAVAILABLE and (
-        "Connection refused" in details or "failed to connect" in details
-    ):
-        return (f"(is an embedding-server running at {args.target}? Start one with "
-                "`embedding-server`, or name another with --target)")  # fmt: skip
     if error.code == grpc.StatusCode.ALREADY_EXISTS and args.command == "snapshot":
         return "(pass --overwrite to replace it)"
-    if error.code == grpc.StatusCode.UNAUTHENTICATED and not args.token:
-        return ("(send a token with --token or the environment variable EMBEDDING_TOKEN; "
-                "a server given admin tokens only takes them for data calls too)")  # fmt: skip
     return ""
 
 

@@ -391,7 +391,8 @@ class _ClientBase:
                 "TLS, connect with TLS: Security(tls=True) or a CA; embedding-client --tls "
                 "or --tls-ca)",
             )
-        return failure
+        hint = _hint(failure, self.security, self.target)
+        return EmbeddingError(failure.code, f"{failure.details} ({hint})") if hint else failure
 
     def _call(self, timeout: float | None) -> dict[str, Any]:
         return {
@@ -399,6 +400,32 @@ class _ClientBase:
             "metadata": self._metadata,
             "wait_for_ready": self.wait_for_ready or None,
         }
+
+
+def _hint(failure: EmbeddingError, security: Security, target: str) -> str:
+    """What to do about a connection that failed in a way grpc's words do not explain
+    ("" when there is nothing to add)."""
+    if failure.code != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    details = failure.details
+    if "Connection refused" in details:
+        return f"nothing listens at {target}: is the embedding-server running there?"
+    if "Hostname Verification Check failed" in details or "peer name" in details.lower():
+        return ("the server's certificate does not name the host in the target: connect "
+                "with the name it holds: Security(server_name=...); embedding-client "
+                "--server-name")  # fmt: skip
+    if "WRONG_VERSION_NUMBER" in details:
+        return ("the server answered without TLS: connect without it (no Security(tls=...) "
+                "or CA; embedding-client without --tls / --tls-ca)")  # fmt: skip
+    if (
+        security.uses_tls
+        and security.client_certificate is None
+        and ("Socket closed" in details or "handshake" in details.lower())
+    ):
+        return ("the server ended the TLS handshake: if it requires client certificates "
+                "(mutual TLS), give one: Security(client_certificate=..., client_key=...); "
+                "embedding-client --tls-cert and --tls-key")  # fmt: skip
+    return ""
 
 
 class EmbeddingClient(_ClientBase):

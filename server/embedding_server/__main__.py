@@ -93,10 +93,11 @@ def serve(config: ServerConfig, metrics_dir: str = "") -> int:
         print(f"embedding-server: error: {exc}", file=sys.stderr)
         return 2
     log.info(
-        "serving %s on %s:%d (default table %r, %d process%s); metrics on http://%s:%d/metrics",
-        ", ".join(t.name for t in store), config.host, running.port, store.default_name,
-        config.processes, "es" if config.processes > 1 else "", config.metrics_host,
-        running.metrics_port,
+        "serving %s on %s:%d (%s; default table %r, %d process%s); metrics on "
+        "http://%s:%d/metrics",
+        ", ".join(t.name for t in store), config.host, running.port, config.security(),
+        store.default_name, config.processes, "es" if config.processes > 1 else "",
+        config.metrics_host, running.metrics_port,
     )  # fmt: skip
     signals = server.StopSignals(reload=running.reload_all)
     signals.wait()

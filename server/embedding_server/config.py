@@ -264,7 +264,30 @@ class ServerConfig:
                 f"{self.connection_age_s:g}: a stop cannot wait for every client to leave "
                 "by itself, and calls that arrive as it ends are cancelled"
             )
+        if (
+            (self.auth_tokens or self.admin_tokens)
+            and not self.tls_cert
+            and not _loopback(self.host)
+        ):
+            found.append(
+                f"bearer tokens over plaintext on {self.host}: anyone on the network path "
+                "can read them from a call; give --tls-cert and --tls-key (or bind to "
+                "127.0.0.1 behind a TLS proxy)"
+            )
         return found
+
+    def security(self) -> str:
+        """How callers connect and prove who they are, for the "serving" line."""
+        transport = (
+            ("mutual TLS" if self.tls_client_ca else "TLS") if self.tls_cert else "plaintext"
+        )
+        if self.auth_tokens or self.admin_tokens:
+            who = f"{len(self.auth_tokens)} data and {len(self.admin_tokens)} admin tokens"
+        elif self.tls_client_ca:
+            who = "client certificates"
+        else:
+            who = "no credential needed"
+        return f"{transport}, {who}"
 
     def describe(self) -> list[str]:
         """One `name = value` line per setting, for the start-up log."""
@@ -280,6 +303,18 @@ class ServerConfig:
                 value = f"({len(value)} tokens)" if value else "(none)"
             lines.append(f"{name} = {value}")
         return lines
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` (a --host value) is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _positive_int(text: str) -> int:

@@ -85,6 +85,15 @@ class Authenticator:
         self.mutual_tls = mutual_tls
         self.admin_names = frozenset(n.encode() for n in admin_names if n)
         self.loopback_admin = loopback_admin
+        # What a call without a valid token is told: what to send, and where a server
+        # with admin tokens only surprises (its admin token is also the data credential).
+        roles = ("a data or an admin token" if self._data
+                 else "an admin token: this server has no data tokens, its admin tokens "
+                 "serve data calls too")  # fmt: skip
+        self.missing = (
+            f"missing or invalid credential: every call here needs {roles}; send metadata "
+            "'authorization: Bearer <token>' (embedding-client: EMBEDDING_TOKEN or --token)"
+        )
 
     @property
     def enabled(self) -> bool:
@@ -130,9 +139,7 @@ class Authenticator:
             return
         presented = _bearer(metadata)
         if not (_match(presented, self._admin) or _match(presented, self._data)):
-            raise Unauthenticated(
-                "missing or invalid credential: send metadata 'authorization: Bearer <token>'"
-            )
+            raise Unauthenticated(self.missing)
 
     def _identify(self, context: CallContext) -> tuple[str, bool]:
         """(who, whether the role is admin), or Unauthenticated."""
@@ -147,9 +154,7 @@ class Authenticator:
             data = _match(presented, self._data)
             if data:
                 return f"data token #{data}", False
-            raise Unauthenticated(
-                "missing or invalid credential: send metadata 'authorization: Bearer <token>'"
-            )
+            raise Unauthenticated(self.missing)
         if certificate is not None:
             return f"client certificate {certificate.decode(errors='replace')!r}", False
         return ANONYMOUS, False
