@@ -323,6 +323,20 @@ def test_a_stale_map_or_a_foreign_id_is_refused(cluster: Cluster) -> None:
             client.lookup([1], "nope")
 
 
+def test_the_cli_lists_the_shard_a_server_holds(cluster: Cluster) -> None:
+    """docs/scaling.md says `embedding-client tables` shows shard and shard_rows."""
+    replica = cluster.replicas[1][0]
+    done = subprocess.run([str(BIN / "embedding-client"), "--target", replica.target, "tables"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    header, *rows = (line.split() for line in done.stdout.splitlines())
+    listed = {row[0]: dict(zip(header, row, strict=False)) for row in rows}  # default: blank
+    held = int(np.count_nonzero(shard_of(np.arange(len(RANDOM)), SHARDS) == 1))
+    assert (listed["r"]["shard"], listed["r"]["shard_rows"]) == (f"1/{SHARDS}", str(held))
+    assert listed["r"]["rows"] == str(len(RANDOM))
+    assert (listed["w"]["shard"], listed["w"]["shard_rows"]) == ("-", "-")  # whole
+
+
 def test_update_rows_reaches_every_replica_of_the_shard(cluster: Cluster) -> None:
     ids = np.array([4, 11, 2500, 77])
     rows = np.full((4, 12), 0.5, dtype=np.float32) * np.arange(1, 5, dtype=np.float32)[:, None]
@@ -352,6 +366,15 @@ def test_update_rows_reaches_every_replica_of_the_shard(cluster: Cluster) -> Non
         finally:
             # Back as the file has them: the fault tests restart replicas, which read it.
             client.update_rows(ids, original, "r")
+        assert _same(client.lookup(ids, "r"), original)
+        # Rows of another width: every replica refuses alike, and the error says it once,
+        # naming the replicas (it said the same message once per replica).
+        with pytest.raises(EmbeddingError) as refused:
+            client.update_rows(ids, np.zeros((4, 11), np.float32), "r")
+        details = refused.value.details
+        assert details.startswith("update of table 'r' reached 0 of 4 replicas; not applied on: ")
+        targets = [r.target for shard in cluster.replicas for r in shard]
+        assert details.count("INVALID_ARGUMENT") == 1 and all(t in details for t in targets)
         assert _same(client.lookup(ids, "r"), original)
 
 
@@ -460,6 +483,18 @@ def test_a_call_rides_out_a_shard_with_every_replica_down(cluster: Cluster) -> N
         try:
             for replica in down:
                 replica.stop(signal.SIGKILL)
+            # A call whose deadline passes first says that every replica refused, naming
+            # each (it named one, with "the deadline passed").
+            with pytest.raises(EmbeddingError) as failed:
+                client.lookup([0, 1, 2], "r", timeout=1.0)
+            assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            details = failed.value.details
+            assert details.startswith(
+                f"shard 0/{SHARDS}: every replica refused the connection: is shard 0/{SHARDS} "
+                "running? (asked until the deadline; "
+            ), details
+            for replica in down:
+                assert f"{replica.target}: UNAVAILABLE: " in details
             caller.start()
             time.sleep(1.0)  # the call has found both replicas refusing, and waits
             assert caller.is_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -140,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--dense", action="store_true", help="use LookupManyDense")
     many.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    commands.add_parser("tables", help="list the server's tables")
+    tables = commands.add_parser("tables", help="list the server's tables")
+    tables.add_argument("--json", action="store_true", help="as JSON, every field")
     reload = commands.add_parser("reload", help="load a new version of a table (admin)")
     reload.add_argument("--table", help="table name (default: the server's default table)")
     reload.add_argument(
@@ -224,13 +226,19 @@ def _many(client: EmbeddingClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _tables(client: EmbeddingClient) -> int:
+def _tables(client: EmbeddingClient, as_json: bool = False) -> int:
+    tables = client.tables()
+    if as_json:  # every field of TableInfo, one object per table
+        print(json.dumps([dataclasses.asdict(t) for t in tables], indent=2))
+        return 0
     header = ("name", "rows", "dim", "dtype", "device", "version", "update_seq", "bytes",
-              "default")  # fmt: skip
+              "shard", "shard_rows", "log", "default")  # fmt: skip
     rows = [
         (t.name, t.rows, t.dim, t.dtype, t.device, t.version, t.update_seq, t.bytes,
+         "-" if t.shard is None else f"{t.shard[0]}/{t.shard[1]}",
+         "-" if t.shard_rows is None else t.shard_rows, "yes" if t.update_log else "no",
          "*" if t.is_default else "")
-        for t in client.tables()
+        for t in tables
     ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -266,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "many":
                 return _many(client, args)
             if args.command == "tables":
-                return _tables(client)
+                return _tables(client, args.json)
             if args.command == "reload":
                 info = client.reload_table(args.table, args.source)
                 print(f"reloaded {info.name}: version {info.version}, {info.rows} x {info.dim}")

@@ -417,6 +417,7 @@ class AsyncShardedClient:
         tried = 0
         hedged = False
         pause = FIRST_PAUSE_S
+        last: dict[str, EmbeddingError] = {}  # each replica's last answer in this call
 
         def launch() -> None:
             nonlocal tried
@@ -457,6 +458,8 @@ class AsyncShardedClient:
                         return client.target, task.result()
                     if not isinstance(error, EmbeddingError):
                         raise error
+                    if error.details != "the deadline passed":
+                        last[client.target] = error
                     retry = error.code in FAILOVER_CODES and time.monotonic() < deadline
                     if retry and tried < len(order):
                         stats.failovers += 1
@@ -474,10 +477,10 @@ class AsyncShardedClient:
                         launch()
                     elif not running:
                         stats.failures += 1
-                        raise EmbeddingError(
-                            error.code,
-                            f"shard {shard}/{self.shard_count} ({client.target}): {error.details}",
-                        ) from None
+                        raise _shard_failure(
+                            f"shard {shard}/{self.shard_count}", client.target, error, last,
+                            len(order),
+                        ) from None  # fmt: skip
         finally:
             for task in running:
                 task.cancel()
@@ -645,7 +648,11 @@ class AsyncShardedClient:
         if failed:
             first = failed[0][1]
             code = first.code if isinstance(first, EmbeddingError) else grpc.StatusCode.INTERNAL
-            shown = "; ".join(f"{t} ({a})" for t, a in failed)
+            # The same refusal from every replica (admin RPCs off, say) is said once.
+            by_reason: dict[str, list[str]] = {}
+            for target, answer in failed:
+                by_reason.setdefault(str(answer), []).append(target)
+            shown = "; ".join(f"{', '.join(t)} ({reason})" for reason, t in by_reason.items())
             raise EmbeddingError(
                 code,
                 f"update of table {layout.name!r} reached {len(jobs) - len(failed)} of "
@@ -770,6 +777,23 @@ def _merged(table: str, vectors: np.ndarray, results: list[LookupResult]) -> Loo
     return LookupResult(vectors=vectors, table=table, version=min(versions, default=0),
                         shard_versions=versions, update_seq=min(seqs, default=0),
                         shard_update_seqs=seqs)  # fmt: skip
+
+
+def _shard_failure(
+    shard: str, target: str, error: EmbeddingError, last: dict[str, EmbeddingError],
+    replicas: int,
+) -> EmbeddingError:  # fmt: skip
+    """The error a failed sub-request raises: the replica's own where one replica
+    answered it; where every replica was asked and refused, each one's reason."""
+    if len(last) < 2 or replicas < 2:
+        reason = last.get(target, error)
+        code = error.code if error.details == "the deadline passed" else reason.code
+        return EmbeddingError(code, f"{shard} ({target}): {reason.details}")
+    refused = all("Connection refused" in e.details for e in last.values())
+    summary = (f"every replica refused the connection: is {shard} running?" if refused
+               else f"no replica of {shard} answered")  # fmt: skip
+    each = "; ".join(f"{t}: {e.code.name}: {e.details[:300]}" for t, e in last.items())
+    return EmbeddingError(error.code, f"{shard}: {summary} (asked until the deadline; {each})")
 
 
 class ShardedClient:
