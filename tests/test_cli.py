@@ -236,7 +236,12 @@ def test_cli_reports_errors_in_one_line(served: tuple[str, Path]) -> None:
         (["--table", "t={folder}/inf.npy"], "row 1, column 0 holds inf; tables must be finite"),
         (["--table", "t={folder}/1d.npy"], "expected a 2-D [rows, dim] table"),
         (["--device", "cuda:99"], "--device cuda:99: CUDA is not available"),
-        (["--port", "{busy}"], "cannot bind gRPC to 127.0.0.1:{busy}: Address already in use"),
+        (
+            ["--port", "{busy}"],
+            "cannot bind gRPC to 127.0.0.1:{busy}: Address already in use "
+            "(another server runs there? Pick another port: --port N, or with make run: "
+            'make run ARGS="--port N")',
+        ),
     ],
 )
 def test_startup_errors_stop_with_one_clear_line(

@@ -51,6 +51,9 @@ def test_ids_travel_as_little_endian_int64_bytes() -> None:
         (["a"], "must be integers"),
         ([[0, 1], [2]], "rectangular"),
         (np.array([2**64 - 1], dtype=np.uint64), "fit in int64"),
+        # Past 64 bits Python ints make an object array: the value is named, not "object".
+        ([1, 2**70], f"^ids must fit in int64: {2**70} does not$"),
+        ([[1], [-(2**63) - 1]], f"^ids must fit in int64: {-(2**63) - 1} does not$"),
     ],
 )
 def test_bad_ids_are_refused_before_sending(ids: object, message: str) -> None:

@@ -187,3 +187,30 @@ def test_a_yes_no_flag_alone_means_yes() -> None:
     assert load_config(["--batching", "false"]).batching is False
     assert load_config(["--reflection", "no"]).reflection is False
     assert load_config([]).batching is False
+
+
+def test_the_config_files_directories_and_log_and_what_wins(tmp_path: Path) -> None:
+    """`table_dirs`, `snapshot_dir` and `update_log` at the top of the TOML file: the
+    directories relative to the file's folder; a flag, or its environment twin, wins."""
+    (tmp_path / "t.npy").touch()
+    for folder in ("incoming", "snaps", "abs", "other", "from-env"):
+        (tmp_path / folder).mkdir()
+    path = tmp_path / "tables.toml"
+    path.write_text(
+        f'table_dirs = ["incoming", "{tmp_path / "abs"}"]\nsnapshot_dir = "snaps"\n'
+        'update_log = "redis://log:6379/1"\n\n[[table]]\nname = "t"\nsource = "t.npy"\n'
+    )
+    config = load_config(["--config", str(path)], env={})
+    assert config.table_dirs == (str(tmp_path / "incoming"), str(tmp_path / "abs"))
+    assert config.snapshot_dir == str(tmp_path / "snaps")
+    assert config.update_log == "redis://log:6379/1"
+    flags = ["--config", str(path), "--table-dir", str(tmp_path / "other"),
+             "--snapshot-dir", str(tmp_path), "--update-log", "redis://mine:6379/0"]  # fmt: skip
+    config = load_config(flags, env={})
+    assert (config.table_dirs, config.snapshot_dir) == ((str(tmp_path / "other"),), str(tmp_path))
+    assert config.update_log == "redis://mine:6379/0"
+    env = {"EMBEDDING_TABLE_DIR": str(tmp_path / "from-env"),
+           "EMBEDDING_SNAPSHOT_DIR": str(tmp_path / "incoming")}  # fmt: skip
+    config = load_config(["--config", str(path)], env=env)
+    assert config.table_dirs == (str(tmp_path / "from-env"),)
+    assert config.snapshot_dir == str(tmp_path / "incoming")

@@ -99,6 +99,9 @@ def numpy_dtype(value: int) -> np.dtype[Any]:
     return bfloat16() if wire == pb.DTYPE_BFLOAT16 else _NUMPY_DTYPES[wire]
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def as_id_array(ids: Any) -> np.ndarray:
     """Turn a list, nested list, numpy array or torch tensor of ints into int64 ids.
 
@@ -116,6 +119,12 @@ def as_id_array(ids: Any) -> np.ndarray:
         array = array.astype(ID_DTYPE)  # np.asarray([]) is float64
     if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(ID_DTYPE).max:
         raise WireError("ids must fit in int64")
+    if array.dtype.kind == "O" and array.size:
+        # Python ints past 64 bits make an object array: name the value, not the dtype.
+        big = next((v for v in array.flat if isinstance(v, int) and not isinstance(v, bool)
+                    and not INT64_MIN <= v <= INT64_MAX), None)  # fmt: skip
+        if big is not None:
+            raise WireError(f"ids must fit in int64: {big} does not")
     if array.dtype.kind not in "iu":
         raise WireError(f"ids must be integers, got dtype {array.dtype}")
     if array.ndim > MAX_ID_DIMS:

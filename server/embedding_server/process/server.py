@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -148,7 +149,12 @@ def check_port_free(host: str, port: int, what: str) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)
     except OSError as exc:
-        raise StartupError(f"cannot bind {what} to {host}:{port}: {exc.strerror}") from None
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            flag = "--port" if what == "gRPC" else "--metrics-port"
+            hint = (f" (another server runs there? Pick another port: {flag} N, or with "
+                    f'make run: make run ARGS="{flag} N")')  # fmt: skip
+        raise StartupError(f"cannot bind {what} to {host}:{port}: {exc.strerror}{hint}") from None
 
 
 # Device memory a worker process's CUDA context takes before it allocates anything: an
