@@ -27,6 +27,7 @@ mkdir -p "$WORK"
 printf '[containers]\ndefault_ulimits = []\n' > "$WORK/containers.conf"
 export CONTAINERS_CONF=$WORK/containers.conf
 PODMAN=(podman --runtime runc)
+BUILD_STAGE=localhost/embedding-server:smoke-build
 "${PODMAN[@]}" info >/dev/null 2>"$WORK/podman-info.err" \
     || skip "podman is not usable here: $(tail -n 1 "$WORK/podman-info.err")"
 
@@ -48,11 +49,19 @@ log "filling the wheelhouse docker/wheels/ (torch's CPU wheel, no CUDA download)
 
 log "building $IMAGE (BASE_IMAGE=$BASE)"
 started=$SECONDS
-"${PODMAN[@]}" build --network host --format docker --build-arg "BASE_IMAGE=$BASE" \
-    --build-arg LOCK=requirements/server.txt \
-    -f docker/Dockerfile -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
-    || { tail -n 30 "$WORK/build.log"; exit 1; }
+: >"$WORK/build.log"
+# The build stage gets a name of its own (the next build's cache), so that what a rebuild
+# leaves behind (the previous image and build stage, untagged) can be pruned by name.
+for target in "--target build -t $BUILD_STAGE" "-t $IMAGE"; do
+    # shellcheck disable=SC2086
+    "${PODMAN[@]}" build --network host --format docker --build-arg "BASE_IMAGE=$BASE" \
+        --build-arg LOCK=requirements/server.txt $target \
+        -f docker/Dockerfile . >>"$WORK/build.log" 2>&1 \
+        || { tail -n 30 "$WORK/build.log"; exit 1; }
+done
 log "built in $((SECONDS - started)) s: $("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
+pruned=$("${PODMAN[@]}" image prune -f 2>/dev/null | wc -l)
+log "removed $pruned untagged images earlier builds left; kept $IMAGE and its build stage $BUILD_STAGE (podman rmi them to free the disk)"
 
 free_port() { "$VENV_PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 GRPC_PORT=$(free_port); METRICS_PORT=$(free_port); PROM_PORT=$(free_port)
