@@ -560,6 +560,30 @@ def test_the_readmes_sharded_example_runs(cluster: Cluster) -> None:
     assert _same(np.asarray(namespace["vectors"]), cluster.tables["r"][[[0, 2], [1, 2]]])
 
 
+def test_the_scaling_example_runs(cluster: Cluster) -> None:
+    """docs/scaling.md's client example, on this fleet (its tables "ads" and "countries"
+    played by "r", sharded, and "w", whole); its update is undone afterwards."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+                  if "ShardedClient" in b]  # fmt: skip
+    listed = re.search(r"shards = \[\n.*?\]  # shard 1\n", example, flags=re.S)
+    assert listed is not None
+    example = example.replace(listed.group(0), f"shards = {cluster.map!r}\n")
+    example = example.replace('"ads"', '"r"').replace('"countries"', '"w"')
+    namespace: dict[str, object] = {}
+    table = cluster.tables["r"]
+    try:
+        exec(example, namespace)
+    finally:
+        with ShardedClient(cluster.map, timeout=30) as client:
+            client.update_rows([3, 17], table[[3, 17]], "r")
+    ids, bags = (np.asarray(namespace[k]) for k in ("ids", "bags"))
+    assert _same(np.asarray(namespace["vectors"]), table[ids])
+    np.testing.assert_allclose(np.asarray(namespace["pooled"]), table[bags].mean(axis=1), rtol=1e-6)
+    many = namespace["many"]
+    assert _same(many["w"].vectors, cluster.tables["w"][np.asarray(namespace["cids"])])  # type: ignore[index]
+
+
 def test_a_merged_answer_says_the_lowest_version_and_update_seq_and_each_shards() -> None:
     """What a sharded lookup reports (issue 29: the merge was untested): the lowest
     loaded version and update_seq of the shards that answered, and each shard's own."""

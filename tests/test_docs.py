@@ -1,0 +1,107 @@
+"""Every Python example in README.md and docs/*.md runs, or says where it is run and why
+not here: a doc cannot go stale silently.
+
+Each ```python block is preceded by a marker comment (hidden when the Markdown renders):
+
+    <!-- doctest: run -->                 run here against a server on loopback
+    <!-- doctest: foreign (why) -->       run here with Triton's client (its own venv)
+    <!-- doctest: elsewhere FILE::TEST --> run by that test (which must exist)
+    <!-- doctest: skip REASON -->         not run; the reason says what covers it
+
+Examples name `localhost:50051`; here they reach a server holding the tables they use:
+`demo` (the default), `users`, `items`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT, ServerFactory, random_table
+from .test_inference import foreign_python, run_foreign
+
+__all__ = ["foreign_python"]  # a fixture, used by name
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKER = re.compile(r"<!-- doctest: (run|foreign|elsewhere|skip)\b\s*(.*?)\s*-->\s*$")
+
+
+@dataclass(frozen=True)
+class Example:
+    doc: str
+    line: int
+    kind: str  # run, foreign, elsewhere, skip, or "" for a block without a marker
+    detail: str
+    code: str
+
+    def __str__(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def examples() -> list[Example]:
+    found = []
+    for path in DOCS:
+        lines = path.read_text().splitlines()
+        for k, line in enumerate(lines):
+            if line.strip() != "```python":
+                continue
+            end = next(j for j in range(k + 1, len(lines)) if lines[j].strip() == "```")
+            marker = MARKER.match(lines[k - 1].strip()) if k else None
+            found.append(
+                Example(
+                    str(path.relative_to(ROOT)), k + 1, marker.group(1) if marker else "",
+                    marker.group(2) if marker else "", "\n".join(lines[k + 1 : end]),
+                )
+            )  # fmt: skip
+    return found
+
+
+EXAMPLES = examples()
+
+
+def test_every_python_example_is_run_or_says_where() -> None:
+    assert len(EXAMPLES) >= 7
+    for example in EXAMPLES:
+        assert example.kind, f"{example}: a ```python block needs a <!-- doctest: ... --> marker"
+        compile(example.code, str(example), "exec")  # every one is Python, at least
+        if example.kind == "skip":
+            assert len(example.detail) > 20, f"{example}: say why it is not run, and what covers it"
+        if example.kind == "elsewhere":
+            where = example.detail.split()[0]
+            file, _, test = where.partition("::")
+            assert (ROOT / file).is_file(), f"{example}: {file} does not exist"
+            assert f"def {test}(" in (ROOT / file).read_text(), f"{example}: no {where}"
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.kind == "run"], ids=str)
+def test_the_example_runs(start_server: ServerFactory, example: Example) -> None:
+    server = start_server(
+        {
+            "demo": random_table(10, 16),
+            "users": random_table(10, 8, seed=2),
+            "items": random_table(10, 4, seed=3),
+        }
+    )
+    code = example.code.replace("localhost:50051", f"127.0.0.1:{server.port}")
+    namespace: dict[str, object] = {"__name__": "example"}
+    exec(compile(code, str(example), "exec"), namespace)
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.kind == "foreign"], ids=str)
+def test_the_foreign_clients_example_runs(
+    start_server: ServerFactory, foreign_python: Path, example: Example, tmp_path: Path
+) -> None:
+    """Run with Triton's client in its own environment; the vectors it printed are
+    the rows of the ids it asked for."""
+    table = random_table(10, 16)
+    server = start_server({"demo": table})
+    script = (
+        "import sys, json\n"
+        + example.code.replace('"localhost:50051"', "sys.argv[1]")
+        + "\njson.dump({'vectors': vectors.tolist()}, open(sys.argv[2] + '.json', 'w'))\n"
+    )
+    report = run_foreign(foreign_python, script, server.port, tmp_path / "example")
+    np.testing.assert_array_equal(np.array(report["vectors"], np.float32), table[[[0, 2], [1, 2]]])
