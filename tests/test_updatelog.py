@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from embedding_client import EmbeddingClient, EmbeddingError
+from embedding_client.client import LookupResult
 
 from .conftest import (
     Redis,
@@ -226,6 +227,16 @@ def _freeze(process: subprocess.Popen[str]) -> None:
     until(lambda: Path(f"/proc/{process.pid}/stat").read_text().split(") ")[1][0] == "T")
 
 
+def _holds(target: str, update_seq: int, expected: LookupResult) -> None:
+    """The replica at `target` reaches `update_seq` (within 20 s) holding every row as
+    `expected` has it."""
+    with EmbeddingClient(target, max_attempts=1) as client:
+        got = client.lookup_result(np.arange(len(WEIGHTS)), "t", min_update_seq=update_seq,
+                                   timeout=20)  # fmt: skip
+    assert got.update_seq == update_seq
+    assert got.vectors.tobytes() == expected.vectors.tobytes()
+
+
 def _stream(redis_url: str) -> tuple[list[int], int]:
     """The positions table t's stream holds, and its last one."""
     import redis as redis_client
@@ -278,10 +289,7 @@ def test_a_replica_starts_from_the_newest_snapshot_and_the_log_is_trimmed_to_it(
         until(lambda: _stream(redis_server.url) == ([9, 10], 10))
         late, late_target = _spawn_replica(path, redis_server.url, snapshots)
         started.append(late)
-        with EmbeddingClient(late_target, max_attempts=1) as b:
-            got = b.lookup_result(np.arange(len(WEIGHTS)), "t", min_update_seq=10, timeout=10)
-        assert got.update_seq == 10
-        assert got.vectors.tobytes() == expected.vectors.tobytes()
+        _holds(late_target, 10, expected)
     finally:
         logs = [_stop(process) for process in started]
     assert "entries up to update 8 trimmed" in logs[0]
@@ -320,10 +328,7 @@ def test_a_replica_the_log_was_trimmed_past_reloads_the_newest_snapshot(
             expected = a.lookup_result(np.arange(len(WEIGHTS)), "t")
         until(lambda: _stream(redis_server.url) == ([7, 8], 8))
         frozen.send_signal(signal.SIGCONT)
-        with EmbeddingClient(frozen_target, max_attempts=1) as b:
-            got = b.lookup_result(np.arange(len(WEIGHTS)), "t", min_update_seq=8, timeout=20)
-        assert got.update_seq == 8
-        assert got.vectors.tobytes() == expected.vectors.tobytes()
+        _holds(frozen_target, 8, expected)
     finally:
         logs = [_stop(process) for process in started]
     assert "holds update 2 but the log's next entry is 7" in logs[1]

@@ -47,43 +47,50 @@ ERROR_KINDS = ("append", "read", "gap", "apply")
 PUBLISH_EVERY_S = 1.0
 RECOVER_EVERY_S = 10.0
 
-# The next position of a stream, and the entry at it, in one step (Redis runs a script
-# alone: two writers never get the same position). Positions are the IDs' first part.
-_APPEND = """
-local last = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+# The last position a stream has given (0: none yet; trimmed entries count), in Lua: a
+# helper both scripts below begin with.
+_LAST = """
+local function last_of(key)
+  if redis.call('EXISTS', key) == 0 then
+    return 0
+  end
+  local info = redis.call('XINFO', 'STREAM', key)
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then
-      last = tonumber(string.match(info[i + 1], '^(%d+)'))
+      return tonumber(string.match(info[i + 1], '^(%d+)'))
     end
   end
+  return 0
 end
-local seq = last + 1
+"""
+
+# The next position of a stream, and the entry at it, in one step (Redis runs a script
+# alone: two writers never get the same position). Positions are the IDs' first part.
+_APPEND = (
+    _LAST
+    + """
+local seq = last_of(KEYS[1]) + 1
 redis.call('XADD', KEYS[1], seq .. '-0', 'ids', ARGV[1], 'vectors', ARGV[2],
            'dim', ARGV[3], 'writer', ARGV[4], 'time', ARGV[5])
 return seq
 """
+)
 
 # A stream's first and last positions (0 for none) and length, read at one instant.
-_BOUNDS = """
+_BOUNDS = (
+    _LAST
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {0, 0, 0}
-end
-local last = 0
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-for i = 1, #info, 2 do
-  if info[i] == 'last-generated-id' then
-    last = tonumber(string.match(info[i + 1], '^(%d+)'))
-  end
 end
 local first = 0
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #oldest > 0 then
   first = tonumber(string.match(oldest[1][1], '^(%d+)'))
 end
-return {first, last, redis.call('XLEN', KEYS[1])}
+return {first, last_of(KEYS[1]), redis.call('XLEN', KEYS[1])}
 """
+)
 
 
 def stream_key(table: Table) -> str:
