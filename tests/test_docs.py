@@ -14,6 +14,7 @@ Examples name `localhost:50051`; here they reach a server holding the tables the
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +106,59 @@ def test_the_foreign_clients_example_runs(
     )
     report = run_foreign(foreign_python, script, server.port, tmp_path / "example")
     np.testing.assert_array_equal(np.array(report["vectors"], np.float32), table[[[0, 2], [1, 2]]])
+
+
+# ------------------------------------------------------------------ shell examples
+
+PROGRAMS = ("embedding-server", "embedding-client", "embedding-split")
+
+
+def shell_commands() -> list[tuple[str, list[str]]]:
+    """Every command line of the docs' ```sh blocks (continuations joined, comments and
+    leading VAR=value assignments dropped), with where it is."""
+    found = []
+    for path in DOCS:
+        text = path.read_text()
+        for block in re.finditer(r"^```(?:sh|bash)\n(.*?)^```$", text, flags=re.S | re.M):
+            line_no = text[: block.start()].count("\n") + 1
+            joined = block.group(1).replace("\\\n", " ")
+            for line in joined.splitlines():
+                words = shlex.split(line, comments=True)
+                while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                    words = words[1:]
+                if words:
+                    found.append((f"{path.relative_to(ROOT)}:{line_no}", words))
+    return found
+
+
+def test_every_documented_command_line_parses() -> None:
+    """Each `embedding-*` command in the docs is parsed by its program's own parser (a
+    renamed or removed flag fails here); each `make X` names a target the Makefile has;
+    each `bench/*.py` flag is one the script defines."""
+    from embedding_client.cli import build_parser as client_parser
+    from embedding_server.config import build_parser as server_parser
+    from embedding_server.split import build_parser as split_parser
+
+    parsers = {"embedding-server": lambda: server_parser({}),
+               "embedding-client": client_parser, "embedding-split": split_parser}  # fmt: skip
+    makefile = (ROOT / "Makefile").read_text()
+    checked = 0
+    for where, words in shell_commands():
+        program = Path(words[0]).name
+        args = [w for w in words[1:] if w != "..."]  # "..." stands for the rest
+        if program in PROGRAMS:
+            try:
+                parsers[program]().parse_args(args)
+            except SystemExit:
+                pytest.fail(f"{where}: {' '.join(words)} does not parse")
+            checked += 1
+        elif program == "make":
+            target = next(w for w in args if "=" not in w)
+            assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), f"{where}: {target}"
+            checked += 1
+        elif program == "python" and args and args[0].startswith("bench/"):
+            script = (ROOT / args[0]).read_text()
+            for flag in (w.split("=")[0] for w in args[1:] if w.startswith("--")):
+                assert f'"{flag}"' in script, f"{where}: {args[0]} has no {flag}"
+            checked += 1
+    assert checked >= 25
