@@ -162,3 +162,24 @@ def test_every_documented_command_line_parses() -> None:
                 assert f'"{flag}"' in script, f"{where}: {args[0]} has no {flag}"
             checked += 1
     assert checked >= 25
+
+
+def test_the_changelogs_newest_release_is_the_version_the_programs_print() -> None:
+    """CHANGELOG.md: [Unreleased] first, its breaking changes before anything else, then
+    releases newest first; the newest is what `--version` prints."""
+    import subprocess
+    from importlib import metadata
+
+    from .conftest import BIN
+
+    text = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?$", text, flags=re.M)
+    assert headings[0] == ("Unreleased", "")
+    releases = [version for version, date in headings[1:] if date]
+    assert releases and len(releases) == len(headings) - 1, "every release has a date"
+    unreleased = text.split("\n## [", 2)[1]
+    assert re.findall(r"^### (.*)$", unreleased, flags=re.M)[0].startswith("Breaking")
+    assert releases[0] == metadata.version("embedding-service")
+    for program in ("embedding-server", "embedding-client"):
+        done = subprocess.run([str(BIN / program), "--version"], capture_output=True, text=True)
+        assert done.stdout.strip() == f"{program} {releases[0]}"
