@@ -197,3 +197,24 @@ def test_sources_with_a_key_and_colons(dirs: tuple[Path, Path, Path]) -> None:
     assert files.table_source("model.pt:emb.weight") == (tables / "model.pt", "emb.weight")
     assert files.table_source("a:b.npy") == (tables / "a:b.npy", None)
     assert files.table_source(str(tables / "model.pt")) == (tables / "model.pt", None)
+
+
+def test_a_sibling_directory_sharing_the_prefix_is_outside(
+    confined: EmbeddingServer, dirs: tuple[Path, Path, Path]
+) -> None:
+    """`tables2` starts with `tables` and is not inside it (issue 29: a prefix check on
+    the path's text would let it through); `snapshots2` likewise."""
+    tables, snapshots, outside = dirs
+    for sibling in (Path(f"{tables}2"), Path(f"{snapshots}2")):
+        sibling.mkdir()
+    np.save(Path(f"{tables}2") / "near.npy", np.full((30, 4), 7.0, np.float32))
+    with _client(confined) as client:
+        for source in (str(Path(f"{tables}2") / "near.npy"), "../tables2/near.npy"):
+            _refused(lambda s=source: client.reload_table("t", s),
+                     grpc.StatusCode.INVALID_ARGUMENT, "not inside a table directory")  # fmt: skip
+        for path in (str(Path(f"{snapshots}2") / "x.npy"), "../snapshots2/x.npy"):
+            _refused(lambda p=path: client.snapshot_table(p, "t"),
+                     grpc.StatusCode.INVALID_ARGUMENT, "not inside this server's")  # fmt: skip
+        np.testing.assert_array_equal(client.lookup([0, 29], "t"), WEIGHTS[[0, 29]])
+    assert list(Path(f"{snapshots}2").iterdir()) == []
+    _outside_untouched(outside)

@@ -122,6 +122,19 @@ def test_model_infer_answers_the_bits_lookup_answers(
     answer = stub.ModelInfer(typed)
     assert not answer.outputs[0].HasField("contents")
     assert answer.raw_output_contents[0] == client.lookup(ids[:2, :3], "items", "float16").tobytes()
+    # The request says FP16, the requested output BF16: the output's wins (issue 29).
+    typed.outputs.add(name="embeddings").parameters["datatype"].string_param = "BF16"
+    answer = stub.ModelInfer(typed)
+    assert answer.outputs[0].datatype == "BF16"
+    assert (
+        answer.raw_output_contents[0] == client.lookup(ids[:2, :3], "items", "bfloat16").tobytes()
+    )
+    # Typed INT32 ids (`int_contents`), as a client sending INT32 without raw bytes does.
+    typed32 = oip.ModelInferRequest(model_name="items")
+    tensor = typed32.inputs.add(name="ids", datatype="INT32", shape=[4, 6])
+    tensor.contents.int_contents.extend(ids.reshape(-1).tolist())
+    values = np.asarray(stub.ModelInfer(typed32).outputs[0].contents.fp32_contents, np.float32)
+    assert values.tobytes() == client.lookup(ids, "items").tobytes()
 
 
 @pytest.mark.parametrize(
@@ -146,6 +159,9 @@ def test_model_infer_answers_the_bits_lookup_answers(
          "INVALID_ARGUMENT", "out of range"),
         (lambda r: setattr(r.parameters["padding_id"], "int64_param", 10**6), "INVALID_ARGUMENT",
          "padding_id"),
+        # A boolean where an integer goes is refused, not read as 0 or 1.
+        (lambda r: setattr(r.parameters["padding_id"], "bool_param", True), "INVALID_ARGUMENT",
+         "parameter 'padding_id' must be an integer row id, got True"),
         (lambda r: setattr(r.parameters["min_update_seq"], "int64_param", -1), "INVALID_ARGUMENT",
          "'min_update_seq' -1 is not an update_seq"),
         (lambda r: setattr(r.parameters["min_update_seq"], "bool_param", True),

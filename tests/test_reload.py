@@ -176,3 +176,39 @@ def test_sighup_rereads_table_files(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=30)[0]
     assert "reload of table 't' failed, still serving version 2" in output
+
+
+def test_a_reload_from_a_new_source_keeps_the_tables_storage_and_shard(tmp_path: Path) -> None:
+    """A float16 table and shard 0/2 of another, reloaded from new float32 files: each
+    stays as configured (float16 storage; shard 0's rows of the new file), through a real
+    connection (issue 29: nothing checked either)."""
+    from dataclasses import replace
+
+    from embedding_client.shards import Shard
+
+    old = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
+    new = np.random.default_rng(2).standard_normal((40, 4)).astype(np.float32)
+    half, part = _save(tmp_path / "half.npy", old), _save(tmp_path / "part.npy", old)
+    _save(tmp_path / "new.npy", new)
+    store = TableStore()
+    cpu = torch.device("cpu")
+    store.add(load_table(TableSpec("half", half, dtype="float16"), cpu))
+    store.add(load_table(TableSpec("part", part, shard=Shard(0, 2), shard_given=True), cpu))
+    server = EmbeddingServer(replace(TEST_CONFIG, **admin_settings(tmp_path)), store)
+    server.start()
+    try:
+        with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+            owned = Shard(0, 2).owned(40)
+            for name in ("half", "part"):
+                info = client.reload_table(name, "new.npy")
+                assert info.version == 2
+            listed = {t.name: t for t in client.tables()}
+            assert listed["half"].dtype == "float16"
+            np.testing.assert_array_equal(
+                client.lookup(np.arange(40), "half"), new.astype(np.float16).astype(np.float32)
+            )
+            assert (listed["part"].shard, listed["part"].shard_rows) == ((0, 2), len(owned))
+            assert listed["part"].rows == 40
+            np.testing.assert_array_equal(client.lookup(owned, "part"), new[owned])
+    finally:
+        server.stop(grace=0)

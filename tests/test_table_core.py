@@ -258,3 +258,46 @@ def test_take_reads_rows_by_numpy_with_the_seconds_and_version_it_saw() -> None:
     rows, seconds, stamp = shared.take(np.array([[2], [0]]))
     np.testing.assert_array_equal(rows, expected)
     assert reads == [0, 0] and stamp == (1, 4) and 0 <= seconds < 1
+
+
+@pytest.mark.parametrize("way", ["take", "read"])
+def test_the_stamp_is_read_with_the_rows_not_around_them(way: str) -> None:
+    """A write lands just before the read takes its lock (and, for `read`, just after it
+    lets go): the stamp returned is the update_seq of the rows returned, never one read
+    apart from them (issue 29: a stamp read outside the read section went unseen)."""
+    from embedding_server.core.store import TableStore
+
+    store = TableStore()
+    t = table(torch.zeros((4, 3)))
+    store.add(t)
+    lock = t.lock
+
+    def write(value: float) -> None:
+        update = store.prepare_update("t", np.arange(4), np.full((4, 3), value, np.float32))
+        store.write_update(update)
+
+    class Interleaved:  # the table's lock, with a write landing around each acquisition
+        def __getattr__(self, name: str) -> object:
+            return getattr(lock, name)
+
+        def try_acquire_read(self) -> bool:
+            write(float(t.update_seq + 1))
+            return lock.try_acquire_read()
+
+        def acquire_read(self) -> None:
+            write(float(t.update_seq + 1))
+            lock.acquire_read()
+
+        def release_read(self) -> None:
+            lock.release_read()
+            write(float(t.update_seq + 1))
+
+    t.lock = Interleaved()  # type: ignore[assignment]
+    if way == "take":
+        taken = t.take(np.arange(4))
+        assert taken is not None
+        rows, _, stamp = taken
+    else:
+        rows, stamp = t.read(lambda: t.weights.numpy().copy())
+    assert np.unique(rows).tolist() == [float(stamp.update_seq)], (rows, stamp)
+    assert stamp.update_seq == 1

@@ -130,6 +130,41 @@ def test_readers_never_see_a_torn_row(start_server: ServerFactory) -> None:
     assert not seqs_went_back
 
 
+def test_the_update_seq_an_answer_reports_is_that_of_its_rows(start_server: ServerFactory) -> None:
+    """Update k writes k into every row: each answer's rows must all hold exactly the
+    update_seq it reports (issue 29: an update_seq read apart from the rows, before or
+    after the table's read section, could name another update than the rows')."""
+    rows, dim = 32, 64
+    server = start_server({"t": np.zeros((rows, dim), np.float32)}, **admin_settings())
+    target = f"127.0.0.1:{server.port}"
+    stop = threading.Event()
+    wrong: list[tuple[int, float]] = []
+    reads = [0]
+
+    def read() -> None:
+        with EmbeddingClient(target) as client:
+            while not stop.is_set():
+                result = client.lookup_result(np.arange(rows), "t")
+                held = np.unique(result.vectors)
+                if held.size != 1 or held[0] != result.update_seq:
+                    wrong.append((result.update_seq, float(held[0])))
+                reads[0] += 1
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    try:
+        with EmbeddingClient(target) as client:
+            for k in range(1, 300):
+                client.update_rows(np.arange(rows), np.full((rows, dim), float(k), np.float32), "t")
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(timeout=30)
+    assert reads[0] > 50, "the readers hardly ran"
+    assert not wrong, wrong[:5]
+
+
 def test_snapshot_writes_a_file_the_server_can_reload(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
