@@ -323,3 +323,20 @@ def test_tls_to_a_plaintext_server_says_to_connect_without_it(
         "(the server answered without TLS: connect without it (no Security(tls=...) or CA; "
         "embedding-client without --tls / --tls-ca))"
     ), refused.value.details
+
+
+def test_a_server_with_admin_tokens_only_asks_every_call_for_one(
+    start_server: ServerFactory,
+) -> None:
+    """No data tokens, an admin token: data calls need a credential too (the admin token
+    serves them), and the refusal says so (issue 29: untested; issue 32: unexplained)."""
+    server = start_server({"t": TABLE}, admin_tokens=("deployer",))
+    with _client(server.port) as anonymous, pytest.raises(EmbeddingError) as refused:
+        anonymous.lookup([1])
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "this server has no data tokens, its admin tokens serve data calls too" in (
+        refused.value.details
+    )
+    with _client(server.port, token="deployer") as admin:
+        np.testing.assert_array_equal(admin.lookup([1]), TABLE[[1]])
+        assert admin.health() == "SERVING"
