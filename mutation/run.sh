@@ -3,6 +3,7 @@
 #
 #   mutation/run.sh codec        (make mutate MODULE=codec; modules: see MODULES below)
 #   MUTATE_FRESH=1 mutation/run.sh codec     (start over: the figure to report)
+#   MUTATE_SINCE=HEAD~3 mutation/run.sh updatelog   (only functions changed since a commit)
 #
 # mutmut plants one bug at a time (an operator swapped, a constant changed, a condition
 # negated, an argument dropped...) and runs the tests that reach the mutated function
@@ -87,10 +88,21 @@ elif [ "$made" != "$head" ]; then
     extract
     touch "$work/.rerun"
 fi
-echo "mutating src/$file (children: $CHILDREN), tests:${entry#*|}"
+# A part of the module only (a whole one can take hours here): MUTATE_ONLY, mutmut name
+# patterns (`embedding_server.core.updatelog.xǁUpdateLogǁ_trim__mutmut_*`), or
+# MUTATE_SINCE=COMMIT, the functions changed since that commit (mutation/changed.py).
+only=()
+if [ -n "${MUTATE_SINCE:-}" ]; then
+    mapfile -t only < <(cd "$ROOT" && .venv/bin/python mutation/changed.py "src/$file" "$MUTATE_SINCE")
+    [ "${#only[@]}" -gt 0 ] || { echo "no function of $file changed since $MUTATE_SINCE"; exit 0; }
+elif [ -n "${MUTATE_ONLY:-}" ]; then
+    read -r -a only <<<"$MUTATE_ONLY"
+fi
+export MUTATE_PATTERNS="${only[*]}"  # the score counts these only
+echo "mutating src/$file (children: $CHILDREN), tests:${entry#*|}${only:+, functions: ${#only[@]}}"
 cd "$work"
 # mutmut redraws one progress line; where a run is: tail -c 200 run.log | tr '\r' '\n'
-"$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" > run.log 2>&1 \
+"$ROOT/.venv/bin/mutmut" run --max-children "$CHILDREN" "${only[@]}" > run.log 2>&1 \
     || { tail -n 30 run.log >&2; echo "mutmut failed: $work/run.log" >&2; exit 1; }
 if [ -e .rerun ]; then  # (removed once done: a stopped rerun is taken up next time)
     mapfile -t again < <("$ROOT/.venv/bin/python" "$ROOT/mutation/score.py" --rerun \

@@ -20,7 +20,9 @@ name (mutation/run.sh does).
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -44,12 +46,16 @@ def read_equivalents(path: Path) -> dict[str, str]:
 
 
 def read_statuses() -> tuple[dict[str, str], dict[str, Path]]:
-    """Every mutant's status and the source file it is in, from mutmut's results."""
+    """Every mutant's status and the source file it is in, from mutmut's results; only
+    those matching $MUTATE_PATTERNS where it is set (a run of some functions only)."""
     statuses: dict[str, str] = {}
     sources: dict[str, Path] = {}
+    patterns = os.environ.get("MUTATE_PATTERNS", "").split()
     for meta in sorted(Path("mutants/src").rglob("*.py.meta")):
         source = Path(str(meta.relative_to("mutants"))[: -len(".meta")])
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+                continue
             statuses[name] = status_by_exit_code[code]
             sources[name] = source
     return statuses, sources
