@@ -5,6 +5,7 @@ Redis going away and coming back."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import threading
@@ -340,6 +341,7 @@ def test_a_gap_no_snapshot_covers_stops_the_table_until_one_does(
     redis_server: Redis,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Every entry trimmed by hand (XTRIM MAXLEN 0) before a replica read them, and no
     snapshot: with no entry left to read, the stream's bounds tell it; it says so,
@@ -352,6 +354,7 @@ def test_a_gap_no_snapshot_covers_stops_the_table_until_one_does(
     from embedding_server.core import updatelog
 
     monkeypatch.setattr(updatelog, "RECOVER_EVERY_S", 1.0)
+    caplog.set_level(logging.INFO, logger=updatelog.__name__)
     settings = admin_settings(tmp_path)
     first = start_server({"t": WEIGHTS}, update_log=redis_server.url, **settings)
     with EmbeddingClient(f"127.0.0.1:{first.port}", max_attempts=1) as a:
@@ -377,6 +380,77 @@ def test_a_gap_no_snapshot_covers_stops_the_table_until_one_does(
             assert REGISTRY.get_sample_value("embedding_update_log_stalled", {"table": "t"}) == 0
             got = b.lookup_result(np.arange(5), "t", min_update_seq=3, timeout=5)
             assert got.vectors.tobytes() == a.lookup_result(np.arange(5), "t").vectors.tobytes()
+    said = [r.getMessage() for r in caplog.records if r.name == updatelog.__name__]
+    assert (
+        said.count(  # said once, not at every look
+            "table 't' holds update 0 but the log's next entry is 4: the log was trimmed past "
+            "it; looking for a snapshot that holds 3 or later"
+        )
+        == 1
+    ), said
+    assert (
+        said.count(
+            f"table 't': no snapshot holding update 3 or later in the snapshot directory "
+            f"({tmp_path}); serving update 0 until one is there or the table is reloaded "
+            "(ReloadTable)"
+        )
+        == 1
+    ), said
+    assert (
+        f"table 't': reloaded snapshot {tmp_path / 'mend.safetensors'} (update 3); applying "
+        "the log from there"
+    ) in said
+
+
+def test_a_log_that_ends_before_what_a_replica_holds_stops_it_without_guessing(
+    start_server: ServerFactory,
+    redis_server: Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stream deleted and written again (Redis's data lost, say) to fewer entries
+    than a replica holds: it cannot tell which of its updates the new log lacks, so it
+    stops that table (said, counted, the gauge at 1) and reloads no snapshot by itself,
+    even one at hand. A replica started from the file (no snapshot of the old log in its
+    directory) follows the new log from its start."""
+    import redis as redis_client
+    from prometheus_client import REGISTRY
+
+    from embedding_server.core import updatelog
+
+    monkeypatch.setattr(updatelog, "RECOVER_EVERY_S", 0.2)
+    caplog.set_level(logging.INFO, logger=updatelog.__name__)
+    old_log = tmp_path / "old"
+    old_log.mkdir()
+    replica = start_server({"t": WEIGHTS}, update_log=redis_server.url, **admin_settings(old_log))
+    with EmbeddingClient(f"127.0.0.1:{replica.port}", max_attempts=1) as a:
+        for k in range(1, 4):
+            a.update_rows([k], np.full((1, 8), float(k), np.float32), "t")
+        a.snapshot_table("held.safetensors", "t")  # update 3 of the old log
+        connection = redis_client.Redis.from_url(redis_server.url)
+        connection.delete("embedding:updates:t")
+        connection.xadd("embedding:updates:t", {"ids": np.array([9], "<i8").tobytes(),
+                        "vectors": np.full(8, 9.0, "<f4").tobytes(), "dim": "8",
+                        "writer": "elsewhere", "time": "0"}, id="1-0")  # fmt: skip
+        connection.close()
+        message = (
+            "table 't' holds update 3 but the log ends at 1: the log was deleted or replaced, "
+            "and which of this replica's updates it lacks cannot be told; serving update 3. "
+            "To follow the new log, restart the replica from a table file the new log starts "
+            "from (move snapshots of the old log out of the snapshot directory first)"
+        )
+        until(lambda: message in caplog.text)
+        assert REGISTRY.get_sample_value("embedding_update_log_stalled", {"table": "t"}) == 1
+        time.sleep(1.0)  # several recovery rounds: none reloads the snapshot at hand
+        held = a.lookup_result(np.arange(10), "t")
+        assert (held.update_seq, held.version) == (3, 1)
+        assert "reloaded snapshot" not in caplog.text
+    fresh = start_server({"t": WEIGHTS}, update_log=redis_server.url, **admin_settings(tmp_path))
+    with EmbeddingClient(f"127.0.0.1:{fresh.port}", max_attempts=1) as b:
+        got = b.lookup_result([9], "t", min_update_seq=1, timeout=10)
+        assert got.update_seq == 1
+        np.testing.assert_array_equal(got.vectors, np.full((1, 8), 9.0))
 
 
 # ------------------------------------------------------------------ a fleet

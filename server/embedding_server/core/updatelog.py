@@ -376,8 +376,11 @@ class UpdateLog:
         held = table.update_seq
         if next_seq <= held:
             log.error("table %r holds update %d but the log ends at %d: the log was deleted "
-                      "or replaced; reload the table (ReloadTable) to follow the new log",
-                      table.name, held, next_seq - 1)  # fmt: skip
+                      "or replaced, and which of this replica's updates it lacks cannot be "
+                      "told; serving update %d. To follow the new log, restart the replica "
+                      "from a table file the new log starts from (move snapshots of the old "
+                      "log out of the snapshot directory first)",
+                      table.name, held, next_seq - 1, held)  # fmt: skip
         else:
             log.error("table %r holds update %d but the log's next entry is %d: the log was "
                       "trimmed past it; looking for a snapshot that holds %d or later",
