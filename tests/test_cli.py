@@ -469,3 +469,17 @@ def test_ctrl_c_in_the_client_is_one_line(tmp_path: Path) -> None:
                 process.communicate()
     assert process.returncode == 130, err
     assert err.strip() == "interrupted"
+
+
+def test_a_tls_mistake_is_one_line_without_grpcs_own_log(served: tuple[str, Path]) -> None:
+    """TLS against a plaintext server: the error line with its hint, and not grpc's C-core
+    `I... ssl_transport_security.cc` line (GRPC_VERBOSITY unset, as a user has it)."""
+    target, _ = served
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    done = subprocess.run([str(BIN / "embedding-client"), "--target", target, "--tls",
+                           "--timeout", "5", "tables"], capture_output=True, text=True,
+                          timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: UNAVAILABLE"), done.stderr
+    assert lines[0].endswith("embedding-client without --tls / --tls-ca))")

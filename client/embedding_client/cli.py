@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
+# grpc's C core logs a failed TLS handshake at INFO on stderr (`I1208 ... ssl_transport_
+# security.cc`) unless GRPC_VERBOSITY is set when grpc starts; the error line this program
+# prints says it all. Set before grpc is imported (the package imports it lazily); a
+# GRPC_VERBOSITY the user set wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
