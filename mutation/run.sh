@@ -25,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding, inference, connections, metrics_endpoint, server, updatelog, snapshots)}
+MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding, inference, connections, metrics_endpoint, server, updatelog, snapshots, filesystem, store, config, sharded, shards)}
 CHILDREN=${MUTATE_CHILDREN:-$(nproc)}
 # module -> file (under src/) | the tests that may catch its mutants (mutmut runs, per
 # mutant, only those of them that reach the mutated function). Kept to the module's own
@@ -38,7 +38,7 @@ declare -A MODULES=(
     [tables]="embedding_server/core/tables.py|test_table_core test_tables test_updates test_limits test_memory"
     [auth]="embedding_server/transport/auth.py|test_auth test_security test_attacks"
     [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits test_stream test_handler_threads test_faults test_connections test_attacks"
-    [sharding]="embedding_server/core/sharding.py|test_sharding"
+    [sharding]="embedding_server/core/sharding.py|test_sharding test_lookup_core"
     [inference]="embedding_server/transport/inference.py|test_inference test_attacks"
     [connections]="embedding_server/transport/connections.py|test_connections test_faults"
     [metrics_endpoint]="embedding_server/transport/metrics_endpoint.py|test_attacks test_observability"
@@ -47,6 +47,14 @@ declare -A MODULES=(
     # the checkout's code, not the mutant: the in-process ones are what kill mutants here.
     [updatelog]="embedding_server/core/updatelog.py|test_updatelog"
     [snapshots]="embedding_server/core/snapshots.py|test_snapshots test_updatelog"
+    # Chosen by coverage (2026-12-08: `coverage run` of the suite with a context per test,
+    # each file kept that executes a line of the module no file before it did; in-process
+    # lines only, the only ones a mutant can change).
+    [filesystem]="embedding_server/core/filesystem.py|test_files test_attacks"
+    [store]="embedding_server/core/store.py|test_updates test_updatelog test_cache test_quantized test_memory test_reload test_service"
+    [config]="embedding_server/config.py|test_config test_sharding test_security test_cache"
+    [sharded]="embedding_client/sharded.py|test_sharding test_updatelog"
+    [shards]="embedding_client/shards.py|test_sharding"
 )
 entry=${MODULES[$MODULE]:-}
 [ -n "$entry" ] || { echo "unknown module $MODULE; known: ${!MODULES[*]}" >&2; exit 2; }
