@@ -19,8 +19,9 @@ from pathlib import Path
 
 
 def changed_lines(path: Path, commit: str) -> set[int]:
-    diff = subprocess.run(["git", "diff", "--unified=0", commit, "--", str(path)],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    diff = subprocess.run(["git", "diff", "--unified=0", commit, "--", path.name],
+                          capture_output=True, text=True, check=True,
+                          cwd=path.parent).stdout  # fmt: skip
     lines: set[int] = set()
     for start, count in re.findall(r"^@@ -\S+ \+(\d+)(?:,(\d+))? @@", diff, flags=re.M):
         first, many = int(start), int(count or 1)
