@@ -8,6 +8,7 @@
 #   bash bench/device.sh check     # GPU facts, a CUDA context's size, CUDA tests, the rest of the suite (<= 8 min)
 #   bash bench/device.sh kernels   # kernel sweep (gather vs one-hot), device cache at 10M rows (<= 6 min)
 #   bash bench/device.sh service   # service sweep: 1 and 8 server processes, 8 with batching, ceiling (~6 min)
+#   bash bench/device.sh processes # Lookup at B = 1 and 64 with 1, 2, 4, 8, 16 server processes (~5 min)
 #
 # `check` first: it is what proves the CUDA paths (tests/test_cuda.py) before any number
 # is worth reading.
@@ -81,8 +82,18 @@ service)
         --variants "1p=;8p=--processes 8;8p+batch=--processes 8 --batching true" \
         --out "$out"
     ;;
+processes)
+    # Issue 34: throughput at small batches from 1 to 16 server processes on the 16 cores
+    # (the CPU VM has 2: it cannot show where the curve bends). Lookup only, tables on the
+    # GPU, 8 client processes.
+    step 420 "$python" bench/service.py --server-args "--device cuda" \
+        --kinds Lookup --processes 8 --seconds 2 --repeat 2 \
+        --concurrency 32,128 --batch 1,64 \
+        --variants "1p=;2p=--processes 2;4p=--processes 4;8p=--processes 8;16p=--processes 16" \
+        --out "$out"
+    ;;
 *)
-    echo "unknown stage $stage: check, kernels or service" >&2
+    echo "unknown stage $stage: check, kernels, service or processes" >&2
     exit 2
     ;;
 esac
