@@ -155,17 +155,20 @@ def updating(target: str, rows_per_s: int, seconds: float) -> subprocess.Popen[s
     )  # fmt: skip
 
 
-def phases(target: str, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Lookup latencies of `target` without updates and with `args.rate` rows/s of them:
-    `args.rounds` windows of each, alternating (quiet, busy, quiet, ...), so that a drift
-    of the shared machine falls on both alike."""
+def phases(
+    target: str, args: argparse.Namespace, updated: str | None = None
+) -> dict[str, np.ndarray]:
+    """Lookup latencies of `target` without updates and with `args.rate` rows/s of them
+    sent to `updated` (default: `target` itself; another server shows what the updating
+    process alone costs the machine): `args.rounds` windows of each, alternating (quiet,
+    busy, quiet, ...), so that a drift of the shared machine falls on both alike."""
     quiet: list[np.ndarray] = []
     busy: list[np.ndarray] = []
     written = 0
     window = args.seconds / args.rounds
     for _ in range(args.rounds):
         quiet.append(lookups(target, window))
-        writer = updating(target, args.rate, window)
+        writer = updating(updated or target, args.rate, window)
         busy.append(lookups(target, window))
         written += int(writer.communicate(timeout=60)[0])
     print(f"  {target}: {written / args.seconds:,.0f} updated rows/s while updating", flush=True)
@@ -199,7 +202,15 @@ def main() -> None:
         servers.append(memory)
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         wall = time.monotonic()
-        measured = {"in memory": phases(memory_target, args), "update log": phases(target, args)}
+        # The control: the same update stream sent to another server, so that what the
+        # machine's 2 cores lose to the updating process alone shows apart.
+        other, other_target, _ = start_server(table, "")
+        servers.append(other)
+        measured = {
+            "updates elsewhere": phases(memory_target, args, other_target),
+            "in memory": phases(memory_target, args),
+            "update log": phases(target, args),
+        }
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         load_cpu = (cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime
                     - cpu_before.ru_stime) / (time.monotonic() - wall)  # fmt: skip
@@ -229,7 +240,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, axes = plt.subplots(figsize=(7, 3.5))
+        figure, axes = plt.subplots(figsize=(9, 3.5))
         labels, values = [], []
         for name, phase in measured.items():
             for when, lat in phase.items():
