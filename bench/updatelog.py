@@ -6,8 +6,12 @@ redis-server (AOF on, every-second fsync) and real server processes on loopback.
 
 Prints a markdown table and writes bench/results/updatelog.png (lookup latency percentiles
 without and with 1,000 updated rows/s). The load generator (Python threads, in this
-process; the updates from a process of their own) shares the machine's cores with the
-server: its CPU is reported.
+process; the updates from a process of their own) shares the machine with the server: its
+CPU is reported. With `--pin` (the default where there are 2 cores or more) the servers run
+on the first core and everything else on the others: the load generator (this process),
+and below its priority (nice 10) Redis, the updater and the control's server, which in a
+fleet run elsewhere. The latency then shows what the update stream costs the server, not
+what the updating process costs a shared core; `--no-pin` shares every core alike.
 """
 
 from __future__ import annotations
@@ -40,6 +44,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SERVER_CORES: set[int] | None = None  # --pin: the cores the servers run on
+OTHER_CORES: set[int] | None = None  # --pin: everything else
+
+
+def on_other_cores() -> None:
+    """In a child process before it runs (preexec_fn): to the cores left to the load, below
+    the load generator's priority (what runs elsewhere in a fleet: Redis, the trainer
+    writing updates)."""
+    if OTHER_CORES:
+        os.sched_setaffinity(0, OTHER_CORES)
+        os.nice(10)
+
+
+def on_server_cores() -> None:
+    if SERVER_CORES:
+        os.sched_setaffinity(0, SERVER_CORES)
+
+
 def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     binary = shutil.which("redis-server")
@@ -48,7 +70,7 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
          "--appendonly", "yes", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=on_other_cores,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -61,9 +83,12 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
-def start_server(table: Path, url: str) -> tuple[subprocess.Popen[str], str, float]:
-    """A server of `table` on the log at `url` ("": none, updates in memory); returns it,
-    its address and the seconds from start to SERVING (its catch-up included)."""
+def start_server(
+    table: Path, url: str, *, measured: bool = True
+) -> tuple[subprocess.Popen[str], str, float]:
+    """A server of `table` on the log at `url` ("": none, updates in memory), on the
+    servers' cores if it is `measured` (else the load's); returns it, its address and the
+    seconds from start to SERVING (its catch-up included)."""
     port = free_port()
     started = time.monotonic()
     process = subprocess.Popen(
@@ -71,6 +96,7 @@ def start_server(table: Path, url: str) -> tuple[subprocess.Popen[str], str, flo
          "--metrics-port", "0", "--table", f"t={table}", *(["--update-log", url] if url else []),
          "--allow-loopback-admin", "true"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        preexec_fn=on_server_cores if measured else on_other_cores,
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
     with EmbeddingClient(target, timeout=1, max_attempts=1) as probe:
@@ -135,6 +161,9 @@ target, rate, seconds, dim, rows = sys.argv[1], int(sys.argv[2]), float(sys.argv
 rng = np.random.default_rng(7)
 written, interval = 0, 50 / rate
 with EmbeddingClient(target, max_attempts=1, timeout=10) as client:
+    client.tables()  # connected before the window opens
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go": its start-up is not in the measured window
     began = next_at = time.monotonic()
     while time.monotonic() - began < seconds:
         ids = rng.choice(rows, size=50, replace=False)
@@ -147,12 +176,16 @@ print(written)
 
 
 def updating(target: str, rows_per_s: int, seconds: float) -> subprocess.Popen[str]:
-    """A process of its own (not this one's GIL) updating 50 rows at a time at
-    `rows_per_s` for `seconds`; it prints the rows it wrote."""
-    return subprocess.Popen(
+    """A process of its own (not this one's GIL), started and connected, that updates 50
+    rows at a time at `rows_per_s` for `seconds` once a line is written to its stdin; it
+    then prints the rows it wrote."""
+    process = subprocess.Popen(
         [sys.executable, "-c", UPDATER, target, str(rows_per_s), str(seconds), str(DIM),
-         str(ROWS)], stdout=subprocess.PIPE, text=True,
+         str(ROWS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        preexec_fn=on_other_cores,
     )  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    return process
 
 
 def phases(
@@ -167,8 +200,11 @@ def phases(
     written = 0
     window = args.seconds / args.rounds
     for _ in range(args.rounds):
-        quiet.append(lookups(target, window))
         writer = updating(updated or target, args.rate, window)
+        quiet.append(lookups(target, window))
+        assert writer.stdin is not None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
         busy.append(lookups(target, window))
         written += int(writer.communicate(timeout=60)[0])
     print(f"  {target}: {written / args.seconds:,.0f} updated rows/s while updating", flush=True)
@@ -182,7 +218,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="each latency phase")
     parser.add_argument("--rounds", type=int, default=4, help="alternating windows per phase")
     parser.add_argument("--rate", type=int, default=1000, help="updated rows per second")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction,
+                        default=len(os.sched_getaffinity(0)) >= 2,
+                        help="servers on the first core, the load on the others")  # fmt: skip
     args = parser.parse_args()
+    global SERVER_CORES, OTHER_CORES
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        SERVER_CORES, OTHER_CORES = {cores[0]}, set(cores[1:])
+        os.sched_setaffinity(0, OTHER_CORES)
     work = Path(tempfile.mkdtemp(prefix="bench-updatelog-"))
     table = work / "t.npy"
     np.save(table, np.random.default_rng(0).standard_normal((ROWS, DIM), dtype=np.float32))
@@ -204,12 +248,17 @@ def main() -> None:
         wall = time.monotonic()
         # The control: the same update stream sent to another server, so that what the
         # machine's 2 cores lose to the updating process alone shows apart.
-        other, other_target, _ = start_server(table, "")
+        other, other_target, _ = start_server(table, "", measured=False)
         servers.append(other)
+        # A second replica on the log, where the updates are written in the last phase:
+        # the measured replica then only applies them, as most replicas of a fleet do.
+        writer, writer_target, _ = start_server(table, url, measured=False)
+        servers.append(writer)
         measured = {
             "updates elsewhere": phases(memory_target, args, other_target),
             "in memory": phases(memory_target, args),
             "update log": phases(target, args),
+            "update log, written elsewhere": phases(target, args, writer_target),
         }
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         load_cpu = (cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime
@@ -217,8 +266,10 @@ def main() -> None:
         print()
         print(
             f"machine: {os.cpu_count()} cores; lookup load generator CPU {load_cpu:.2f} cores "
-            "(Python threads in this process; the updates come from another process)"
-        )
+            "(Python threads in this process; the updates come from another process); "
+            + (f"servers pinned to core(s) {sorted(SERVER_CORES or ())}, load, updater and "
+               f"Redis to {sorted(OTHER_CORES or ())}" if args.pin else "nothing pinned")
+        )  # fmt: skip
         print()
         print(f"catch-up: {args.entries:,} entries ({args.entries * args.rows_each:,} rows) from "
               f"process start to SERVING in {catch_up_s:.2f} s ({args.entries / catch_up_s:,.0f} "
