@@ -343,7 +343,7 @@ def test_a_shard_file_claiming_more_rows_than_it_could_hold_is_refused_at_once(
     metadata = {**layout.metadata(), "embedding.rows": str(1 << 27)}
     rows = random_table(int(layout.owned.size), 8, seed=3)
     with open(tmp_path / "lying.safetensors", "wb") as out:
-        write_table(out, ".safetensors", "t", torch.from_numpy(rows), metadata)
+        write_table(out, ".safetensors", {"t": torch.from_numpy(rows)}, metadata)
     server = start_server(
         {"t": TABLE}, **admin_settings(tmp_path), shard=Shard(0, 2)
     )  # fmt: skip

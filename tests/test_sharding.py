@@ -107,7 +107,7 @@ def test_a_shard_loads_its_rows_from_a_full_file_or_its_own(
     # Its own file (as SnapshotTable on a shard server writes it) says which shard it is.
     own = tmp_path / "own.safetensors"
     with own.open("wb") as out:
-        write_table(out, ".safetensors", "t", table.weights, table.shard.metadata())
+        write_table(out, ".safetensors", {"t": table.weights}, table.shard.metadata())
     again = load_table(TableSpec("t", own, shard=shard), torch.device("cpu"))
     assert np.array_equal(again.weights.numpy(), RANDOM[owned])
     assert again.shard is not None and np.array_equal(again.shard.owned, owned)

@@ -87,6 +87,11 @@ class TableInfo:
     update_seq: int = 0
     # Updates go through an update log every replica applies (write to one replica).
     update_log: bool = False
+    # A keyed table (ids are raw int64 keys): the keys it holds, how many it may hold,
+    # and what a key it does not hold reads ("error", "zeros" or "default"); None else.
+    keys: int | None = None
+    max_keys: int | None = None
+    missing_keys: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,9 @@ def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
             shard_rows=t.shard_rows if t.HasField("shard") else None,
             update_seq=t.update_seq,
             update_log=t.update_log,
+            keys=t.keys if t.keyed else None,
+            max_keys=t.max_keys if t.keyed else None,
+            missing_keys=t.missing_keys if t.keyed else None,
         )
         for t in response.tables
     ]

@@ -43,6 +43,15 @@ class TableSpec:
     # said so for this table (even "none"), so the server's --shard does not apply.
     shard: Shard | None = None
     shard_given: bool = False
+    # A keyed table (see core.keys): its keys in a .npy of their own (a .safetensors or
+    # .npz holding `keys` and `values` needs none), the policy for a key it does not hold,
+    # how many keys it may hold (None: those it loads), the default vector (`default`
+    # policy; else from the file's `default` tensor), and whether bags skip missing keys.
+    keys: Path | None = None
+    missing: str = "error"
+    max_keys: int | None = None
+    default: tuple[float, ...] | None = None
+    bags_skip_missing: bool = True
 
     @classmethod
     def parse(
@@ -52,6 +61,7 @@ class TableSpec:
         device: str | None = None,
         cache_rows: int | None = None,
         shard: str | None = None,
+        keyed: Mapping[str, Any] | None = None,
     ) -> TableSpec:
         name, sep, location = text.partition("=")
         name = name.strip()
@@ -78,9 +88,13 @@ class TableSpec:
         except ValueError as exc:
             raise ValueError(f"table {name!r}: {exc}") from None
         path, key = split_key(location, lambda candidate: Path(candidate).exists())
+        try:
+            options = _keyed_options(keyed or {})
+        except ValueError as exc:
+            raise ValueError(f"table {name!r}: {exc}") from None
         return cls(
             name=name, path=Path(path), key=key, dtype=dtype, device=device,
-            cache_rows=cache_rows, shard=parts, shard_given=shard is not None,
+            cache_rows=cache_rows, shard=parts, shard_given=shard is not None, **options,
         )  # fmt: skip
 
     def __str__(self) -> str:
@@ -96,6 +110,45 @@ class TableSpec:
             if v
         ]
         return text + (f" ({', '.join(extras)})" if extras else "")
+
+
+KEYED_KEYS = ("keys", "missing", "max_keys", "default", "bags_skip_missing")
+
+
+def _keyed_options(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A config entry's keyed-table options (`KEYED_KEYS`), checked."""
+    options: dict[str, Any] = {}
+    if "keys" in entry:
+        if not isinstance(entry["keys"], str):
+            raise ValueError("keys must be a path (a string) to a .npy of int64 keys")
+        options["keys"] = Path(entry["keys"])
+    if "missing" in entry:
+        from embedding_server.core.keys import MISSING_POLICIES
+
+        if entry["missing"] not in MISSING_POLICIES:
+            raise ValueError(
+                f"missing {entry['missing']!r} is not one of {', '.join(MISSING_POLICIES)}"
+            )
+        options["missing"] = entry["missing"]
+    if "max_keys" in entry:
+        value = entry["max_keys"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("max_keys must be a positive integer")
+        options["max_keys"] = value
+    if "default" in entry:
+        value = entry["default"]
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise ValueError("default must be a list of numbers (the default vector)")
+        options["default"] = tuple(float(v) for v in value)
+    if "bags_skip_missing" in entry:
+        if not isinstance(entry["bags_skip_missing"], bool):
+            raise ValueError("bags_skip_missing must be true or false")
+        options["bags_skip_missing"] = entry["bags_skip_missing"]
+    return options
 
 
 def split_key(location: str, exists: Callable[[str], bool]) -> tuple[str, str | None]:
@@ -162,7 +215,8 @@ def read_table_config(path: Path) -> ConfigFile:
     specs = []
     for number, entry in enumerate(entries, 1):
         where = f"{path}: [[table]] #{number}"
-        extra = sorted(set(entry) - {"name", "source", "dtype", "device", "cache_rows", "shard"})
+        known = {"name", "source", "dtype", "device", "cache_rows", "shard", *KEYED_KEYS}
+        extra = sorted(set(entry) - known)
         if extra:
             raise ValueError(f"{where}: unknown key(s) {', '.join(extra)}")
         missing = [k for k in ("name", "source") if not isinstance(entry.get(k), str)]
@@ -177,6 +231,14 @@ def read_table_config(path: Path) -> ConfigFile:
                     entry.get("device"),
                     entry.get("cache_rows"),
                     entry.get("shard"),
+                    {
+                        **entry,
+                        **(
+                            {"keys": _beside(path, entry["keys"])}
+                            if isinstance(entry.get("keys"), str)
+                            else {}
+                        ),
+                    },
                 )
             )
         except ValueError as exc:
@@ -187,6 +249,12 @@ def read_table_config(path: Path) -> ConfigFile:
         _beside(path, snapshot_dir) if snapshot_dir else "",
         update_log,
     )
+
+
+def _keyed_entry(config_file: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """A config entry with its keys file (if any) relative to the config file's folder."""
+    keys = entry.get("keys")
+    return {**entry, "keys": _beside(config_file, keys)} if isinstance(keys, str) else entry
 
 
 def _beside(config_file: Path, location: str) -> str:

@@ -14,6 +14,10 @@ class TableNotFound(RequestError):
     """No table by that name: NOT_FOUND."""
 
 
+class KeyNotFound(RequestError):
+    """A key a keyed table does not hold, under its `error` missing-key policy: NOT_FOUND."""
+
+
 class OverLimit(RequestError):
     """Over a configured limit (ids per request, dense work, message size): RESOURCE_EXHAUSTED."""
 

@@ -138,6 +138,19 @@ TABLE_UPDATE_SEQ = Gauge(
     ["table"],
     multiprocess_mode="mostrecent",
 )
+# Keyed tables: how many keys each holds, and the keys lookups asked for that it does
+# not hold (a rising miss rate says the table is stale).
+TABLE_KEYS = Gauge(
+    "embedding_table_keys",
+    "Keys each keyed table holds (its capacity is max_keys).",
+    ["table"],
+    multiprocess_mode="mostrecent",
+)
+MISSING_KEYS = Counter(
+    "embedding_missing_keys_total",
+    "Keys lookups asked a keyed table for that it does not hold (padding keys not counted).",
+    ["table"],
+)
 # The update log (--update-log): where each table's stream is, how far behind this replica
 # is, how long an entry takes to apply, and what went wrong.
 UPDATE_LOG_HEAD = Gauge(
@@ -291,6 +304,9 @@ def publish_table(table: Table) -> None:
     TABLE_VERSION.labels(table.name).set(table.version)
     TABLE_UPDATE_SEQ.labels(table.name).set(table.update_seq)
     TABLE_SHARD.labels(table.name, *(str(n) for n in table.part)).set(1)
+    if table.keys is not None:
+        TABLE_KEYS.labels(table.name).set(table.keys.count)
+        MISSING_KEYS.labels(table.name)  # pre-registered: a dashboard shows 0, not nothing
     if table.cache is not None:
         CACHE_ROWS.labels(table.name).set(table.cache.slots)
         CACHE_EVICTIONS.labels(table.name)

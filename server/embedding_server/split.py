@@ -75,7 +75,7 @@ def split(table: str, shards: int, out: Path, name: str | None = None,
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             with temporary.open("wb") as handle:
-                write_table(handle, ".safetensors", spec.name, contents, layout.metadata())
+                write_table(handle, ".safetensors", {spec.name: contents}, layout.metadata())
                 handle.flush()
                 os.fsync(handle.fileno())
             temporary.replace(target)

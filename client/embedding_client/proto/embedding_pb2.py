@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"\xd8\x02\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x10\n\x08ids_list\x18\x03 \x03(\x03\x12&\n\tids_shape\x18\x04 \x01(\x0b\x32\x13.embedding.v1.Shape\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.embedding.v1.DType\x12&\n\x07pooling\x18\x06 \x01(\x0e\x32\x15.embedding.v1.Pooling\x12\x0f\n\x07offsets\x18\x07 \x03(\x03\x12\x0f\n\x07lengths\x18\x08 \x03(\x03\x12\x16\n\x0eper_id_weights\x18\t \x01(\x0c\x12\x17\n\npadding_id\x18\n \x01(\x03H\x00\x88\x01\x01\x12+\n\x0c\x65xpect_shard\x18\x0b \x01(\x0b\x32\x15.embedding.v1.ShardOf\x12\x16\n\x0emin_update_seq\x18\x0c \x01(\x04\x42\r\n\x0b_padding_id\"\'\n\x07ShardOf\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x8e\x01\n\x0eLookupResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.embedding.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05table\x18\x04 \x01(\t\x12\x15\n\rtable_version\x18\x05 \x01(\x04\x12\x12\n\nupdate_seq\x18\x06 \x01(\x04\"B\n\x11LookupManyRequest\x12-\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x1b.embedding.v1.FeatureLookup\"M\n\rFeatureLookup\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12+\n\x06lookup\x18\x02 \x01(\x0b\x32\x1b.embedding.v1.LookupRequest\"B\n\x12LookupManyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.embedding.v1.FeatureResult\"N\n\rFeatureResult\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1c.embedding.v1.LookupResponse\"\x80\x01\n\x14LookupStreamResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1c.embedding.v1.LookupResponse\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.embedding.v1.StreamError\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x13\n\x11ListTablesRequest\"\xfe\x01\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.embedding.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12$\n\x05shard\x18\t \x01(\x0b\x32\x15.embedding.v1.ShardOf\x12\x12\n\nshard_rows\x18\n \x01(\x03\x12\x12\n\nupdate_seq\x18\x0b \x01(\x04\x12\x12\n\nupdate_log\x18\x0c \x01(\x08\"=\n\x12ListTablesResponse\x12\'\n\x06tables\x18\x01 \x03(\x0b\x32\x17.embedding.v1.TableInfo\"d\n\x11UpdateRowsRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.embedding.v1.DType\"<\n\x12UpdateRowsResponse\x12&\n\x05table\x18\x01 \x01(\x0b\x32\x17.embedding.v1.TableInfo\"F\n\x14SnapshotTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"\x81\x01\n\x15SnapshotTableResponse\x12&\n\x05table\x18\x01 \x01(\x0b\x32\x17.embedding.v1.TableInfo\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x12\n\nupdate_seq\x18\x05 \x01(\x04\"3\n\x12ReloadTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"S\n\x13ReloadTableResponse\x12&\n\x05table\x18\x01 \x01(\x0b\x32\x17.embedding.v1.TableInfo\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01*p\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x16\n\x12\x44TYPE_INT8_ROWWISE\x10\x04*O\n\x07Pooling\x12\x10\n\x0cPOOLING_NONE\x10\x00\x12\x0f\n\x0bPOOLING_SUM\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x0f\n\x0bPOOLING_MAX\x10\x03\x32\xee\x03\n\x10\x45mbeddingService\x12\x43\n\x06Lookup\x12\x1b.embedding.v1.LookupRequest\x1a\x1c.embedding.v1.LookupResponse\x12H\n\x0bLookupDense\x12\x1b.embedding.v1.LookupRequest\x1a\x1c.embedding.v1.LookupResponse\x12S\n\x0cLookupStream\x12\x1b.embedding.v1.LookupRequest\x1a\".embedding.v1.LookupStreamResponse(\x01\x30\x01\x12O\n\nLookupMany\x12\x1f.embedding.v1.LookupManyRequest\x1a .embedding.v1.LookupManyResponse\x12T\n\x0fLookupManyDense\x12\x1f.embedding.v1.LookupManyRequest\x1a .embedding.v1.LookupManyResponse\x12O\n\nListTables\x12\x1f.embedding.v1.ListTablesRequest\x1a .embedding.v1.ListTablesResponse2\x8f\x02\n\x0e\x45mbeddingAdmin\x12R\n\x0bReloadTable\x12 .embedding.v1.ReloadTableRequest\x1a!.embedding.v1.ReloadTableResponse\x12O\n\nUpdateRows\x12\x1f.embedding.v1.UpdateRowsRequest\x1a .embedding.v1.UpdateRowsResponse\x12X\n\rSnapshotTable\x12\".embedding.v1.SnapshotTableRequest\x1a#.embedding.v1.SnapshotTableResponseB.\n\x10\x64\x65v.embedding.v1P\x01Z\x18\x65mbedding/v1;embeddingv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"\xd8\x02\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x10\n\x08ids_list\x18\x03 \x03(\x03\x12&\n\tids_shape\x18\x04 \x01(\x0b\x32\x13.embedding.v1.Shape\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.embedding.v1.DType\x12&\n\x07pooling\x18\x06 \x01(\x0e\x32\x15.embedding.v1.Pooling\x12\x0f\n\x07offsets\x18\x07 \x03(\x03\x12\x0f\n\x07lengths\x18\x08 \x03(\x03\x12\x16\n\x0eper_id_weights\x18\t \x01(\x0c\x12\x17\n\npadding_id\x18\n \x01(\x03H\x00\x88\x01\x01\x12+\n\x0c\x65xpect_shard\x18\x0b \x01(\x0b\x32\x15.embedding.v1.ShardOf\x12\x16\n\x0emin_update_seq\x18\x0c \x01(\x04\x42\r\n\x0b_padding_id\"\'\n\x07ShardOf\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x8e\x01\n\x0eLookupResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.embedding.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05table\x18\x04 \x01(\t\x12\x15\n\rtable_version\x18\x05 \x01(\x04\x12\x12\n\nupdate_seq\x18\x06 \x01(\x04\"B\n\x11LookupManyRequest\x12-\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32\x1b.embedding.v1.FeatureLookup\"M\n\rFeatureLookup\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12+\n\x06lookup\x18\x02 \x01(\x0b\x32\x1b.embedding.v1.LookupRequest\"B\n\x12LookupManyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.embedding.v1.FeatureResult\"N\n\rFeatureResult\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1c.embedding.v1.LookupResponse\"\x80\x01\n\x14LookupStreamResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1c.embedding.v1.LookupResponse\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.embedding.v1.StreamError\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x13\n\x11ListTablesRequest\"\xc3\x02\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.embedding.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12$\n\x05shard\x18\t \x01(\x0b\x32\x15.embedding.v1.ShardOf\x12\x12\n\nshard_rows\x18\n \x01(\x03\x12\x12\n\nupdate_seq\x18\x0b \x01(\x04\x12\x12\n\nupdate_log\x18\x0c \x01(\x08\x12\r\n\x05keyed\x18\r \x01(\x08\x12\x0c\n\x04keys\x18\x0e \x01(\x03\x12\x10\n\x08max_keys\x18\x0f \x01(\x03\x12\x14\n\x0cmissing_keys\x18\x10 \x01(\t\"=\n\x12ListTablesResponse\x12\'\n\x06tables\x18\x01 \x03(\x0b\x32\x17.embedding.v1.TableInfo\"d\n\x11UpdateRowsRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.embedding.v1.DType\"<\n\x12UpdateRowsResponse\x12&\n\x05table\x18\x01 \x01(\x0b\x32\x17.embedding.v1.TableInfo\"F\n\x14SnapshotTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"\x81\x01\n\x15SnapshotTableResponse\x12&\n\x05table\x18\x01 \x01(\x0b\x32\x17.embedding.v1.TableInfo\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x12\n\nupdate_seq\x18\x05 \x01(\x04\"3\n\x12ReloadTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"S\n\x13ReloadTableResponse\x12&\n\x05table\x18\x01 \x01(\x0b\x32\x17.embedding.v1.TableInfo\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01*p\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x16\n\x12\x44TYPE_INT8_ROWWISE\x10\x04*O\n\x07Pooling\x12\x10\n\x0cPOOLING_NONE\x10\x00\x12\x0f\n\x0bPOOLING_SUM\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x0f\n\x0bPOOLING_MAX\x10\x03\x32\xee\x03\n\x10\x45mbeddingService\x12\x43\n\x06Lookup\x12\x1b.embedding.v1.LookupRequest\x1a\x1c.embedding.v1.LookupResponse\x12H\n\x0bLookupDense\x12\x1b.embedding.v1.LookupRequest\x1a\x1c.embedding.v1.LookupResponse\x12S\n\x0cLookupStream\x12\x1b.embedding.v1.LookupRequest\x1a\".embedding.v1.LookupStreamResponse(\x01\x30\x01\x12O\n\nLookupMany\x12\x1f.embedding.v1.LookupManyRequest\x1a .embedding.v1.LookupManyResponse\x12T\n\x0fLookupManyDense\x12\x1f.embedding.v1.LookupManyRequest\x1a .embedding.v1.LookupManyResponse\x12O\n\nListTables\x12\x1f.embedding.v1.ListTablesRequest\x1a .embedding.v1.ListTablesResponse2\x8f\x02\n\x0e\x45mbeddingAdmin\x12R\n\x0bReloadTable\x12 .embedding.v1.ReloadTableRequest\x1a!.embedding.v1.ReloadTableResponse\x12O\n\nUpdateRows\x12\x1f.embedding.v1.UpdateRowsRequest\x1a .embedding.v1.UpdateRowsResponse\x12X\n\rSnapshotTable\x12\".embedding.v1.SnapshotTableRequest\x1a#.embedding.v1.SnapshotTableResponseB.\n\x10\x64\x65v.embedding.v1P\x01Z\x18\x65mbedding/v1;embeddingv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedding.v1.embedding_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.embedding.v1P\001Z\030embedding/v1;embeddingv1'
-  _globals['_DTYPE']._serialized_start=1921
-  _globals['_DTYPE']._serialized_end=2033
-  _globals['_POOLING']._serialized_start=2035
-  _globals['_POOLING']._serialized_end=2114
+  _globals['_DTYPE']._serialized_start=1990
+  _globals['_DTYPE']._serialized_end=2102
+  _globals['_POOLING']._serialized_start=2104
+  _globals['_POOLING']._serialized_end=2183
   _globals['_SHAPE']._serialized_start=46
   _globals['_SHAPE']._serialized_end=67
   _globals['_LOOKUPREQUEST']._serialized_start=70
@@ -59,23 +59,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTABLESREQUEST']._serialized_start=1074
   _globals['_LISTTABLESREQUEST']._serialized_end=1093
   _globals['_TABLEINFO']._serialized_start=1096
-  _globals['_TABLEINFO']._serialized_end=1350
-  _globals['_LISTTABLESRESPONSE']._serialized_start=1352
-  _globals['_LISTTABLESRESPONSE']._serialized_end=1413
-  _globals['_UPDATEROWSREQUEST']._serialized_start=1415
-  _globals['_UPDATEROWSREQUEST']._serialized_end=1515
-  _globals['_UPDATEROWSRESPONSE']._serialized_start=1517
-  _globals['_UPDATEROWSRESPONSE']._serialized_end=1577
-  _globals['_SNAPSHOTTABLEREQUEST']._serialized_start=1579
-  _globals['_SNAPSHOTTABLEREQUEST']._serialized_end=1649
-  _globals['_SNAPSHOTTABLERESPONSE']._serialized_start=1652
-  _globals['_SNAPSHOTTABLERESPONSE']._serialized_end=1781
-  _globals['_RELOADTABLEREQUEST']._serialized_start=1783
-  _globals['_RELOADTABLEREQUEST']._serialized_end=1834
-  _globals['_RELOADTABLERESPONSE']._serialized_start=1836
-  _globals['_RELOADTABLERESPONSE']._serialized_end=1919
-  _globals['_EMBEDDINGSERVICE']._serialized_start=2117
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2611
-  _globals['_EMBEDDINGADMIN']._serialized_start=2614
-  _globals['_EMBEDDINGADMIN']._serialized_end=2885
+  _globals['_TABLEINFO']._serialized_end=1419
+  _globals['_LISTTABLESRESPONSE']._serialized_start=1421
+  _globals['_LISTTABLESRESPONSE']._serialized_end=1482
+  _globals['_UPDATEROWSREQUEST']._serialized_start=1484
+  _globals['_UPDATEROWSREQUEST']._serialized_end=1584
+  _globals['_UPDATEROWSRESPONSE']._serialized_start=1586
+  _globals['_UPDATEROWSRESPONSE']._serialized_end=1646
+  _globals['_SNAPSHOTTABLEREQUEST']._serialized_start=1648
+  _globals['_SNAPSHOTTABLEREQUEST']._serialized_end=1718
+  _globals['_SNAPSHOTTABLERESPONSE']._serialized_start=1721
+  _globals['_SNAPSHOTTABLERESPONSE']._serialized_end=1850
+  _globals['_RELOADTABLEREQUEST']._serialized_start=1852
+  _globals['_RELOADTABLEREQUEST']._serialized_end=1903
+  _globals['_RELOADTABLERESPONSE']._serialized_start=1905
+  _globals['_RELOADTABLERESPONSE']._serialized_end=1988
+  _globals['_EMBEDDINGSERVICE']._serialized_start=2186
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2680
+  _globals['_EMBEDDINGADMIN']._serialized_start=2683
+  _globals['_EMBEDDINGADMIN']._serialized_end=2954
 # @@protoc_insertion_point(module_scope)

@@ -140,7 +140,7 @@ class ListTablesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default", "shard", "shard_rows", "update_seq", "update_log")
+    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default", "shard", "shard_rows", "update_seq", "update_log", "keyed", "keys", "max_keys", "missing_keys")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,10 @@ class TableInfo(_message.Message):
     SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_SEQ_FIELD_NUMBER: _ClassVar[int]
     UPDATE_LOG_FIELD_NUMBER: _ClassVar[int]
+    KEYED_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_KEYS_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     dim: int
@@ -165,7 +169,11 @@ class TableInfo(_message.Message):
     shard_rows: int
     update_seq: int
     update_log: bool
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., shard_rows: _Optional[int] = ..., update_seq: _Optional[int] = ..., update_log: _Optional[bool] = ...) -> None: ...
+    keyed: bool
+    keys: int
+    max_keys: int
+    missing_keys: str
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., shard_rows: _Optional[int] = ..., update_seq: _Optional[int] = ..., update_log: _Optional[bool] = ..., keyed: _Optional[bool] = ..., keys: _Optional[int] = ..., max_keys: _Optional[int] = ..., missing_keys: _Optional[str] = ...) -> None: ...
 
 class ListTablesResponse(_message.Message):
     __slots__ = ("tables",)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from embedding_client.codec import Bags
+from embedding_server import metrics
 from embedding_server.core import devices, kernels, sharding
 from embedding_server.core.batcher import Batcher
 from embedding_server.core.store import TableStore
@@ -97,10 +98,19 @@ class Lookups:
         if ids.size * dim > max_elements:
             return None
         out_dtype = OUTPUT_DTYPES[dtype]
+        index = table.keys
+        missing = 0
+        if index is not None:  # keys to rows (a lookup's keys never read the pad row)
+            self.check_count(ids.size, "ids")
+            ids, _, missing = index.translate(ids, table.name)
         self._check(table, ids, out_dtype, dense=False)
         taken = table.take(ids)
         if taken is None:
             return None
+        if index is not None:
+            if table.keys is not index:
+                return None  # keys were added meanwhile: `lookup` translates again
+            count_missing(table, missing)
         data, seconds, stamp = taken
         if dtype != table.dtype:  # the stored rows (bfloat16 as its bits) converted
             rows = torch.from_numpy(data).view(table.weights.dtype)
@@ -134,6 +144,45 @@ class Lookups:
         table = self.store.get(table_name)
         if expect_shard is not None:
             sharding.expect(table, *expect_shard)
+        if table.keys is not None:
+            return self._keyed(table, ids, dtype, dense, deadline, bags, padding_id)
+        return self._rows(table, ids, dtype, dense, deadline, bags, padding_id)
+
+    def _keyed(
+        self,
+        table: Table,
+        ids: np.ndarray,
+        dtype: str,
+        dense: bool,
+        deadline: float | None,
+        bags: Bags | None,
+        padding_id: int | None,
+    ) -> LookupOutput:
+        """A keyed table's lookup: its keys as rows (padding and skipped missing keys as
+        the pad row, which the kernels skip), then as any table's; again if keys were
+        added between the translation and the read (the rows read go with their keys)."""
+        self.check_count(ids.size, "ids")  # before any work on a hostile count
+        while True:
+            index = table.keys
+            assert index is not None
+            rows, padding_row, missing = index.translate(
+                ids, table.name, pooled=bags is not None, padding_key=padding_id
+            )
+            output = self._rows(table, rows, dtype, dense, deadline, bags, padding_row)
+            if table.keys is index:
+                count_missing(table, missing)
+                return output
+
+    def _rows(
+        self,
+        table: Table,
+        ids: np.ndarray,
+        dtype: str,
+        dense: bool,
+        deadline: float | None,
+        bags: Bags | None,
+        padding_id: int | None,
+    ) -> LookupOutput:
         if table.shard is not None:
             self.check_count(ids.size, "ids")  # before any work on a hostile count
             ids, padding_id = table.shard.localise(ids, padding_id, table.name)
@@ -267,6 +316,12 @@ class Lookups:
                 f"the response would be {response_bytes} bytes, over the {limit}-byte message "
                 "limit (--max-message-bytes): split the request or ask for float16/bfloat16"
             )
+
+
+def count_missing(table: Table, missing: int) -> None:
+    """Count the keys a lookup of keyed `table` asked for and it does not hold."""
+    if missing:
+        metrics.MISSING_KEYS.labels(table.name).inc(missing)
 
 
 def dense_macs(table: Table, ids: int, bags: Bags | None) -> int:

@@ -27,6 +27,7 @@ from embedding_server.config import TableSpec
 from embedding_server.core import kernels, sharding
 from embedding_server.core.cache import CachedRows
 from embedding_server.core.devices import available_bytes
+from embedding_server.core.keys import DEFAULT_TENSOR, KEYS_TENSOR, VALUES_TENSOR, KeyIndex
 from embedding_server.core.sharding import ShardRows
 from embedding_server.core.tables import STORAGE_DTYPES, STORAGE_NAMES, Table
 
@@ -49,6 +50,8 @@ class RowSource:
     # What the file says about itself (a .safetensors header's metadata), e.g. the shard
     # a per-shard file holds (sharding.SHARD_KEY).
     metadata: dict[str, str] = field(default_factory=dict)
+    # A keyed table's index (the rows are then its capacity, the fill and the pad row).
+    index: KeyIndex | None = None
 
 
 def _npy_source(path: Path) -> RowSource:
@@ -190,6 +193,11 @@ def load_table(
     opened = open_table(spec)
     recorded = recorded_update_seq(spec.name, opened.metadata)
     source, shard = shard_source(spec.name, opened, spec.shard)
+    if opened.index is not None and shard is not None:
+        raise TableLoadError(
+            f"table {spec.name!r} is keyed: keyed tables are served whole for now, not as "
+            "shards (drop --shard / shard for it)"
+        )
     cache = None if spec.cache_rows is None else (spec.cache_rows, device)
     home = device if cache is None else torch.device("cpu")
     needs = footprint(source, spec.dtype, home, cache, cache_copies)
@@ -214,6 +222,7 @@ def load_table(
         ) from None
     table.spec = spec
     table.shard = shard
+    table.keys = opened.index
     table.update_seq = recorded or 0
     return table
 
@@ -395,13 +404,133 @@ def attach_cache(table: Table, rows: int, device: torch.device, *, allocate: boo
 
 def open_table(spec: TableSpec, read: Path | None = None) -> RowSource:
     """Open `spec`'s file (read from `read` when given: a path naming the file opened for
-    it) and check its shape and dtype; errors name the table."""
+    it) and check its shape and dtype; errors name the table. A keyed table's source
+    (see `keyed_source`) carries its index."""
     try:
-        source = _open_source(spec, spec.path if read is None else read)
+        parts = _keyed_parts(spec, spec.path if read is None else read)
+        source = (
+            _open_source(spec, spec.path if read is None else read) if parts is None else parts[0]
+        )
     except TableLoadError as exc:
         raise TableLoadError(f"table {spec.name!r}: {exc}") from None
     _check_shape(spec.name, source)
-    return source
+    if parts is None:
+        return source
+    return keyed_source(spec, source, parts[1], parts[2])
+
+
+def _keyed_parts(
+    spec: TableSpec, read: Path
+) -> tuple[RowSource, np.ndarray, np.ndarray | None] | None:
+    """A keyed table's values, keys and default vector (None: none in the file), or None
+    for a table of rows: keys from `spec.keys` (a .npy), or a .npz / .safetensors file
+    holding `keys` and `values` (a .safetensors file whose tensor is named is of rows)."""
+    path, suffix = spec.path, spec.path.suffix.lower()
+    if spec.keys is not None:
+        values = _open_source(spec, read)
+        try:
+            keys = np.load(spec.keys, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise TableLoadError(
+                f"keys file {spec.keys}: not a readable .npy array ({exc})"
+            ) from None
+        return values, keys, None
+    if suffix == ".npz":
+        if not read.is_file():
+            raise TableLoadError(f"{path}: no such file")
+        try:
+            with np.load(read, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in archive.files}
+        except (ValueError, OSError, EOFError, KeyError) as exc:
+            raise TableLoadError(f"{path} is not a readable .npz archive ({exc})") from None
+        if KEYS_TENSOR not in arrays or VALUES_TENSOR not in arrays:
+            raise TableLoadError(
+                f"{path} holds {', '.join(sorted(arrays)) or 'nothing'}; a .npz table holds "
+                f"'{KEYS_TENSOR}' (int64) and '{VALUES_TENSOR}' ([keys, dim] floats)"
+            )
+        array = arrays[VALUES_TENSOR]
+        if array.dtype.kind != "f":
+            raise TableLoadError(f"{path}: '{VALUES_TENSOR}' holds {array.dtype}, not floats")
+        tensor = torch.from_numpy(np.ascontiguousarray(array, array.dtype.newbyteorder("=")))
+        source = RowSource(tuple(array.shape), tensor.dtype, lambda a, b: tensor[a:b])
+        return source, arrays[KEYS_TENSOR], arrays.get(DEFAULT_TENSOR)
+    if suffix == ".safetensors" and read.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            handle = safe_open(str(read), framework="pt")
+            names = set(handle.keys())
+        except (SafetensorError, OSError, ValueError):
+            return None  # said by the reader of rows
+        if not {KEYS_TENSOR, VALUES_TENSOR} <= names or (
+            spec.key is not None and spec.key in names
+        ):
+            return None
+        values = _safetensors_source(read, VALUES_TENSOR)
+        default = handle.get_tensor(DEFAULT_TENSOR).numpy() if DEFAULT_TENSOR in names else None
+        return values, handle.get_tensor(KEYS_TENSOR).numpy(), default
+    return None
+
+
+def keyed_source(
+    spec: TableSpec, values: RowSource, keys: np.ndarray, default: np.ndarray | None
+) -> RowSource:
+    """The rows a keyed table loads: its values, zeros up to its capacity (`max_keys`, or
+    as many as it has keys), the fill row (the default vector under the `default` policy,
+    else zeros) and the pad row (zeros); with its index.
+
+    Raises
+    ------
+    TableLoadError
+        Keys and values of different lengths, repeated or non-int64 keys, more keys than
+        max_keys, a default vector of the wrong shape or missing under `default`.
+    """
+    name = spec.name
+    count, dim = values.shape
+    keys = np.asarray(keys)
+    if keys.shape != (count,):
+        raise TableLoadError(
+            f"table {name!r}: {list(keys.shape)} keys for {count} rows of values; a keyed "
+            "table holds one int64 key per row"
+        )
+    capacity = count if spec.max_keys is None else spec.max_keys
+    try:
+        index = KeyIndex.build(keys, capacity, spec.missing, spec.bags_skip_missing)
+    except ValueError as exc:
+        raise TableLoadError(f"table {name!r}: {exc}") from None
+    vector = None
+    if spec.default is not None:
+        vector = np.asarray(spec.default, dtype=np.float64)
+    elif default is not None:
+        vector = np.asarray(default, dtype=np.float64).reshape(-1)
+    if vector is not None and vector.shape != (dim,):
+        raise TableLoadError(
+            f"table {name!r}: the default vector has {vector.size} values, the table's dim is {dim}"
+        )
+    if spec.missing == "default" and vector is None:
+        raise TableLoadError(
+            f"table {name!r}: missing = 'default' needs a default vector: a '{DEFAULT_TENSOR}' "
+            "tensor in the file, or default = [...] in the config"
+        )
+    fill = torch.zeros((1, dim), dtype=values.dtype)
+    if spec.missing == "default" and vector is not None:
+        fill = torch.from_numpy(vector.reshape(1, dim)).to(values.dtype)
+    rows = capacity + 2
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        parts = []
+        if start < count:
+            parts.append(values.read(start, min(stop, count)))
+        free = max(0, min(stop, capacity) - max(start, count))
+        if free:
+            parts.append(torch.zeros((free, dim), dtype=values.dtype))
+        if start <= capacity < stop:
+            parts.append(fill)
+        if start <= capacity + 1 < stop:
+            parts.append(torch.zeros((1, dim), dtype=values.dtype))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    return RowSource((rows, dim), values.dtype, read, values.metadata, index)
 
 
 def _storage_dtype(source: RowSource) -> torch.dtype:
@@ -536,31 +665,41 @@ def demo_table(
     return table
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+}  # fmt: skip
 
 
 def write_table(
     out: BinaryIO,
     suffix: str,
-    name: str,
-    contents: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write `contents` (a host tensor, [rows, dim]) to `out` as `.npy` (bfloat16 as
-    float32: .npy has no bfloat16) or `.safetensors` (its own dtype, under `name`, with
-    `metadata` in its header), in one pass with no second copy of the table."""
+    """Write `tensors` (host tensors; a table's [rows, dim] under its name, or a keyed
+    table's keys, values and default) to `out` as `.npy` (one tensor; bfloat16 as float32:
+    .npy has no bfloat16) or `.safetensors` (each in its own dtype, with `metadata` in the
+    header), in one pass with no second copy of the table."""
     if suffix == ".npy":
+        (contents,) = tensors.values()
         values = contents.float() if contents.dtype == torch.bfloat16 else contents
         np.save(out, values.numpy())
         return
     # The safetensors layout: an 8-byte little-endian header length, a JSON header
     # (padded with spaces to a multiple of 8), then the raw little-endian bytes.
-    nbytes = contents.numel() * contents.element_size()
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    entries[name] = {"dtype": SAFETENSORS_DTYPES[contents.dtype], "shape": list(contents.shape),
-                     "data_offsets": [0, nbytes]}  # fmt: skip
+    offset = 0
+    for name, contents in tensors.items():
+        nbytes = contents.numel() * contents.element_size()
+        entries[name] = {
+            "dtype": SAFETENSORS_DTYPES[contents.dtype],
+            "shape": list(contents.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     out.write(len(header).to_bytes(8, "little"))
     out.write(header)
-    out.write(contents.contiguous().view(torch.uint8).numpy().data)
+    for contents in tensors.values():
+        out.write(contents.contiguous().view(torch.uint8).numpy().data)

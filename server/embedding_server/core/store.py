@@ -8,7 +8,7 @@ import logging
 import platform
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +20,7 @@ from embedding_server.config import TableSpec
 from embedding_server.core import kernels
 from embedding_server.core.devices import available_bytes
 from embedding_server.core.filesystem import FileAccess
+from embedding_server.core.keys import DEFAULT_TENSOR, KEYS_TENSOR, VALUES_TENSOR
 from embedding_server.core.sources import (
     UPDATE_SEQ_KEY,
     TableLoadError,
@@ -54,6 +55,20 @@ class PreparedUpdate(NamedTuple):
     rows: torch.Tensor  # the table's local rows, on its device
     stored: torch.Tensor  # their new values in the storage dtype (codes, if int8)
     params: torch.Tensor | None  # int8: each row's (scale, bias)
+    # A keyed table's keys (`rows` then unused): given rows under the write lock, where
+    # new keys get free ones.
+    keys: np.ndarray | None = None
+
+
+def _keyed_as(old: Table, spec: TableSpec) -> TableSpec:
+    """`spec` with `old`'s keyed-table options (missing-key policy, max_keys, default
+    vector): a reload from another file keeps them; its keys come from that file."""
+    if old.spec is None:
+        return spec
+    return replace(
+        spec, missing=old.spec.missing, max_keys=old.spec.max_keys, default=old.spec.default,
+        bags_skip_missing=old.spec.bags_skip_missing,
+    )  # fmt: skip
 
 
 @dataclass
@@ -99,10 +114,12 @@ class TableStore:
             dtype = old.spec.dtype if old.spec is not None else None  # stored as now
             shard = None if old.shard is None else old.shard.shard  # the part it holds now
             if snapshot is not None:  # the server's own choice, in the operator's directory
-                spec = TableSpec(old.name, snapshot, old.name, dtype, shard=shard)
+                spec = _keyed_as(old, TableSpec(old.name, snapshot, old.name, dtype, shard=shard))
             elif source:  # a caller's file, inside the table directories
                 path, key = self.files.table_source(source)
-                spec = TableSpec(old.name, path, key, dtype, confined=True, shard=shard)
+                spec = _keyed_as(
+                    old, TableSpec(old.name, path, key, dtype, confined=True, shard=shard)
+                )
             elif old.spec is not None:
                 spec = old.spec
             else:
@@ -133,6 +150,12 @@ class TableStore:
             ) from None
         recorded = recorded_update_seq(old.name, opened.metadata)
         opened, shard = shard_source(old.name, opened, spec.shard)
+        if (opened.index is None) != (old.keys is None):
+            have, new_kind = ("keys", "rows") if old.keys is not None else ("rows", "keys")
+            raise TableLoadError(
+                f"table {old.name!r} is addressed by {have}; the new file holds {new_kind} "
+                f"(callers depend on how ids are read, so a reload keeps it)"
+            )
         if opened.shape[1] != old.dim:
             raise TableLoadError(
                 f"table {old.name!r}: the new file has dim {opened.shape[1]}, the table "
@@ -161,7 +184,7 @@ class TableStore:
                 f"reloading table {old.name!r}: {device} ran out of memory for the new version "
                 "beside the one serving now (which keeps serving)"
             ) from None
-        new.version, new.spec, new.shard = old.version + 1, spec, shard
+        new.version, new.spec, new.shard, new.keys = old.version + 1, spec, shard, opened.index
         # Updates go on from where they were, unless the file records where its rows stand
         # (a snapshot's update_seq): with an update log, what follows it is applied again.
         new.update_seq = old.update_seq if recorded is None else recorded
@@ -224,7 +247,16 @@ class TableStore:
                 f"{list(vectors.shape)}"
             )
         global_ids = ids
-        if table.shard is not None:  # global ids on the wire, this shard's rows here
+        index = table.keys
+        if index is not None:  # any int64 key; new ones within max_keys
+            _, rows = index.with_keys(ids, table.name)
+            if table.shared_state is not None and (rows >= index.count).any():
+                raise FailedPrecondition(
+                    f"table {table.name!r} is keyed and shared by several server processes "
+                    "(--processes > 1), which take updates of the keys it holds but cannot add "
+                    f"keys yet (key {int(ids[rows >= index.count][0])} is new): reload instead"
+                )
+        elif table.shard is not None:  # global ids on the wire, this shard's rows here
             ids, _ = table.shard.localise(ids, None, table.name)
         else:
             check_ids(ids, table.rows)
@@ -239,19 +271,25 @@ class TableStore:
             lambda row, col: f"vector {row} (id {int(global_ids[row])}), element {col}",
             InvalidRequest,
         )
-        index = torch.from_numpy(ids).to(table.weights.device)
+        rows_at = torch.from_numpy(ids).to(table.weights.device)
         params = None
         if table.qparams is not None:
             stored, params = kernels.quantize(stored)
             params = params.to(table.weights.device)
-        return PreparedUpdate(table, index, stored.to(table.weights.device), params)
+        keys = None if index is None else np.array(ids, dtype=np.int64)
+        return PreparedUpdate(table, rows_at, stored.to(table.weights.device), params, keys)
 
     def write_update(self, update: PreparedUpdate, seq: int | None = None) -> Table:
         """Write a prepared update under the table's write lock (and seqlock, shared):
         readers see every row before or after it, and the update_seq it leaves."""
-        table, index, stored, params = update  # index: the local rows
+        table, index, stored, params, keys = update  # index: the local rows
         state = table.shared_state
         with table.lock.writing():
+            key_index = None
+            if keys is not None and table.keys is not None:
+                # Rows for the keys now, in the write section: new keys take free rows.
+                key_index, rows = table.keys.with_keys(keys, table.name)
+                index = torch.from_numpy(rows).to(table.weights.device)
             if state is not None:
                 state[0] += 1  # odd: readers in other processes will read again
             try:
@@ -263,6 +301,8 @@ class TableStore:
                     table.qparams.index_copy_(0, index, params)
                 if table.weights.device.type == "cuda":
                     torch.cuda.synchronize(table.weights.device)  # written before "even"
+                if key_index is not None:
+                    table.keys = key_index  # after the rows: a key never reads a stale row
                 table.update_seq = table.update_seq + 1 if seq is None else seq
             finally:
                 if state is not None:
@@ -295,14 +335,28 @@ class TableStore:
                 f"table {table.name!r} is shard {table.shard.shard} of a bigger table: snapshot "
                 "it to .safetensors, whose metadata records which rows it holds"
             )
+        if table.keys is not None and target.suffix != ".safetensors":
+            raise InvalidRequest(
+                f"table {table.name!r} is keyed: snapshot it to .safetensors, which holds its "
+                "keys and values together"
+            )
         rows = table.rows_for_kernels()
 
-        def copy() -> torch.Tensor:
+        def copy() -> dict[str, torch.Tensor]:
             # int8 tables are written dequantized (float32): any loader reads them; a
             # cached table's whole contents are its host weights.
             if isinstance(rows, kernels.QuantizedRows):
-                return rows.to_host()
-            return table.weights.to("cpu", copy=True)
+                values = rows.to_host()
+            else:
+                values = table.weights.to("cpu", copy=True)
+            index = table.keys  # read with the rows: the keys those rows hold
+            if index is None:
+                return {table.name: values}
+            keyed = {KEYS_TENSOR: torch.from_numpy(index.in_row_order()),
+                     VALUES_TENSOR: values[: index.count]}  # fmt: skip
+            if index.missing == "default":
+                keyed[DEFAULT_TENSOR] = values[index.fill_row]
+            return keyed
 
         contents, stamp = table.read(copy)
         metadata = {UPDATE_SEQ_KEY: str(stamp.update_seq)}
@@ -310,8 +364,7 @@ class TableStore:
             metadata.update(table.shard.metadata())
         size = self.files.write_snapshot(
             target,
-            partial(write_table, suffix=target.suffix, name=table.name, contents=contents,
-                    metadata=metadata),
+            partial(write_table, suffix=target.suffix, tensors=contents, metadata=metadata),
             overwrite=overwrite,
         )  # fmt: skip
         return table, stamp, target, size

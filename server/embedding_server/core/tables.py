@@ -19,6 +19,7 @@ from embedding_server.config import TableSpec
 from embedding_server.core import devices, kernels
 from embedding_server.core.cache import CachedRows
 from embedding_server.core.devices import WIRE_VIEW
+from embedding_server.core.keys import KeyIndex
 from embedding_server.errors import InvalidRequest
 
 if TYPE_CHECKING:  # sharding imports this module (check_ids)
@@ -123,6 +124,8 @@ class Table:
     # One shard of a bigger table: `weights` holds its rows, this where they sit in the
     # whole table (global ids on the wire); None for a whole table.
     shard: ShardRows | None = None
+    # A keyed table: its keys -> rows (see core.keys); None for a table of row ids.
+    keys: KeyIndex | None = None
     lock: ReadWriteLock = field(default_factory=lambda: ReadWriteLock(), repr=False, compare=False)
     # [sequence number, version, update_seq] in shared memory, for tables several
     # processes read.

@@ -351,6 +351,9 @@ class UpdateLog:
             max(0.0, time.time() - fresh[-1].written_at)
         )
         metrics.TABLE_UPDATE_SEQ.labels(name).set(fresh[-1].seq)
+        keys = self.store.get(name).keys
+        if keys is not None:
+            metrics.TABLE_KEYS.labels(name).set(keys.count)
         with self._applied:
             self._applied.notify_all()
 

@@ -56,6 +56,8 @@ class EmbeddingAdminServicer(pb_grpc.EmbeddingAdminServicer):
         table = self.update(request.table, ids, vectors)
         metrics.child(metrics.ROWS_UPDATED, table.name).inc(ids.size)
         metrics.TABLE_UPDATE_SEQ.labels(table.name).set(table.update_seq)
+        if table.keys is not None:
+            metrics.TABLE_KEYS.labels(table.name).set(table.keys.count)
         return pb.UpdateRowsResponse(table=table_info(table, self.store))
 
     def SnapshotTable(

@@ -306,9 +306,11 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
     """A table as the wire describes it (a shard: the whole table's rows, and its part)."""
     shard = table.shard
     part = None if shard is None else shard.shard
-    return pb.TableInfo(
+    index = table.keys
+    rows = table.rows if shard is None else shard.rows
+    info = pb.TableInfo(
         name=table.name,
-        rows=table.rows if shard is None else shard.rows,
+        rows=rows if index is None else index.capacity,
         shard=None if part is None else pb.ShardOf(index=part.index, count=part.count),
         shard_rows=table.rows,
         dim=table.dim,
@@ -320,6 +322,10 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
         bytes=table.nbytes,
         is_default=table.name == store.default_name,
     )
+    if index is not None:
+        info.keyed, info.keys, info.max_keys = True, index.count, index.capacity
+        info.missing_keys = index.missing
+    return info
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
