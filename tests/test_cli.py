@@ -186,19 +186,22 @@ def test_cli_tables_and_health(served: tuple[str, Path]) -> None:
         "bytes",
         "shard",
         "shard_rows",
+        "keys",
+        "missing",
         "log",
         "default",
     ]
     # `auto` puts the table on the GPU where there is one.
     device = "cuda:0" if _has_cuda() else "cpu"
-    assert row.split() == ["worked", "3", "4", "float32", device, "1", "0", "48", "-", "-", "no",
-                           "*"]  # fmt: skip
+    assert row.split() == ["worked", "3", "4", "float32", device, "1", "0", "48", "-", "-", "-",
+                           "-", "no", "*"]  # fmt: skip
     done = _cli("--target", target, "tables", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [{
         "name": "worked", "rows": 3, "dim": 4, "dtype": "float32", "device": device,
         "version": 1, "bytes": 48, "is_default": True, "shard": None, "shard_rows": None,
-        "update_seq": 0, "update_log": False,
+        "update_seq": 0, "update_log": False, "keys": None, "max_keys": None,
+        "missing_keys": None,
     }]  # fmt: skip
     done = _cli("--target", target, "health")
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING")

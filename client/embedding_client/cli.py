@@ -239,12 +239,13 @@ def _tables(client: EmbeddingClient, as_json: bool = False) -> int:
         print(json.dumps([dataclasses.asdict(t) for t in tables], indent=2))
         return 0
     header = ("name", "rows", "dim", "dtype", "device", "version", "update_seq", "bytes",
-              "shard", "shard_rows", "log", "default")  # fmt: skip
+              "shard", "shard_rows", "keys", "missing", "log", "default")  # fmt: skip
     rows = [
         (t.name, t.rows, t.dim, t.dtype, t.device, t.version, t.update_seq, t.bytes,
          "-" if t.shard is None else f"{t.shard[0]}/{t.shard[1]}",
-         "-" if t.shard_rows is None else t.shard_rows, "yes" if t.update_log else "no",
-         "*" if t.is_default else "")
+         "-" if t.shard_rows is None else t.shard_rows,
+         "-" if t.keys is None else f"{t.keys}/{t.max_keys}", t.missing_keys or "-",
+         "yes" if t.update_log else "no", "*" if t.is_default else "")
         for t in tables
     ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -264,9 +265,26 @@ def _hint(error: EmbeddingError, args: argparse.Namespace) -> str:
     return ""
 
 
+def _negative_ids(argv: Sequence[str]) -> list[str]:
+    """`--ids -5,7` as `--ids=-5,7`: argparse takes a value starting with '-' for an
+    option, and a keyed table's keys may be negative."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--ids":
+            value = next(args, None)
+            if value is not None and value[:1] == "-" and value[1:2].isdigit():
+                out.append(f"--ids={value}")
+                continue
+            out.extend([arg] if value is None else [arg, value])
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `embedding-client` command; exit 1 on a failed call."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_ids(sys.argv[1:] if argv is None else argv))
     try:
         security = Security.from_files(
             args.token, args.tls_ca, args.tls_cert, args.tls_key, args.server_name, args.tls
