@@ -89,8 +89,11 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     np.save(work / "users.npy", random_table(5000, 32, seed=1))
     np.save(work / "items.npy", random_table(300, 17, seed=2))
     # items: host table with a device cache of 100 of its 300 rows (the cache panel).
+    # tags: keyed by even keys 0..98; lookups ask for odd ones too (the missing-keys panel).
+    np.savez(work / "tags.npz", keys=np.arange(0, 100, 2), values=random_table(50, 8, seed=3))
     (work / "tables.toml").write_text(
         '[[table]]\nname = "items"\nsource = "items.npy"\ncache_rows = 100\n'
+        '[[table]]\nname = "tags"\nsource = "tags.npz"\nmissing = "zeros"\n'
     )
     grpc_port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
     # An update log too (its panels and alerts), applied by the supervisor of 2 processes.
@@ -134,6 +137,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
                     batches = [rng.integers(0, rows, size=4) for _ in range(5)]
                     for _ in client.lookup_stream(batches, table):
                         pass
+                client.lookup(rng.integers(-10, 100, size=16), "tags")
                 with contextlib.suppress(EmbeddingError):
                     client.lookup([rows], table="items")  # out of range: an error to count
                 client.update_rows(rng.integers(0, 5000, size=1), np.ones((1, 32)), "users")
