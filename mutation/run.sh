@@ -25,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding, inference, connections, metrics_endpoint, server, updatelog, snapshots, filesystem, store, config, sharded, shards)}
+MODULE=${1:?usage: mutation/run.sh MODULE (codec, kernels, lookup, tables, auth, interceptor, sharding, inference, connections, metrics_endpoint, server, updatelog, snapshots, filesystem, store, config, sharded, shards, keys)}
 CHILDREN=${MUTATE_CHILDREN:-$(nproc)}
 # module -> file (under src/) | the tests that may catch its mutants (mutmut runs, per
 # mutant, only those of them that reach the mutated function). Kept to the module's own
@@ -34,7 +34,7 @@ CHILDREN=${MUTATE_CHILDREN:-$(nproc)}
 declare -A MODULES=(
     [codec]="embedding_client/codec.py|test_codec test_codec_checks test_fuzz"
     [kernels]="embedding_server/core/kernels.py|test_kernel_units test_kernels test_pooling test_quantized"
-    [lookup]="embedding_server/core/lookup.py|test_lookup_core test_limits test_service test_pooling"
+    [lookup]="embedding_server/core/lookup.py|test_lookup_core test_limits test_service test_pooling test_keyed"
     [tables]="embedding_server/core/tables.py|test_table_core test_tables test_updates test_limits test_memory"
     [auth]="embedding_server/transport/auth.py|test_auth test_security test_attacks"
     [interceptor]="embedding_server/transport/interceptor.py|test_security test_hostile_input test_limits test_stream test_handler_threads test_faults test_connections test_attacks"
@@ -51,10 +51,12 @@ declare -A MODULES=(
     # each file kept that executes a line of the module no file before it did; in-process
     # lines only, the only ones a mutant can change).
     [filesystem]="embedding_server/core/filesystem.py|test_files test_attacks"
-    [store]="embedding_server/core/store.py|test_updates test_updatelog test_cache test_quantized test_memory test_reload test_service"
+    [store]="embedding_server/core/store.py|test_updates test_updatelog test_cache test_quantized test_memory test_reload test_service test_keyed"
     [config]="embedding_server/config.py|test_config test_sharding test_security test_cache"
     [sharded]="embedding_client/sharded.py|test_sharding test_updatelog"
     [shards]="embedding_client/shards.py|test_sharding"
+    # Keyed tables (issue 31): their own tests reach every function of the index.
+    [keys]="embedding_server/core/keys.py|test_keyed"
 )
 entry=${MODULES[$MODULE]:-}
 [ -n "$entry" ] || { echo "unknown module $MODULE; known: ${!MODULES[*]}" >&2; exit 2; }
