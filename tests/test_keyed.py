@@ -19,13 +19,16 @@ from safetensors.torch import save_file
 
 from embedding_client import EmbeddingClient, EmbeddingError, Feature, Pooling
 from embedding_client.proto import grpc_service_pb2_grpc as oip_grpc
+from embedding_client.sharded import ShardedClient
+from embedding_client.shards import Shard, shard_of
 from embedding_server.config import TableSpec, read_table_config
 from embedding_server.core import keys as keys_module
 from embedding_server.core.keys import KeyIndex
 from embedding_server.core.sources import TableLoadError, load_table
 from embedding_server.core.store import TableStore
 from embedding_server.errors import KeyNotFound, OverLimit
-from embedding_server.process.server import EmbeddingServer
+from embedding_server.process.server import EmbeddingServer, newest_snapshot_of
+from embedding_server.split import split
 
 from .conftest import TEST_CONFIG, Redis, admin_settings, exactly
 from .test_inference import infer, output
@@ -269,10 +272,6 @@ def test_a_default_policy_needs_a_default_vector_of_the_tables_dim(tmp_path: Pat
     with pytest.raises(TableLoadError, match=r"a .npz table holds 'keys' \(int64\) and 'values'"):
         np.savez(tmp_path / "rows.npz", weights=values)
         load_table(TableSpec("k", tmp_path / "rows.npz"), CPU)
-    from embedding_client.shards import Shard
-
-    with pytest.raises(TableLoadError, match="keyed tables are served whole for now"):
-        load_table(TableSpec("k", path, shard=Shard(0, 2)), CPU)
 
 
 # ---------------------------------------------------------------------------- served
@@ -532,3 +531,145 @@ def test_the_cli_looks_up_negative_keys_and_shows_what_a_table_holds(
     assert (cells["keys"], cells["missing"], cells["rows"]) == (f"{keys.size}/20", "zeros", "20")
     assert cli._negative_ids(["--ids", "-3", "--table", ""]) == ["--ids=-3", "--table", ""]
     assert cli._negative_ids(["--ids"]) == ["--ids"]
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def test_a_keyed_table_splits_by_its_keys_from_the_whole_file_or_embedding_split(
+    tmp_path: Path,
+) -> None:
+    """Shard I of N holds the keys with shard_of(key, N) == I, whether read from the whole
+    file or from its embedding-split file (which keeps the default vector); a shard's
+    file is refused by a server started as another shard, and a file holding another
+    shard's key is refused at load."""
+    keys, values = keyed_data(300, seed=17)
+    default = np.full(DIM, 0.5, np.float32)
+    path = save_keyed(tmp_path / "k.npz", keys, values, default=default)
+    files = split(str(path), 3, tmp_path / "shards")
+    seen: list[np.ndarray] = []
+    for index in range(3):
+        part = Shard(index, 3)
+        whole = load_table(TableSpec("k", path, shard=part, missing="default"), CPU)
+        own = load_table(TableSpec("k", files[index], shard=part, missing="default"), CPU)
+        for table in (whole, own):
+            assert table.keys is not None and table.part == (index, 3)
+            held = table.keys.in_row_order()
+            assert (shard_of(held, 3) == index).all()
+            np.testing.assert_array_equal(np.sort(held), np.sort(whole.keys.in_row_order()))  # type: ignore[union-attr]
+            rows = table.weights[: held.size].numpy()
+            np.testing.assert_array_equal(
+                rows, values[[int(np.flatnonzero(keys == k)[0]) for k in held]]
+            )
+            np.testing.assert_array_equal(table.weights[table.keys.fill_row].numpy(), default)
+        seen.append(whole.keys.in_row_order())  # type: ignore[union-attr]
+    assert sorted(np.concatenate(seen).tolist()) == sorted(keys.tolist())
+    with pytest.raises(TableLoadError, match=exactly(
+        "table 'k': the file holds shard 0/3 of a keyed table, but the server was started "
+        "with --shard 1/3: start it with --shard 0/3 (or `shard = \"0/3\"` in the config), "
+        "or give it the whole table's file"
+    )):  # fmt: skip
+        load_table(TableSpec("k", files[0], shard=Shard(1, 3)), CPU)
+    with pytest.raises(TableLoadError, match="but the server was started without --shard"):
+        load_table(TableSpec("k", files[0]), CPU)
+    foreign = int(keys[shard_of(keys, 3) == 1][0])
+    with pytest.raises(ValueError, match=f"key {foreign} \\(row 1\\) is on shard 1/3, not 0/3"):
+        KeyIndex.build(np.array([int(seen[0][0]), foreign]), 5, part=Shard(0, 3))
+
+
+def test_the_sharded_client_serves_keyed_shards_as_one_table(
+    tmp_path: Path, keyed_server: Callable[..., EmbeddingServer]
+) -> None:
+    """Two keyed shard servers behind the sharded client: lookups (plain, sum, max, a
+    padding key), new keys routed to their owners, a missing key under `error` named at
+    the caller's own position; a mean over shards that skip missing keys refused; a key
+    sent to the wrong shard refused, never read as missing."""
+    keys, values = keyed_data(200, seed=18)
+    path = save_keyed(tmp_path / "k.safetensors", keys, values)
+    targets = []
+    for index in range(2):
+        part = Shard(index, 2)
+        server = keyed_server([
+            TableSpec("k", path, missing="zeros", max_keys=200, shard=part),
+            TableSpec("e", path, missing="error", shard=part),
+        ])  # fmt: skip
+        targets.append(f"127.0.0.1:{server.port}")
+    model = Model(keys, values, "zeros")
+    rng = np.random.default_rng(19)
+    with ShardedClient([[t] for t in targets], timeout=10) as client:
+        for _ in range(10):
+            probe = _probe(keys, rng, 24, misses=True).reshape(4, 6)
+            np.testing.assert_array_equal(client.lookup(probe, "k"), model.lookup(probe))
+            got = client.lookup(probe, "k", pooling="sum")
+            np.testing.assert_allclose(got, model.pooled(list(probe), "sum"), rtol=1e-5, atol=1e-6)
+            held = _probe(keys, rng, 24, misses=False).reshape(4, 6)  # `error`: all held
+            for mode in ("mean", "max"):
+                got = client.lookup(held, "e", pooling=mode)
+                np.testing.assert_allclose(
+                    got, model.pooled(list(held), mode), rtol=1e-5, atol=1e-6
+                )
+            pad = int(probe[0, 0])
+            got = client.lookup(probe, "k", pooling="sum", padding_id=pad)
+            np.testing.assert_allclose(
+                got, model.pooled(list(probe), "sum", pad), rtol=1e-5, atol=1e-6
+            )
+        for mode in ("mean", "max"):
+            with pytest.raises(
+                EmbeddingError, match=f"INVALID_ARGUMENT: {mode} pooling over the 2"
+            ):
+                client.lookup(probe, "k", pooling=mode)
+        new = rng.integers(-(2**63), 2**63 - 1, size=6, dtype=np.int64)
+        vectors = rng.standard_normal((6, DIM)).astype(np.float32)
+        client.update_rows(new, vectors, "k")
+        model.rows.update({int(k): v for k, v in zip(new, vectors, strict=True)})
+        np.testing.assert_array_equal(client.lookup(new, "k"), vectors)
+        merged = {t.name: t for t in client.tables()}
+        assert (merged["k"].keys, merged["k"].max_keys) == (keys.size + 6, 400)
+        held = keys[:5]
+        absent = 4242
+        assert absent not in model.rows
+        probe = np.array([[held[0], held[1], held[2]], [held[3], absent, held[4]]])
+        owner = int(shard_of(np.array([absent]), 2)[0])
+        with pytest.raises(EmbeddingError, match=exactly(
+            f"NOT_FOUND: shard {owner}/2 ({targets[owner]}): key {absent} at position 4 (index "
+            f"[1, 1]) is not in table 'e' ({int((shard_of(keys, 2) == owner).sum())} keys; its "
+            "missing-key policy is 'error')"
+        )):  # fmt: skip
+            client.lookup(probe, "e")
+    mine, other = int(keys[shard_of(keys, 2) == 0][0]), int(keys[shard_of(keys, 2) == 1][0])
+    refused = (
+        "FAILED_PRECONDITION: key {key} at position {at} is on shard 1/2 of table 'k'; this "
+        "server holds shard 0/2: route keys with embedding_client.shards.shard_of (is the "
+        "client's shard map stale?)"
+    )
+    with EmbeddingClient(targets[0], max_attempts=1) as shard0:
+        with pytest.raises(EmbeddingError, match=exactly(refused.format(key=other, at=1))):
+            shard0.lookup([mine, other], "k")  # under `zeros`: refused, not read as zeros
+        with pytest.raises(EmbeddingError, match=exactly(refused.format(key=other, at=0))):
+            shard0.update_rows([other], np.ones((1, DIM), np.float32), "k")
+        np.testing.assert_array_equal(shard0.lookup([mine], "k"), model.lookup(np.array([mine])))
+
+
+def test_a_replica_finds_its_keyed_snapshot_to_start_from(
+    tmp_path: Path, keyed_server: Callable[..., EmbeddingServer], redis_server: Redis
+) -> None:
+    """A keyed table's snapshot (its tensors are keys and values, not the table's name) is
+    found by name in the snapshot directory, with any number of keys; a replica starting
+    from it holds the keys inserted before it and the update_seq it records; a snapshot
+    of another dim is passed over."""
+    keys, values = keyed_data(20, seed=20)
+    path = save_keyed(tmp_path / "k.safetensors", keys, values)
+    spec = TableSpec("k", path, missing="zeros", max_keys=40)
+    (tmp_path / "snaps").mkdir()
+    server = keyed_server([spec], update_log=redis_server.url)
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+        client.update_rows([101, 102], np.full((2, DIM), 7.0, np.float32), "k")
+        client.snapshot_table(str(tmp_path / "snaps" / "k-1.safetensors"), "k")
+    other = save_keyed(tmp_path / "snaps" / "other.safetensors", keys, values[:, :2])
+    assert other.exists()
+    found = newest_snapshot_of(spec, tmp_path / "snaps")
+    assert found.path == tmp_path / "snaps" / "k-1.safetensors"
+    table = load_table(found, CPU)
+    assert table.update_seq == 1 and table.keys is not None and table.keys.count == keys.size + 2
+    rows = table.keys.find(np.array([101, 102]))
+    np.testing.assert_array_equal(table.weights[rows].numpy(), np.full((2, DIM), 7.0))

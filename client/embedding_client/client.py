@@ -92,6 +92,8 @@ class TableInfo:
     keys: int | None = None
     max_keys: int | None = None
     missing_keys: str | None = None
+    # A keyed table's bags leave missing keys out (else pool their zeros/default vector).
+    bags_skip_missing: bool = True
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ def _table_infos(response: pb.ListTablesResponse) -> list[TableInfo]:
             keys=t.keys if t.keyed else None,
             max_keys=t.max_keys if t.keyed else None,
             missing_keys=t.missing_keys if t.keyed else None,
+            bags_skip_missing=t.bags_skip_missing if t.keyed else True,
         )
         for t in response.tables
     ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import re
 import socket
 import threading
 import time
@@ -117,6 +118,10 @@ class _Layout:
     dim: int
     # Its updates go through an update log: one replica per shard takes each.
     update_log: bool = False
+    # Keyed (ids are raw int64 keys, any value): its missing-key policy, and whether its
+    # bags leave missing keys out; None for a table of rows.
+    missing_keys: str | None = None
+    bags_skip_missing: bool = True
 
 
 @dataclass
@@ -126,6 +131,9 @@ class _Part:
 
     shard: int | None
     request: pb.LookupRequest
+    # Where its ids sit in the call's (flat ids, shape): a shard's error about its k-th
+    # id is said of the call's own position; None when it is the whole call.
+    positions: tuple[np.ndarray, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -161,6 +169,14 @@ class ShardStats:
             "p50_ms": quantile(0.5),
             "p99_ms": quantile(0.99),
         }
+
+
+def _keys_added(seen: TableInfo, info: TableInfo) -> dict[str, Any]:
+    """A keyed table's keys and max_keys over its shards: their sums."""
+    if seen.keys is None or info.keys is None:
+        return {}
+    return {"keys": seen.keys + info.keys, "max_keys": (seen.max_keys or 0) + (info.max_keys or 0),
+            "rows": seen.rows + info.rows}  # fmt: skip
 
 
 def _invalid(message: str) -> EmbeddingError:
@@ -213,11 +229,23 @@ def route(
     except codec.WireError as exc:
         raise _invalid(str(exc)) from None
     flat = array.reshape(-1)
-    _check_ids(flat, array.shape, layout)
-    if padding_id is not None and not 0 <= padding_id < layout.rows:
+    if layout.missing_keys is None:  # keyed tables take any key: their shards say
+        _check_ids(flat, array.shape, layout)
+        if padding_id is not None and not 0 <= padding_id < layout.rows:
+            raise _invalid(
+                f"padding_id {padding_id} is not a row of table {layout.name!r}: it must be in "
+                f"[0, {layout.rows})"
+            )
+    elif (
+        bags is not None and bags.mode != "sum" and layout.missing_keys != "error"
+        and layout.bags_skip_missing
+    ):  # fmt: skip
+        # Combining means or maxima needs whether (and how many) keys each shard pooled.
         raise _invalid(
-            f"padding_id {padding_id} is not a row of table {layout.name!r}: it must be in "
-            f"[0, {layout.rows})"
+            f"{bags.mode} pooling over the {layout.count} shards of keyed table "
+            f"{layout.name!r}, whose bags leave missing keys out (missing = "
+            f"{layout.missing_keys!r}): how many keys each shard pooled is not on the wire "
+            "yet; pool with sum, or look the rows up and pool them yourself"
         )
     owner = shard_of(flat, layout.count)
     if padding_id is not None:
@@ -234,7 +262,10 @@ def route(
                 rows[places[s]] = result.vectors
             return rows.reshape((*array.shape, dim))
 
-        parts = [_Part(s, _sub_request(layout, s, flat[places[s]], dtype)) for s in used]
+        parts = [
+            _Part(s, _sub_request(layout, s, flat[places[s]], dtype), (places[s], array.shape))
+            for s in used
+        ]
         return _Routed(parts, put_back)
     return _route_bags(layout, flat, owner, bags, out_dtype)
 
@@ -256,7 +287,7 @@ def _route_bags(
         mode = "max" if bags.mode == "max" else "sum"
         request = _sub_request(layout, s, flat[mine], "float32", pooling=mode,
                                lengths=sub_lengths, weights=weights)  # fmt: skip
-        parts.append(_Part(s, request))
+        parts.append(_Part(s, request, (np.flatnonzero(mine), (flat.size,))))
         has_ids.append(sub_lengths > 0)
 
     def combine(results: list[LookupResult]) -> np.ndarray:
@@ -359,8 +390,11 @@ class AsyncShardedClient:
         self._layouts = layouts
 
     def _check_table(self, s: int, target: str, info: TableInfo) -> _Layout:
+        keyed = (info.missing_keys, info.bags_skip_missing)
+        # A keyed table's shards hold their own numbers of keys: no global rows to agree on.
+        rows = 0 if info.missing_keys is not None else info.rows
         if info.shard is None:
-            return _Layout(info.name, 1, info.rows, info.dim, info.update_log)
+            return _Layout(info.name, 1, rows, info.dim, info.update_log, *keyed)
         if info.shard != (s, self.shard_count):
             raise EmbeddingError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -368,7 +402,7 @@ class AsyncShardedClient:
                 f"{info.name!r}, but the shard map puts it at shard {s}/{self.shard_count}: "
                 "the map is stale (or the servers were started with other --shard values)",
             )
-        return _Layout(info.name, info.shard[1], info.rows, info.dim, info.update_log)
+        return _Layout(info.name, info.shard[1], rows, info.dim, info.update_log, *keyed)
 
     async def _layout(self, table: str | None, deadline: float) -> _Layout:
         if not self._layouts:
@@ -500,7 +534,10 @@ class AsyncShardedClient:
                 method = client._lookups.dense if dense else client._lookups.plain
                 return await client._invoke(method, part.request, self._remaining(deadline))
 
-            return _lookup_result((await self._on_shard(part.shard, ask, deadline))[1])
+            try:
+                return _lookup_result((await self._on_shard(part.shard, ask, deadline))[1])
+            except EmbeddingError as error:
+                raise _at_call_position(error, part) from None
 
         return await _all(one(part) for part in parts)
 
@@ -680,6 +717,7 @@ class AsyncShardedClient:
                         seen, bytes=seen.bytes + info.bytes,
                         version=min(seen.version, info.version),
                         update_seq=min(seen.update_seq, info.update_seq),
+                        **_keys_added(seen, info),
                     )  # fmt: skip
         return list(merged.values())
 
@@ -777,6 +815,27 @@ def _merged(table: str, vectors: np.ndarray, results: list[LookupResult]) -> Loo
     return LookupResult(vectors=vectors, table=table, version=min(versions, default=0),
                         shard_versions=versions, update_seq=min(seqs, default=0),
                         shard_update_seqs=seqs)  # fmt: skip
+
+
+_AT_POSITION = re.compile(r"at position (\d+)( \(index \[[0-9, ]*\]\))?")
+
+
+def _at_call_position(error: EmbeddingError, part: _Part) -> EmbeddingError:
+    """A shard's error naming the position of one of its ids (a keyed table's missing
+    key) said of that id's position in the caller's own ids."""
+    found = _AT_POSITION.search(error.details)
+    if part.positions is None or found is None:
+        return error
+    positions, shape = part.positions
+    local = int(found.group(1))
+    if local >= positions.size:
+        return error
+    flat = int(positions[local])
+    where = f"at position {flat}"
+    if len(shape) > 1:
+        where += f" (index {[int(i) for i in np.unravel_index(flat, shape)]})"
+    details = error.details[: found.start()] + where + error.details[found.end() :]
+    return EmbeddingError(error.code, details)
 
 
 def _shard_failure(

@@ -6,8 +6,10 @@
 Each file holds the rows `shard_of(id, 4) == I` in ascending id order, in the table's
 storage dtype (float64 as float32), with metadata naming the shard and the table's global
 rows; `embedding-server --table ads=FILE --shard I/4` loads it without reading the rest of
-the table (a server started with another --shard refuses it). Files are written under a
-temporary name and renamed into place; an existing file is kept unless --overwrite.
+the table (a server started with another --shard refuses it). A keyed table (keys and
+values) is split by its keys: file I holds the keys `shard_of(key, 4) == I`, their values
+and the file's default vector. Files are written under a temporary name and renamed into
+place; an existing file is kept unless --overwrite.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from embedding_client.cli import ArgumentParser, version_text
 from embedding_client.shards import Shard
+
+if TYPE_CHECKING:
+    from embedding_server.config import TableSpec
 
 log = logging.getLogger("embedding_server.split")
 
@@ -53,11 +60,13 @@ def split(table: str, shards: int, out: Path, name: str | None = None,
     import torch
 
     from embedding_server.config import TableSpec
-    from embedding_server.core.sources import CHUNK_BYTES, open_table, shard_source, write_table
+    from embedding_server.core.sources import CHUNK_BYTES, open_table, shard_source
 
     spec = TableSpec.parse(f"{name or Path(table.split(':')[0]).stem}={table}")
     source = open_table(spec)
     out.mkdir(parents=True, exist_ok=True)
+    if source.index is not None:
+        return _split_keyed(spec, shards, out, overwrite)
     storage = source.dtype if source.dtype != torch.float64 else torch.float32
     written = []
     for index in range(shards):
@@ -72,19 +81,61 @@ def split(table: str, shards: int, out: Path, name: str | None = None,
         step = max(1, CHUNK_BYTES // (dim * 4))
         parts = [rows.read(a, min(count, a + step)).to(storage) for a in range(0, count, step)]
         contents = torch.cat(parts) if len(parts) > 1 else parts[0]
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with temporary.open("wb") as handle:
-                write_table(handle, ".safetensors", {spec.name: contents}, layout.metadata())
-                handle.flush()
-                os.fsync(handle.fileno())
-            temporary.replace(target)
-        finally:
-            temporary.unlink(missing_ok=True)
+        _write(target, {spec.name: contents}, layout.metadata())
         log.info("shard %s: %d of %d rows -> %s (%.1f s)", shard, count, layout.rows, target,
                  time.monotonic() - started)  # fmt: skip
         written.append(target)
     return written
+
+
+def _split_keyed(spec: TableSpec, shards: int, out: Path, overwrite: bool) -> list[Path]:
+    """A keyed table's shard files: each holds the keys `shard_of(key, N) == I` with their
+    values (and the file's default vector), named as a keyed snapshot is."""
+    import numpy as np
+    import torch
+
+    from embedding_server.core.keys import DEFAULT_TENSOR, KEYS_TENSOR, TABLE_KEY, VALUES_TENSOR
+    from embedding_server.core.sharding import SHARD_KEY
+    from embedding_server.core.sources import keyed_default, open_table
+
+    default = keyed_default(spec)
+    written = []
+    for index in range(shards):
+        shard = Shard(index, shards)
+        target = out / f"{spec.name}.shard-{index}-of-{shards}.safetensors"
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; give --overwrite to replace it")
+        # max_keys: room for every key of the file, so that a shard may hold none.
+        opened = open_table(replace(spec, shard=shard, max_keys=2**62))
+        keys = opened.index
+        assert keys is not None
+        values = opened.read(0, keys.count)
+        storage = values.dtype if values.dtype != torch.float64 else torch.float32
+        tensors = {KEYS_TENSOR: torch.from_numpy(np.ascontiguousarray(keys.in_row_order())),
+                   VALUES_TENSOR: values.to(storage)}  # fmt: skip
+        if default is not None:
+            tensors[DEFAULT_TENSOR] = torch.from_numpy(default).to(storage)
+        metadata = {SHARD_KEY: str(shard), TABLE_KEY: spec.name}
+        _write(target, tensors, metadata)
+        log.info("shard %s: %d keys -> %s", shard, keys.count, target)
+        written.append(target)
+    return written
+
+
+def _write(target: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """`tensors` as a .safetensors file at `target`, through a temporary file renamed into
+    place."""
+    from embedding_server.core.sources import write_table
+
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            write_table(handle, ".safetensors", tensors, metadata)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -140,7 +140,7 @@ class ListTablesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default", "shard", "shard_rows", "update_seq", "update_log", "keyed", "keys", "max_keys", "missing_keys")
+    __slots__ = ("name", "rows", "dim", "dtype", "device", "version", "bytes", "is_default", "shard", "shard_rows", "update_seq", "update_log", "keyed", "keys", "max_keys", "missing_keys", "bags_skip_missing")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class TableInfo(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MAX_KEYS_FIELD_NUMBER: _ClassVar[int]
     MISSING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    BAGS_SKIP_MISSING_FIELD_NUMBER: _ClassVar[int]
     name: str
     rows: int
     dim: int
@@ -173,7 +174,8 @@ class TableInfo(_message.Message):
     keys: int
     max_keys: int
     missing_keys: str
-    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., shard_rows: _Optional[int] = ..., update_seq: _Optional[int] = ..., update_log: _Optional[bool] = ..., keyed: _Optional[bool] = ..., keys: _Optional[int] = ..., max_keys: _Optional[int] = ..., missing_keys: _Optional[str] = ...) -> None: ...
+    bags_skip_missing: bool
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., shard: _Optional[_Union[ShardOf, _Mapping]] = ..., shard_rows: _Optional[int] = ..., update_seq: _Optional[int] = ..., update_log: _Optional[bool] = ..., keyed: _Optional[bool] = ..., keys: _Optional[int] = ..., max_keys: _Optional[int] = ..., missing_keys: _Optional[str] = ..., bags_skip_missing: _Optional[bool] = ...) -> None: ...
 
 class ListTablesResponse(_message.Message):
     __slots__ = ("tables",)

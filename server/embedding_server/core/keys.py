@@ -20,13 +20,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from embedding_server.errors import KeyNotFound, OverLimit, quoted
+from embedding_client.shards import Shard, shard_of
+from embedding_server.errors import FailedPrecondition, KeyNotFound, OverLimit, quoted
 
 MISSING_POLICIES = ("error", "zeros", "default")
 # From this many keys a lookup sorts them before searching (bench/keys.py).
 SORT_QUERIES_FROM = 256
 # The keys and values of a keyed table file (.safetensors, .npz), and its default vector.
 KEYS_TENSOR, VALUES_TENSOR, DEFAULT_TENSOR = "keys", "values", "default"
+# A keyed snapshot's metadata: the table it holds (its tensors are not named after it).
+TABLE_KEY = "embedding.table"
 
 
 class Translated(NamedTuple):
@@ -46,6 +49,7 @@ class KeyIndex:
     capacity : rows for keys (`max_keys`); the fill row is `capacity`, the pad row one more.
     missing : the policy for a key the table does not hold: error, zeros or default.
     skip_missing_in_bags : pooled bags leave missing keys out (else they pool the fill row).
+    part : the shard held (see the field's note).
     """
 
     sorted_keys: np.ndarray
@@ -53,10 +57,18 @@ class KeyIndex:
     capacity: int
     missing: str = "error"
     skip_missing_in_bags: bool = True
+    # The shard of the keyed table this index holds (the keys k with shard_of(k, N) == I),
+    # None for all of it: a key another shard holds is refused, never read as missing.
+    part: Shard | None = None
 
     @classmethod
     def build(
-        cls, keys: np.ndarray, capacity: int, missing: str = "error", skip: bool = True
+        cls,
+        keys: np.ndarray,
+        capacity: int,
+        missing: str = "error",
+        skip: bool = True,
+        part: Shard | None = None,
     ) -> KeyIndex:
         """The index of a table whose row r holds key `keys[r]`.
 
@@ -89,7 +101,16 @@ class KeyIndex:
             raise ValueError(
                 f"key {key} is given twice (rows {first} and {second}); keys must be unique"
             )
-        return cls(sorted_keys, order.astype(np.int64), capacity, missing, skip)
+        if part is not None and keys.size:
+            foreign = np.flatnonzero(shard_of(keys, part.count) != part.index)
+            if foreign.size:
+                row, key = int(foreign[0]), int(keys[foreign[0]])
+                owner = int(shard_of(np.array([key]), part.count)[0])
+                raise ValueError(
+                    f"key {key} (row {row}) is on shard {owner}/{part.count}, not {part}: the "
+                    f"file holds keys of other shards"
+                )
+        return cls(sorted_keys, order.astype(np.int64), capacity, missing, skip, part)
 
     @property
     def count(self) -> int:
@@ -120,6 +141,26 @@ class KeyIndex:
         found = self.sorted_keys[at] == keys
         return np.where(found, self.rows[at], -1)
 
+    def check_owned(self, keys: np.ndarray, table: str, among: np.ndarray | None = None) -> None:
+        """Refuse keys (any shape; only those `among` marks, if given) another shard
+        holds: FailedPrecondition naming the first, its position and its shard."""
+        part = self.part
+        if part is None or part.count == 1:
+            return
+        foreign = shard_of(keys, part.count) != part.index
+        if among is not None:
+            foreign &= among
+        if not foreign.any():
+            return
+        position = int(np.flatnonzero(foreign.reshape(-1))[0])
+        key = int(keys.reshape(-1)[position])
+        owner = int(shard_of(np.array([key]), part.count)[0])
+        raise FailedPrecondition(
+            f"key {key} at position {position} is on shard {owner}/{part.count} of table "
+            f"{quoted(table)}; this server holds shard {part}: route keys with "
+            "embedding_client.shards.shard_of (is the client's shard map stale?)"
+        )
+
     def translate(
         self, keys: np.ndarray, table: str, *, pooled: bool = False, padding_key: int | None = None
     ) -> Translated:
@@ -142,6 +183,8 @@ class KeyIndex:
                 absent &= ~padding
                 padded = True
         missing = int(np.count_nonzero(absent))
+        if missing and self.part is not None:  # a missing key may be another shard's
+            self.check_owned(keys, table, among=absent)
         if missing:
             if self.missing == "error":
                 flat = np.flatnonzero(absent.reshape(-1))[0]
@@ -172,6 +215,7 @@ class KeyIndex:
         added = int(np.count_nonzero(new))
         if not added:
             return self, rows
+        self.check_owned(keys, table, among=new)
         if self.count + added > self.capacity:
             raise OverLimit(
                 f"table {quoted(table)} holds {self.count} keys of its max_keys "
@@ -183,7 +227,7 @@ class KeyIndex:
         merged_rows = np.concatenate([self.rows, rows[new]])
         order = np.argsort(merged, kind="stable")
         index = KeyIndex(merged[order], merged_rows[order], self.capacity, self.missing,
-                         self.skip_missing_in_bags)  # fmt: skip
+                         self.skip_missing_in_bags, self.part)  # fmt: skip
         return index, rows
 
     def in_row_order(self) -> np.ndarray:

@@ -112,7 +112,8 @@ def expect(table: Table, index: int, count: int) -> None:
     """Refuse a request whose client believes this server holds shard `index`/`count` of
     `table` when it does not (a stale shard map); (0, 1) stands for the whole table."""
     if table.part != (index, count):
-        what = "the whole table" if table.shard is None else f"shard {table.shard.shard}"
+        held = table.held_shard
+        what = "the whole table" if held is None else f"shard {held}"
         raise FailedPrecondition(
             f"the request is for shard {index}/{count} of table {table.name!r}, but this "
             f"server holds {what}: the client's shard map is stale (rebuild it from ListTables)"

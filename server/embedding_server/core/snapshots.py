@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedding_server.core import sharding
+from embedding_server.core.keys import TABLE_KEY, VALUES_TENSOR
 from embedding_server.core.sharding import Shard
 from embedding_server.core.sources import UPDATE_SEQ_KEY
 
@@ -40,6 +41,10 @@ def global_shape(shape: tuple[int, ...], metadata: dict[str, str]) -> tuple[int,
     return (int(rows) if rows is not None else shape[0]), (shape[1] if len(shape) > 1 else 0)
 
 
+# `newest_snapshot`'s rows for a keyed table: snapshots of any number of keys match.
+ANY_ROWS = -1
+
+
 def newest_snapshot(
     folder: Path, name: str, shard: Shard | None, shape: tuple[int, int]
 ) -> Snapshot | None:
@@ -55,7 +60,8 @@ def newest_snapshot(
         except Exception as exc:  # a damaged or foreign file: not a snapshot to use
             log.debug("snapshot search: %s unreadable (%s)", path, exc)
             continue
-        if name not in keys or UPDATE_SEQ_KEY not in metadata:
+        keyed = metadata.get(TABLE_KEY) == name and VALUES_TENSOR in keys
+        if (name not in keys and not keyed) or UPDATE_SEQ_KEY not in metadata:
             continue
         held = metadata.get(sharding.SHARD_KEY)
         if held != (None if shard is None else str(shard)):
@@ -65,6 +71,8 @@ def newest_snapshot(
             found_shape = global_shape(file_shape, metadata)
         except ValueError:
             continue
+        if shape[0] == ANY_ROWS:
+            found_shape = (ANY_ROWS, found_shape[1])
         if found_shape != shape:
             if path in _said:
                 continue
@@ -105,5 +113,6 @@ def _header(path: Path, name: str) -> tuple[list[str], tuple[int, ...], dict[str
 
     with safe_open(str(path), framework="numpy") as handle:
         keys = list(handle.keys())
-        shape = tuple(handle.get_slice(name).get_shape()) if name in keys else ()
+        tensor = name if name in keys else VALUES_TENSOR  # a keyed snapshot's: its values
+        shape = tuple(handle.get_slice(tensor).get_shape()) if tensor in keys else ()
         return keys, shape, handle.metadata() or {}

@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from embedding_client.shards import Shard
+from embedding_client.shards import Shard, shard_of
 from embedding_server import metrics
 from embedding_server.config import TableSpec
 from embedding_server.core import kernels, sharding
@@ -192,12 +192,8 @@ def load_table(
     """
     opened = open_table(spec)
     recorded = recorded_update_seq(spec.name, opened.metadata)
-    source, shard = shard_source(spec.name, opened, spec.shard)
-    if opened.index is not None and shard is not None:
-        raise TableLoadError(
-            f"table {spec.name!r} is keyed: keyed tables are served whole for now, not as "
-            "shards (drop --shard / shard for it)"
-        )
+    # A keyed table's shard is picked by its keys (see `keyed_source`).
+    source, shard = (opened, None) if opened.index else shard_source(spec.name, opened, spec.shard)
     cache = None if spec.cache_rows is None else (spec.cache_rows, device)
     home = device if cache is None else torch.device("cpu")
     needs = footprint(source, spec.dtype, home, cache, cache_copies)
@@ -472,6 +468,12 @@ def _keyed_parts(
     return None
 
 
+def keyed_default(spec: TableSpec) -> np.ndarray | None:
+    """The default vector a keyed table's file holds (None: none, or not keyed)."""
+    parts = _keyed_parts(spec, spec.path)
+    return None if parts is None or parts[2] is None else np.asarray(parts[2]).reshape(-1)
+
+
 def keyed_source(
     spec: TableSpec, values: RowSource, keys: np.ndarray, default: np.ndarray | None
 ) -> RowSource:
@@ -493,9 +495,38 @@ def keyed_source(
             f"table {name!r}: {list(keys.shape)} keys for {count} rows of values; a keyed "
             "table holds one int64 key per row"
         )
+    part = spec.shard
+    named = values.metadata.get(sharding.SHARD_KEY)
+    if named is not None:  # a shard's own file (embedding-split, a shard's snapshot)
+        try:
+            held = Shard.parse(named)
+        except ValueError as exc:
+            raise TableLoadError(f"table {name!r}: bad shard metadata ({exc})") from None
+        if part != held:
+            started = "without --shard" if part is None else f"with --shard {part}"
+            raise TableLoadError(
+                f"table {name!r}: the file holds shard {held} of a keyed table, but the "
+                f"server was started {started}: start it with --shard {held} (or `shard = "
+                f'"{held}"` in the config), or give it the whole table\'s file'
+            )
+    elif part is not None and part.count > 1 and keys.dtype.kind in "iu":
+        # The whole table's file: this shard's keys (bad keys are said by the index).
+        mine = np.flatnonzero(shard_of(keys, part.count) == part.index)
+        keys, whole = keys[mine], values
+        values = RowSource(
+            (int(mine.size), dim), whole.dtype,
+            lambda start, stop: sharding.pick_rows(whole.read, mine, start, stop),
+            whole.metadata,
+        )  # fmt: skip
+        count = int(mine.size)
     capacity = count if spec.max_keys is None else spec.max_keys
+    if capacity == 0:
+        raise TableLoadError(
+            f"table {name!r}: shard {part} holds none of the file's keys; set max_keys for "
+            "the keys updates will add, or use fewer shards"
+        )
     try:
-        index = KeyIndex.build(keys, capacity, spec.missing, spec.bags_skip_missing)
+        index = KeyIndex.build(keys, capacity, spec.missing, spec.bags_skip_missing, part)
     except ValueError as exc:
         raise TableLoadError(f"table {name!r}: {exc}") from None
     vector = None

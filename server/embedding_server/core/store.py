@@ -20,7 +20,8 @@ from embedding_server.config import TableSpec
 from embedding_server.core import kernels
 from embedding_server.core.devices import available_bytes
 from embedding_server.core.filesystem import FileAccess
-from embedding_server.core.keys import DEFAULT_TENSOR, KEYS_TENSOR, VALUES_TENSOR
+from embedding_server.core.keys import DEFAULT_TENSOR, KEYS_TENSOR, TABLE_KEY, VALUES_TENSOR
+from embedding_server.core.sharding import SHARD_KEY
 from embedding_server.core.sources import (
     UPDATE_SEQ_KEY,
     TableLoadError,
@@ -112,7 +113,7 @@ class TableStore:
         with self._reload_lock:
             old = self.get(name)
             dtype = old.spec.dtype if old.spec is not None else None  # stored as now
-            shard = None if old.shard is None else old.shard.shard  # the part it holds now
+            shard = old.held_shard  # the part it holds now
             if snapshot is not None:  # the server's own choice, in the operator's directory
                 spec = _keyed_as(old, TableSpec(old.name, snapshot, old.name, dtype, shard=shard))
             elif source:  # a caller's file, inside the table directories
@@ -149,7 +150,9 @@ class TableStore:
                 f"table {old.name!r}: cannot read {quoted(str(spec.path))} ({type(exc).__name__})"
             ) from None
         recorded = recorded_update_seq(old.name, opened.metadata)
-        opened, shard = shard_source(old.name, opened, spec.shard)
+        opened, shard = (
+            (opened, None) if opened.index else shard_source(old.name, opened, spec.shard)
+        )
         if (opened.index is None) != (old.keys is None):
             have, new_kind = ("keys", "rows") if old.keys is not None else ("rows", "keys")
             raise TableLoadError(
@@ -362,6 +365,10 @@ class TableStore:
         metadata = {UPDATE_SEQ_KEY: str(stamp.update_seq)}
         if table.shard is not None:
             metadata.update(table.shard.metadata())
+        if table.keys is not None:  # found again by name (its tensors are keys, values)
+            metadata[TABLE_KEY] = table.name
+            if table.keys.part is not None:
+                metadata[SHARD_KEY] = str(table.keys.part)
         size = self.files.write_snapshot(
             target,
             partial(write_table, suffix=target.suffix, tensors=contents, metadata=metadata),

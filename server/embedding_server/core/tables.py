@@ -23,6 +23,7 @@ from embedding_server.core.keys import KeyIndex
 from embedding_server.errors import InvalidRequest
 
 if TYPE_CHECKING:  # sharding imports this module (check_ids)
+    from embedding_client.shards import Shard
     from embedding_server.core.sharding import ShardRows
 
 T = TypeVar("T")
@@ -246,9 +247,18 @@ class Table:
         )
 
     @property
+    def held_shard(self) -> Shard | None:
+        """The shard of the table this server holds (of its rows, or of a keyed table's
+        keys); None for all of it."""
+        if self.shard is not None:
+            return self.shard.shard
+        return None if self.keys is None else self.keys.part
+
+    @property
     def part(self) -> tuple[int, int]:
         """(shard index, shard count) of what this table holds: (0, 1) for all of it."""
-        return (0, 1) if self.shard is None else (self.shard.shard.index, self.shard.shard.count)
+        held = self.held_shard
+        return (0, 1) if held is None else (held.index, held.count)
 
     @property
     def dtype(self) -> str:

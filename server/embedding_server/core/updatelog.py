@@ -26,7 +26,7 @@ import numpy as np
 import redis
 
 from embedding_server import metrics
-from embedding_server.core.snapshots import Snapshot, newest_snapshot
+from embedding_server.core.snapshots import ANY_ROWS, Snapshot, newest_snapshot
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
 from embedding_server.errors import InvalidRequest, Unavailable
@@ -95,8 +95,8 @@ return {first, last_of(KEYS[1]), redis.call('XLEN', KEYS[1])}
 
 def stream_key(table: Table) -> str:
     """The stream of `table`: its name, and its shard when it is one."""
-    shard = table.shard
-    part = "" if shard is None else f":{shard.shard}"
+    held = table.held_shard
+    part = "" if held is None else f":{held}"
     return f"{STREAM_PREFIX}{table.name}{part}"
 
 
@@ -435,8 +435,9 @@ class UpdateLog:
         if self.snapshots is None:
             return None
         rows = table.rows if table.shard is None else table.shard.rows
-        shard = None if table.shard is None else table.shard.shard
-        return newest_snapshot(self.snapshots, table.name, shard, (rows, table.dim))
+        if table.keys is not None:
+            rows = ANY_ROWS  # a keyed table's keys come and go: its dim must match
+        return newest_snapshot(self.snapshots, table.name, table.held_shard, (rows, table.dim))
 
     def _trim(self, table: Table) -> None:
         """Trim `table`'s stream up to its newest snapshot's update_seq: a replica that

@@ -38,7 +38,7 @@ from embedding_server.core.batcher import Batcher
 from embedding_server.core.devices import PinnedBlocks
 from embedding_server.core.filesystem import FileAccess
 from embedding_server.core.lookup import Limits, Lookups
-from embedding_server.core.snapshots import global_shape, newest_snapshot
+from embedding_server.core.snapshots import ANY_ROWS, global_shape, newest_snapshot
 from embedding_server.core.sources import TableLoadError, demo_table, load_table, open_table
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
@@ -207,8 +207,10 @@ def newest_snapshot_of(spec: TableSpec, folder: Path) -> TableSpec:
         opened = open_table(spec)
     except TableLoadError:
         return spec  # loading it says what is wrong
-    found = newest_snapshot(folder, spec.name, spec.shard, global_shape(opened.shape,
-                            opened.metadata))  # fmt: skip
+    shape = global_shape(opened.shape, opened.metadata)
+    if opened.index is not None:  # a keyed table: any number of keys, the same dim
+        shape = (ANY_ROWS, shape[1])
+    found = newest_snapshot(folder, spec.name, spec.shard, shape)
     if found is None:
         return spec
     log.info("table %r: starting from snapshot %s (update_seq %d), not %s", spec.name,

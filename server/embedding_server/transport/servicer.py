@@ -305,7 +305,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 def table_info(table: Table, store: TableStore) -> pb.TableInfo:
     """A table as the wire describes it (a shard: the whole table's rows, and its part)."""
     shard = table.shard
-    part = None if shard is None else shard.shard
+    part = table.held_shard
     index = table.keys
     rows = table.rows if shard is None else shard.rows
     info = pb.TableInfo(
@@ -324,7 +324,7 @@ def table_info(table: Table, store: TableStore) -> pb.TableInfo:
     )
     if index is not None:
         info.keyed, info.keys, info.max_keys = True, index.count, index.capacity
-        info.missing_keys = index.missing
+        info.missing_keys, info.bags_skip_missing = index.missing, index.skip_missing_in_bags
     return info
 
 
