@@ -9,6 +9,7 @@
 #   bash bench/device.sh kernels   # kernel sweep (gather vs one-hot), device cache at 10M rows (<= 6 min)
 #   bash bench/device.sh service   # service sweep: 1 and 8 server processes, 8 with batching, ceiling (~6 min)
 #   bash bench/device.sh processes # Lookup at B = 1 and 64 with 1, 2, 4, 8, 16 server processes (~5 min)
+#   bash bench/device.sh keyed     # keyed vs row-indexed tables on the GPU, key index on CUDA (~6 min)
 #
 # `check` first: it is what proves the CUDA paths (tests/test_cuda.py) before any number
 # is worth reading.
@@ -20,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-stage=${1:?usage: bench/device.sh check|kernels|service}
+stage=${1:?usage: bench/device.sh check|kernels|service|processes|keyed}
 out=${OUT:-bench/results/device}
 mkdir -p "$out"
 python=${PYTHON:-python3}
@@ -92,8 +93,15 @@ processes)
         --variants "1p=;2p=--processes 2;4p=--processes 4;8p=--processes 8;16p=--processes 16" \
         --out "$out"
     ;;
+keyed)
+    # Issue 31: a keyed table on the GPU against the same rows by index (the key index
+    # stays on the host: what does it cost there?), and torch's search on CUDA.
+    step 300 "$python" bench/keyed.py --device cuda --threads 16 --load-keys 10000000 \
+        --out "$out"
+    step 60 "$python" bench/keys.py --device cuda --out "$out"
+    ;;
 *)
-    echo "unknown stage $stage: check, kernels, service or processes" >&2
+    echo "unknown stage $stage: check, kernels, service, processes or keyed" >&2
     exit 2
     ;;
 esac

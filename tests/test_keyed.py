@@ -5,6 +5,7 @@ inserted by UpdateRows up to max_keys, kept by snapshots, counted in the metrics
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from embedding_server.errors import KeyNotFound, OverLimit
 from embedding_server.process.server import EmbeddingServer, newest_snapshot_of
 from embedding_server.split import split
 
-from .conftest import TEST_CONFIG, Redis, admin_settings, exactly
+from .conftest import ROOT, TEST_CONFIG, Redis, admin_settings, exactly
 from .test_inference import infer, output
 
 DIM = 6
@@ -165,6 +166,30 @@ def test_inserting_keys_gives_free_rows_and_stops_at_max_keys() -> None:
         grown.with_keys(np.array([1000, 7]), "t")
 
 
+def test_both_searches_agree_through_inserts_that_grow_the_hash_table() -> None:
+    """Batches from HASH_FROM keys up probe the hash table, smaller ones search the sorted
+    keys: both give every row, hits and misses, before and after inserts that fill the
+    hash table past half and make it build itself again."""
+    rng = np.random.default_rng(23)
+    keys, _ = keyed_data(40, seed=24)
+    index = KeyIndex.build(keys, capacity=5000)
+    held = {int(k): r for r, k in enumerate(keys)}
+    slots = index.hashed.slots.size  # type: ignore[union-attr]
+    for _ in range(8):
+        new = rng.integers(-(2**63), 2**63 - 1, size=300, dtype=np.int64)
+        index, rows = index.with_keys(new, "t")
+        held.update({int(k): int(r) for k, r in zip(new, rows, strict=True)})
+        wanted = np.concatenate([np.array(list(held)), rng.integers(-(2**63), 2**63 - 1, 300)])
+        rng.shuffle(wanted)
+        expected = np.array([held.get(int(k), -1) for k in wanted])
+        assert wanted.size >= keys_module.HASH_FROM
+        np.testing.assert_array_equal(index.find(wanted), expected)  # the hash
+        small = [index.find(part) for part in np.array_split(wanted, wanted.size // 100)]
+        np.testing.assert_array_equal(np.concatenate(small), expected)  # the sorted keys
+        np.testing.assert_array_equal(index.find(wanted.reshape(-1, 2)), expected.reshape(-1, 2))
+    assert index.hashed.slots.size > slots  # type: ignore[union-attr]
+
+
 def test_a_missing_key_is_refused_with_its_position_or_reads_the_fill_row() -> None:
     held = np.array([4, 8], np.int64)
     keys = np.array([[4, 8], [8, -3]], np.int64)
@@ -246,14 +271,8 @@ def test_a_bad_keyed_file_is_refused_naming_what_is_wrong(
     bad_keys, bad_values = change(keys, values)
     path = save_keyed(tmp_path / "bad.npz", bad_keys, bad_values)
     expected = message.format(k3=keys[3], n=keys.size, n1=keys.size - 1)
-    with pytest.raises(TableLoadError, match=f"^table 'k': {_escaped(expected)}"):
+    with pytest.raises(TableLoadError, match=f"^table 'k': {re.escape(expected)}"):
         load_table(TableSpec("k", path), CPU)
-
-
-def _escaped(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 def test_a_default_policy_needs_a_default_vector_of_the_tables_dim(tmp_path: Path) -> None:
@@ -673,3 +692,61 @@ def test_a_replica_finds_its_keyed_snapshot_to_start_from(
     assert table.update_seq == 1 and table.keys is not None and table.keys.count == keys.size + 2
     rows = table.keys.find(np.array([101, 102]))
     np.testing.assert_array_equal(table.weights[rows].numpy(), np.full((2, DIM), 7.0))
+
+
+def test_the_usage_example_runs_end_to_end(
+    tmp_path: Path,
+    keyed_server: Callable[..., EmbeddingServer],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/usage.md's keyed-table example as written: its file-making block (in a
+    folder of its own), its TOML served, its client block against that server; what it
+    prints is what its comments say."""
+    text = (ROOT / "docs" / "usage.md").read_text()
+    section = text[text.index("### Keyed tables") : text.index("## The dense path")]
+    python = re.findall(r"```python\n(.*?)```", section, re.S)
+    (toml,) = re.findall(r"`tags.toml`.*?```toml\n(.*?)```", section, re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python[0], "usage.md (file)", "exec"), {})
+    (tmp_path / "tags.toml").write_text(toml)
+    specs = read_table_config(tmp_path / "tags.toml").tables
+    server = keyed_server(list(specs))
+    capsys.readouterr()
+    code = python[1].replace("localhost:50051", f"127.0.0.1:{server.port}")
+    exec(compile(code, "usage.md (client)", "exec"), {})
+    printed = capsys.readouterr().out.split()
+    said = [
+        line.strip().removeprefix("# ") for line in python[1].splitlines()
+        if line.strip().startswith("# ")
+    ]  # fmt: skip
+    assert printed == " ".join(said).split()
+
+
+def test_a_keyed_table_answers_bit_for_bit_as_the_same_rows_served_by_index(
+    tmp_path: Path, keyed_server: Callable[..., EmbeddingServer]
+) -> None:
+    keys, values = keyed_data(150, seed=21)
+    keyed = save_keyed(tmp_path / "k.safetensors", keys, values)
+    np.save(tmp_path / "rows.npy", values)
+    server = keyed_server([TableSpec("k", keyed), TableSpec("r", tmp_path / "rows.npy")])
+    rng = np.random.default_rng(22)
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+        for _ in range(10):
+            rows = rng.integers(0, keys.size, size=(5, 7))
+            by_key, by_row = keys[rows], rows
+            for dtype in ("float32", "float16", "bfloat16"):
+                assert client.lookup(by_key, "k", dtype).tobytes() == (
+                    client.lookup(by_row, "r", dtype).tobytes()
+                )
+            assert client.lookup_dense(by_key, "k").tobytes() == (
+                client.lookup_dense(by_row, "r").tobytes()
+            )
+            for mode in ("sum", "mean", "max"):
+                assert client.lookup(by_key, "k", pooling=mode).tobytes() == (
+                    client.lookup(by_row, "r", pooling=mode).tobytes()
+                ), mode
+            pad = int(rows[0, 0])
+            assert client.lookup(
+                by_key, "k", pooling="mean", padding_id=int(keys[pad])
+            ).tobytes() == (client.lookup(by_row, "r", pooling="mean", padding_id=pad).tobytes())

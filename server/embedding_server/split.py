@@ -99,6 +99,9 @@ def _split_keyed(spec: TableSpec, shards: int, out: Path, overwrite: bool) -> li
     from embedding_server.core.sources import keyed_default, open_table
 
     default = keyed_default(spec)
+    whole = open_table(spec).index
+    assert whole is not None
+    every_key = whole.count
     written = []
     for index in range(shards):
         shard = Shard(index, shards)
@@ -106,7 +109,7 @@ def _split_keyed(spec: TableSpec, shards: int, out: Path, overwrite: bool) -> li
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; give --overwrite to replace it")
         # max_keys: room for every key of the file, so that a shard may hold none.
-        opened = open_table(replace(spec, shard=shard, max_keys=2**62))
+        opened = open_table(replace(spec, shard=shard, max_keys=max(1, every_key)))
         keys = opened.index
         assert keys is not None
         values = opened.read(0, keys.count)
