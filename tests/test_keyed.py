@@ -750,3 +750,36 @@ def test_a_keyed_table_answers_bit_for_bit_as_the_same_rows_served_by_index(
             assert client.lookup(
                 by_key, "k", pooling="mean", padding_id=int(keys[pad])
             ).tobytes() == (client.lookup(by_row, "r", pooling="mean", padding_id=pad).tobytes())
+
+
+def test_an_entry_past_max_keys_in_the_log_is_skipped_and_the_log_goes_on(
+    tmp_path: Path, keyed_server: Callable[..., EmbeddingServer], redis_server: Redis
+) -> None:
+    """Two entries appended at once through different replicas may add more keys than
+    max_keys together (each was checked against its writer's table): every replica
+    applies the log in one order and skips the same one, counts it, and goes on applying
+    (written straight into the stream here, as such a race leaves it)."""
+    import redis as redis_client
+
+    keys, values = keyed_data(10, seed=25)
+    path = save_keyed(tmp_path / "k.safetensors", keys, values)
+    stream = redis_client.Redis.from_url(redis_server.url)
+    for seq, (key, value) in enumerate(((1001, 1.0), (1002, 2.0), (int(keys[0]), 3.0)), 1):
+        stream.xadd("embedding:updates:k", {"ids": np.array([key], "<i8").tobytes(),
+                    "vectors": np.full((1, DIM), value, "<f4").tobytes(), "dim": str(DIM),
+                    "writer": "test", "time": "0"}, id=f"{seq}-0")  # fmt: skip
+    skipped = REGISTRY.get_sample_value(
+        "embedding_update_log_errors_total", {"table": "k", "kind": "apply"}
+    ) or 0.0  # fmt: skip
+    spec = TableSpec("k", path, missing="zeros", max_keys=keys.size + 1)
+    server = keyed_server([spec], update_log=redis_server.url)
+    with EmbeddingClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+        result = client.lookup_result([1001, 1002, int(keys[0])], "k", min_update_seq=3, timeout=10)
+        assert result.update_seq == 3
+        assert result.vectors[:, 0].tolist() == [1.0, 0.0, 3.0]  # 1002 did not fit: skipped
+        assert REGISTRY.get_sample_value(
+            "embedding_update_log_errors_total", {"table": "k", "kind": "apply"}
+        ) == skipped + 1  # fmt: skip
+        info = client.update_rows([1001], np.full((1, DIM), 4.0, np.float32), "k")
+        assert info.update_seq == 4  # the log goes on
+        np.testing.assert_array_equal(client.lookup([1001], "k"), np.full((1, DIM), 4.0))

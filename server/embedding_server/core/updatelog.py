@@ -29,7 +29,7 @@ from embedding_server import metrics
 from embedding_server.core.snapshots import ANY_ROWS, Snapshot, newest_snapshot
 from embedding_server.core.store import TableStore
 from embedding_server.core.tables import Table
-from embedding_server.errors import InvalidRequest, Unavailable
+from embedding_server.errors import InvalidRequest, RequestError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class UpdateLog:
         try:
             ids, vectors = _last_writes(fresh, table.dim)
             self.store.write_update(self.store.prepare_update(name, ids, vectors), fresh[-1].seq)
-        except InvalidRequest:
+        except RequestError:  # e.g. keys past a keyed table's max_keys
             for entry in fresh:  # one at a time, to find and skip the one that does not apply
                 self._apply_one(name, entry)
         metrics.child(metrics.UPDATE_LOG_APPLY_SECONDS, name).observe(time.perf_counter() - started)
@@ -362,9 +362,12 @@ class UpdateLog:
             self.store.write_update(
                 self.store.prepare_update(name, entry.ids, entry.vectors), entry.seq
             )
-        except InvalidRequest as exc:
+        except RequestError as exc:
             # Checked before it was appended; refused here only if this replica's table
-            # differs (another file): skipped, so the log does not stall, and said.
+            # differs (another file), or, for a keyed table, if entries appended at once
+            # through two replicas add more keys than max_keys together (every replica
+            # applies the log in one order, so all skip the same entry): skipped, so the
+            # log does not stall, and said.
             metrics.child(metrics.UPDATE_LOG_ERRORS, name, "apply").inc()
             log.error("table %r: update %d from %s does not apply here (%s): skipped", name,
                       entry.seq, entry.writer, exc)  # fmt: skip
