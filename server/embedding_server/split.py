@@ -66,14 +66,12 @@ def split(table: str, shards: int, out: Path, name: str | None = None,
     source = open_table(spec)
     out.mkdir(parents=True, exist_ok=True)
     if source.index is not None:
-        return _split_keyed(spec, shards, out, overwrite)
+        return _split_keyed(spec, source.index.count, shards, out, overwrite)
     storage = source.dtype if source.dtype != torch.float64 else torch.float32
     written = []
     for index in range(shards):
         shard = Shard(index, shards)
-        target = out / f"{spec.name}.shard-{index}-of-{shards}.safetensors"
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; give --overwrite to replace it")
+        target = _target(out, spec.name, shard, overwrite)
         started = time.monotonic()
         rows, layout = shard_source(spec.name, source, shard)
         assert layout is not None
@@ -88,7 +86,17 @@ def split(table: str, shards: int, out: Path, name: str | None = None,
     return written
 
 
-def _split_keyed(spec: TableSpec, shards: int, out: Path, overwrite: bool) -> list[Path]:
+def _target(out: Path, name: str, shard: Shard, overwrite: bool) -> Path:
+    """Where shard `shard`'s file goes (FileExistsError: it is there, not to be replaced)."""
+    target = out / f"{name}.shard-{shard.index}-of-{shard.count}.safetensors"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; give --overwrite to replace it")
+    return target
+
+
+def _split_keyed(
+    spec: TableSpec, every_key: int, shards: int, out: Path, overwrite: bool
+) -> list[Path]:
     """A keyed table's shard files: each holds the keys `shard_of(key, N) == I` with their
     values (and the file's default vector), named as a keyed snapshot is."""
     import numpy as np
@@ -99,15 +107,10 @@ def _split_keyed(spec: TableSpec, shards: int, out: Path, overwrite: bool) -> li
     from embedding_server.core.sources import keyed_default, open_table
 
     default = keyed_default(spec)
-    whole = open_table(spec).index
-    assert whole is not None
-    every_key = whole.count
     written = []
     for index in range(shards):
         shard = Shard(index, shards)
-        target = out / f"{spec.name}.shard-{index}-of-{shards}.safetensors"
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; give --overwrite to replace it")
+        target = _target(out, spec.name, shard, overwrite)
         # max_keys: room for every key of the file, so that a shard may hold none.
         opened = open_table(replace(spec, shard=shard, max_keys=max(1, every_key)))
         keys = opened.index

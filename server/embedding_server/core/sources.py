@@ -265,6 +265,18 @@ def check_shard_size(name: str, shard: Shard, rows: int, held: int) -> None:
         )
 
 
+def check_own_shard(name: str, held: Shard, shard: Shard | None, what: str) -> None:
+    """Refuse a shard's own file (holding shard `held` of `what`) on a server started as
+    `shard` (None: no --shard), naming the flag that would load it."""
+    if shard != held:
+        started = "without --shard" if shard is None else f"with --shard {shard}"
+        raise TableLoadError(
+            f"table {name!r}: the file holds shard {held} of {what}, but the server was "
+            f'started {started}: start it with --shard {held} (or `shard = "{held}"` in '
+            "the config), or give it the whole table's file"
+        )
+
+
 def shard_source(
     name: str, source: RowSource, shard: Shard | None
 ) -> tuple[RowSource, ShardRows | None]:
@@ -278,13 +290,7 @@ def shard_source(
         except (KeyError, ValueError) as exc:
             raise TableLoadError(f"table {name!r}: bad shard metadata ({exc})") from None
         check_shard_size(name, held, rows, source.shape[0])
-        if shard != held:
-            started = "without --shard" if shard is None else f"with --shard {shard}"
-            raise TableLoadError(
-                f"table {name!r}: the file holds shard {held} of a {rows}-row table, but the "
-                f"server was started {started}: start it with --shard {held} (or `shard = "
-                f'"{held}"` in the config), or give it the whole table\'s file'
-            )
+        check_own_shard(name, held, shard, f"a {rows}-row table")
         layout = ShardRows.of(held, rows)
         if layout.owned.size != source.shape[0]:
             raise TableLoadError(
@@ -502,13 +508,7 @@ def keyed_source(
             held = Shard.parse(named)
         except ValueError as exc:
             raise TableLoadError(f"table {name!r}: bad shard metadata ({exc})") from None
-        if part != held:
-            started = "without --shard" if part is None else f"with --shard {part}"
-            raise TableLoadError(
-                f"table {name!r}: the file holds shard {held} of a keyed table, but the "
-                f"server was started {started}: start it with --shard {held} (or `shard = "
-                f'"{held}"` in the config), or give it the whole table\'s file'
-            )
+        check_own_shard(name, held, part, "a keyed table")
     elif part is not None and part.count > 1 and keys.dtype.kind in "iu":
         # The whole table's file: this shard's keys (bad keys are said by the index).
         mine = np.flatnonzero(shard_of(keys, part.count) == part.index)
