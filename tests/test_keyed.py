@@ -151,6 +151,37 @@ def test_the_index_finds_every_key_and_refuses_a_repeated_one() -> None:
     np.testing.assert_array_equal(empty.find(np.array([[1, 2]])), [[-1, -1]])
 
 
+def test_the_index_takes_every_fitting_integer_key_and_names_what_it_refuses() -> None:
+    """uint64 keys that fit int64 are taken as they are; a key given three times is named
+    by its first two rows; an unknown policy is named with the known ones."""
+    small = np.array([0, 126, 2**63 - 1], dtype=np.uint64)
+    index = KeyIndex.build(small, capacity=3)
+    np.testing.assert_array_equal(index.find(np.array([2**63 - 1, 126, 0])), [2, 1, 0])
+    with pytest.raises(ValueError, match=exactly("keys must fit int64 (signed 64-bit)")):
+        KeyIndex.build(np.array([1, 2**63], np.uint64), capacity=3)
+    with pytest.raises(ValueError, match=exactly(
+        "key 4 is given twice (rows 0 and 2); keys must be unique"
+    )):  # fmt: skip
+        KeyIndex.build(np.array([4, 5, 4, 4], np.int64), capacity=4)
+    with pytest.raises(ValueError, match=exactly(
+        "missing-key policy 'maybe' is not one of error, zeros, default"
+    )):  # fmt: skip
+        KeyIndex.build(np.array([1]), capacity=1, missing="maybe")
+
+
+def test_most_keys_sit_at_their_home_slot() -> None:
+    """The hash spreads keys over the whole table (at most 0.7 full): about half sit at
+    the slot their hash names, most of the rest just past it. A hash that used part of
+    the table, or sent every key to one slot, would still answer right, slowly."""
+    keys, _ = keyed_data(20_000, seed=26)
+    hashed = KeyIndex.build(keys, keys.size).hashed
+    assert hashed is not None
+    at = np.flatnonzero(hashed.rows >= 0)
+    home = hashed._home(hashed.slots[at])
+    assert np.mean(home == at) > 0.45  # 0.54 at this load (0.61)
+    assert hashed.slots.size <= 2 * keys.size / keys_module.MAX_LOAD
+
+
 def test_inserting_keys_gives_free_rows_and_stops_at_max_keys() -> None:
     index = KeyIndex.build(np.array([10, -20], np.int64), capacity=4)
     grown, rows = index.with_keys(np.array([-20, 99, 7], np.int64), "t")
@@ -667,6 +698,16 @@ def test_the_sharded_client_serves_keyed_shards_as_one_table(
         with pytest.raises(EmbeddingError, match=exactly(refused.format(key=other, at=0))):
             shard0.update_rows([other], np.ones((1, DIM), np.float32), "k")
         np.testing.assert_array_equal(shard0.lookup([mine], "k"), model.lookup(np.array([mine])))
+        grid = np.array([[mine, mine], [mine, other]])
+        with pytest.raises(EmbeddingError, match=exactly(
+            refused.format(key=other, at="3 (index [1, 1])").replace(
+                "at position 3 (index [1, 1])", "at position 3"
+            )
+        )):  # fmt: skip
+            shard0.lookup(grid, "k")
+        # A padding key is skipped wherever its shard: never refused.
+        pooled = shard0.lookup(grid, "k", pooling="sum", padding_id=other)
+        np.testing.assert_allclose(pooled, model.pooled(list(grid), "sum", other), rtol=1e-6)
 
 
 def test_a_replica_finds_its_keyed_snapshot_to_start_from(
