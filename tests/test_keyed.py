@@ -705,7 +705,11 @@ def test_the_sharded_client_serves_keyed_shards_as_one_table(
             )
         )):  # fmt: skip
             shard0.lookup(grid, "k")
-        # A padding key is skipped wherever its shard: never refused.
+        # A padding key is skipped wherever its shard: never refused, also beside a key
+        # this shard would hold but does not (missing: zeros).
+        candidates = np.arange(1, 200, dtype=np.int64)
+        absent = int(candidates[(shard_of(candidates, 2) == 0) & ~np.isin(candidates, keys)][0])
+        grid = np.array([[mine, absent], [mine, other]])
         pooled = shard0.lookup(grid, "k", pooling="sum", padding_id=other)
         np.testing.assert_allclose(pooled, model.pooled(list(grid), "sum", other), rtol=1e-6)
 
