@@ -131,6 +131,27 @@ def shell_commands() -> list[tuple[str, list[str]]]:
     return found
 
 
+def toml_blocks() -> list[tuple[str, str]]:
+    """Every ```toml block of the docs, with where it is."""
+    found = []
+    for path in DOCS:
+        text = path.read_text()
+        for block in re.finditer(r"^```toml\n(.*?)^```$", text, flags=re.S | re.M):
+            line_no = text[: block.start()].count("\n") + 1
+            found.append((f"{path.relative_to(ROOT)}:{line_no}", block.group(1)))
+    return found
+
+
+@pytest.mark.parametrize(("where", "toml"), toml_blocks(), ids=[w for w, _ in toml_blocks()])
+def test_every_documented_config_file_is_read(where: str, toml: str, tmp_path: Path) -> None:
+    """Each config file shown in the docs is read by the server's own reader: no key it
+    would refuse, no value of the wrong type (the files it names need not exist)."""
+    from embedding_server.config import read_table_config
+
+    (tmp_path / "tables.toml").write_text(toml)
+    assert read_table_config(tmp_path / "tables.toml").tables, where
+
+
 def test_every_documented_command_line_parses() -> None:
     """Each `embedding-*` command in the docs is parsed by its program's own parser (a
     renamed or removed flag fails here); each `make X` names a target the Makefile has;
