@@ -201,7 +201,7 @@ def test_cli_tables_and_health(served: tuple[str, Path]) -> None:
         "name": "worked", "rows": 3, "dim": 4, "dtype": "float32", "device": device,
         "version": 1, "bytes": 48, "is_default": True, "shard": None, "shard_rows": None,
         "update_seq": 0, "update_log": False, "keys": None, "max_keys": None,
-        "missing_keys": None,
+        "missing_keys": None, "bags_skip_missing": True,
     }]  # fmt: skip
     done = _cli("--target", target, "health")
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
@@ -462,11 +462,18 @@ def test_ctrl_c_in_the_client_is_one_line(tmp_path: Path) -> None:
             [str(BIN / "embedding-client"), "--target", f"127.0.0.1:{port}", "--timeout", "30",
              "health"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        connection = None
         try:
-            time.sleep(2)  # imported, and waiting on the call
+            # Its connection taken (and never answered): the call is under way, however
+            # long the client took to start on a busy machine.
+            silent.settimeout(60)
+            connection, _ = silent.accept()
+            time.sleep(0.2)
             process.send_signal(signal.SIGINT)
             _, err = process.communicate(timeout=30)
         finally:
+            if connection is not None:
+                connection.close()
             if process.poll() is None:
                 process.kill()
                 process.communicate()
