@@ -449,6 +449,16 @@ def test_cli_target_without_a_port_reaches_50051_not_443() -> None:
     ), done.stderr
 
 
+def _as_a_shell_starts_it() -> None:
+    """In the child before exec: SIGINT at its default and unblocked, as an interactive
+    shell starts a program. A test run started in the background (`make test &`, as CI
+    may) has SIGINT ignored, POSIX shells' rule for asynchronous commands; Python keeps
+    it ignored and every child inherits it: the Ctrl-C never came, and the call ran to
+    grpc's 20 s handshake timeout (two full runs failed so)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_the_client_is_one_line(tmp_path: Path) -> None:
     """SIGINT while a call waits (here on a server that never answers: a listening socket
     nobody accepts from) prints `interrupted` and exits 130, not grpc's traceback."""
@@ -461,6 +471,7 @@ def test_ctrl_c_in_the_client_is_one_line(tmp_path: Path) -> None:
         process = subprocess.Popen(
             [str(BIN / "embedding-client"), "--target", f"127.0.0.1:{port}", "--timeout", "30",
              "health"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_as_a_shell_starts_it,
         )  # fmt: skip
         connection = None
         try:
@@ -469,6 +480,8 @@ def test_ctrl_c_in_the_client_is_one_line(tmp_path: Path) -> None:
             silent.settimeout(60)
             connection, _ = silent.accept()
             time.sleep(0.2)
+            status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            masks = [line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
             process.send_signal(signal.SIGINT)
             _, err = process.communicate(timeout=30)
         finally:
@@ -477,7 +490,7 @@ def test_ctrl_c_in_the_client_is_one_line(tmp_path: Path) -> None:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
-    assert process.returncode == 130, err
+    assert process.returncode == 130, (err, masks)
     assert err.strip() == "interrupted"
 
 
