@@ -119,6 +119,24 @@ class _Hash:
         return out.reshape(keys.shape)
 
 
+def _first_foreign(
+    keys: np.ndarray, part: Shard | None, among: np.ndarray | None = None
+) -> tuple[int, int, int] | None:
+    """The first key (any shape; only those `among` marks, if given) that shard `part`
+    does not hold: its flat position, the key and the shard that holds it; None when
+    there is none, or no part (the whole table)."""
+    if part is None or part.count == 1 or not keys.size:
+        return None
+    foreign = shard_of(keys, part.count) != part.index
+    if among is not None:
+        foreign &= among
+    if not foreign.any():
+        return None
+    position = int(np.flatnonzero(foreign.reshape(-1))[0])
+    key = int(keys.reshape(-1)[position])
+    return position, key, int(shard_of(np.array([key]), part.count)[0])
+
+
 # The keys and values of a keyed table file (.safetensors, .npz), and its default vector.
 KEYS_TENSOR, VALUES_TENSOR, DEFAULT_TENSOR = "keys", "values", "default"
 # A keyed snapshot's metadata: the table it holds (its tensors are not named after it).
@@ -201,15 +219,13 @@ class KeyIndex:
             raise ValueError(
                 f"key {key} is given twice (rows {first} and {second}); keys must be unique"
             )
-        if part is not None and keys.size:
-            foreign = np.flatnonzero(shard_of(keys, part.count) != part.index)
-            if foreign.size:
-                row, key = int(foreign[0]), int(keys[foreign[0]])
-                owner = int(shard_of(np.array([key]), part.count)[0])
-                raise ValueError(
-                    f"key {key} (row {row}) is on shard {owner}/{part.count}, not {part}: the "
-                    f"file holds keys of other shards"
-                )
+        foreign = _first_foreign(keys, part)
+        if part is not None and foreign is not None:
+            row, key, owner = foreign
+            raise ValueError(
+                f"key {key} (row {row}) is on shard {owner}/{part.count}, not {part}: the "
+                "file holds keys of other shards"
+            )
         return cls(sorted_keys, order.astype(np.int64), capacity, missing, skip, part)
 
     @property
@@ -245,16 +261,10 @@ class KeyIndex:
         """Refuse keys (any shape; only those `among` marks, if given) another shard
         holds: FailedPrecondition naming the first, its position and its shard."""
         part = self.part
-        if part is None or part.count == 1:
+        foreign = _first_foreign(keys, part, among)
+        if part is None or foreign is None:
             return
-        foreign = shard_of(keys, part.count) != part.index
-        if among is not None:
-            foreign &= among
-        if not foreign.any():
-            return
-        position = int(np.flatnonzero(foreign.reshape(-1))[0])
-        key = int(keys.reshape(-1)[position])
-        owner = int(shard_of(np.array([key]), part.count)[0])
+        position, key, owner = foreign
         raise FailedPrecondition(
             f"key {key} at position {position} is on shard {owner}/{part.count} of table "
             f"{quoted(table)}; this server holds shard {part}: route keys with "
@@ -301,27 +311,43 @@ class KeyIndex:
             padded = padded or skip
         return Translated(rows, self.pad_row if padded else None, missing)
 
+    def check_update(self, keys: np.ndarray, table: str) -> np.ndarray:
+        """The row of each key of an update, -1 for the keys it would add, once checked
+        that those are this shard's and fit max_keys (what `with_keys` checks, without
+        building the new index: an update's check before it is written or logged).
+
+        Raises
+        ------
+        FailedPrecondition, OverLimit
+            A new key another shard holds; more keys than `capacity` would be held.
+        """
+        rows = self.find(keys)
+        new = rows < 0
+        added = int(np.count_nonzero(new))
+        if added:
+            self.check_owned(keys, table, among=new)
+            if self.count + added > self.capacity:
+                raise OverLimit(
+                    f"table {quoted(table)} holds {self.count} keys of its max_keys "
+                    f"{self.capacity}; this update adds {added} new keys: raise max_keys (a "
+                    "reload with the config's max_keys) or update keys it holds"
+                )
+        return rows
+
     def with_keys(self, keys: np.ndarray, table: str) -> tuple[KeyIndex, np.ndarray]:
         """The index after inserting the keys of `keys` it does not hold (each given a
         free row, in order), and the row of every key of `keys`.
 
         Raises
         ------
-        OverLimit
-            More keys than `capacity` would be held.
+        FailedPrecondition, OverLimit
+            As `check_update`.
         """
-        rows = self.find(keys)
+        rows = self.check_update(keys, table)
         new = rows < 0
         added = int(np.count_nonzero(new))
         if not added:
             return self, rows
-        self.check_owned(keys, table, among=new)
-        if self.count + added > self.capacity:
-            raise OverLimit(
-                f"table {quoted(table)} holds {self.count} keys of its max_keys "
-                f"{self.capacity}; this update adds {added} new keys: raise max_keys (a "
-                "reload with the config's max_keys) or update keys it holds"
-            )
         rows[new] = np.arange(self.count, self.count + added, dtype=np.int64)
         merged = np.concatenate([self.sorted_keys, keys[new]])
         merged_rows = np.concatenate([self.rows, rows[new]])

@@ -61,6 +61,9 @@ class PreparedUpdate(NamedTuple):
     keys: np.ndarray | None = None
 
 
+_NO_ROWS = torch.empty(0, dtype=torch.int64)
+
+
 def _keyed_as(old: Table, spec: TableSpec) -> TableSpec:
     """`spec` with `old`'s keyed-table options (missing-key policy, max_keys, default
     vector): a reload from another file keeps them; its keys come from that file."""
@@ -252,12 +255,12 @@ class TableStore:
         global_ids = ids
         index = table.keys
         if index is not None:  # any int64 key; new ones within max_keys
-            _, rows = index.with_keys(ids, table.name)
-            if table.shared_state is not None and (rows >= index.count).any():
+            new = index.check_update(ids, table.name) < 0
+            if table.shared_state is not None and new.any():
                 raise FailedPrecondition(
                     f"table {table.name!r} is keyed and shared by several server processes "
                     "(--processes > 1), which take updates of the keys it holds but cannot add "
-                    f"keys yet (key {int(ids[rows >= index.count][0])} is new): reload instead"
+                    f"keys yet (key {int(ids[new][0])} is new): reload instead"
                 )
         elif table.shard is not None:  # global ids on the wire, this shard's rows here
             ids, _ = table.shard.localise(ids, None, table.name)
@@ -274,7 +277,8 @@ class TableStore:
             lambda row, col: f"vector {row} (id {int(global_ids[row])}), element {col}",
             InvalidRequest,
         )
-        rows_at = torch.from_numpy(ids).to(table.weights.device)
+        # A keyed table's rows are given in the write section (`write_update`).
+        rows_at = torch.from_numpy(ids).to(table.weights.device) if index is None else _NO_ROWS
         params = None
         if table.qparams is not None:
             stored, params = kernels.quantize(stored)
